@@ -1,0 +1,7 @@
+"""``python -m guardrail``."""
+
+import sys
+
+from guardrail.cli import main
+
+sys.exit(main())

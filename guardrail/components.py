@@ -1,0 +1,162 @@
+"""The interfaces plugins implement: activation sources, energy models, steerers, classifiers, suites.
+
+A plugin registers *classes*; the core instantiates them with parameters validated by the
+class's own ``Params`` pydantic model, so a policy file's plugin parameters are checked at
+``guardrail validate`` time with exact key paths.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+Phase = Literal["prefill", "decode"]
+
+
+class NoParams(BaseModel):
+    """Parameters of a component that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component(ABC):
+    """Common base: a registered name and a pydantic ``Params`` model."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+
+# --- activation sources ---------------------------------------------------------------------
+class ActivationSource(Component):
+    """Where hidden states are read and written: which module per layer, which positions."""
+
+    @abstractmethod
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        """Return one module per layer index whose output holds the states to steer."""
+
+    @abstractmethod
+    def read(self, output: Any) -> torch.Tensor:
+        """Extract the ``[batch, seq, hidden]`` states from a module's forward output."""
+
+    @abstractmethod
+    def write(self, output: Any, states: torch.Tensor) -> Any:
+        """Return ``output`` with its states replaced by ``states``."""
+
+    @abstractmethod
+    def positions(self, phase: Phase, seq_len: int) -> slice | None:
+        """Which sequence positions to steer in this phase; ``None`` steers nothing."""
+
+
+# --- energy models --------------------------------------------------------------------------
+class EnergyModel(Component, nn.Module):
+    """E(h): low for desirable hidden states, high for undesirable ones. One instance per layer."""
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        Component.__init__(self, params)
+        nn.Module.__init__(self)
+
+    @classmethod
+    @abstractmethod
+    def build(cls, hidden_size: int, params: BaseModel) -> EnergyModel:
+        """Create an untrained model for states of ``hidden_size``."""
+
+    @abstractmethod
+    def energy(self, states: torch.Tensor) -> torch.Tensor:
+        """Map ``[n, hidden]`` states to ``[n]`` energies; differentiable in ``states``."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """A JSON-serialisable description from which :meth:`from_artifact` rebuilds the model."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to store in an artifact (default: the module's state dict)."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+
+    @classmethod
+    @abstractmethod
+    def from_artifact(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> EnergyModel:
+        """Rebuild a trained model from :meth:`config` and :meth:`tensors` output."""
+
+
+# --- steering policies ----------------------------------------------------------------------
+@dataclass
+class SteerContext:
+    """What a steerer knows about the call: the rail, the layer and the phase."""
+
+    rail: str
+    layer: int
+    phase: Phase
+
+
+@dataclass
+class SteerOutcome:
+    """Result of steering ``n`` states; per-row tensors are on the states' device."""
+
+    states: torch.Tensor
+    energy_before: torch.Tensor | None = None
+    energy_after: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
+    steered: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
+
+
+class Steerer(Component):
+    """Given states at one layer and the rail's energy model, return steered states."""
+
+    requires_energy_model: ClassVar[bool] = True
+
+    @abstractmethod
+    def steer(
+        self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
+    ) -> SteerOutcome:
+        """Steer ``[n, hidden]`` states; must never return non-finite values."""
+
+    def prepare_conversation(self, conversation: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Optionally rewrite the conversation before tokenisation (prompt-only steerers)."""
+        return conversation
+
+
+# --- refusal classifiers --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """C(X, Y): whether a response refuses, a score in [0, 1] (1 = refusal) and why."""
+
+    refused: bool
+    score: float
+    reason: str = ""
+
+
+class RefusalClassifier(Component):
+    """C(X, Y) over batches of prompt/response pairs."""
+
+    @abstractmethod
+    def classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
+        """Return one :class:`Verdict` per pair."""
+
+
+# --- evaluation suites ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class SuiteItem:
+    """One evaluation prompt; ``harmful`` says whether refusing it is the right answer."""
+
+    prompt: str
+    harmful: bool
+    category: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Suite(Component):
+    """A named set of evaluation prompts."""
+
+    @abstractmethod
+    def load(self) -> list[SuiteItem]:
+        """Return the suite's items."""

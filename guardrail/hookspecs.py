@@ -1,0 +1,87 @@
+"""Hook specifications: the four concerns a guardrail is built from, then lifecycle and telemetry.
+
+Registration hooks receive a ``register`` callable instead of returning lists, so name
+collisions, aliases and parameter validation live in one core place (``guardrail.plugins``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pluggy import HookimplMarker, HookspecMarker
+
+if TYPE_CHECKING:
+    from guardrail.plugins import Register
+    from guardrail.telemetry import GenerationTelemetry, StepEvent
+
+PROJECT_NAME = "guardrail"
+hookspec = HookspecMarker(PROJECT_NAME)
+hookimpl = HookimplMarker(PROJECT_NAME)
+
+
+# --- activation sources ---------------------------------------------------------------------
+@hookspec
+def guardrail_register_activation_sources(register: Register) -> None:
+    """Register :class:`guardrail.components.ActivationSource` classes.
+
+    Receives ``register(cls, name=None, aliases=())``; returns nothing. An activation source
+    says where hidden states are read and written (which module, which positions).
+    """
+
+
+# --- energy models --------------------------------------------------------------------------
+@hookspec
+def guardrail_register_energy_models(register: Register) -> None:
+    """Register :class:`guardrail.components.EnergyModel` classes.
+
+    Receives ``register(cls, name=None, aliases=())``; returns nothing. An energy model can be
+    built, saved to and loaded from an artifact, and scores a batch of hidden states.
+    """
+
+
+# --- steering policies ----------------------------------------------------------------------
+@hookspec
+def guardrail_register_steerers(register: Register) -> None:
+    """Register :class:`guardrail.components.Steerer` classes.
+
+    Receives ``register(cls, name=None, aliases=())``; returns nothing. A steerer takes the
+    states at one layer (and the rail's energy model, if any) and returns steered states.
+    """
+
+
+# --- refusal classifiers --------------------------------------------------------------------
+@hookspec
+def guardrail_register_refusal_classifiers(register: Register) -> None:
+    """Register :class:`guardrail.components.RefusalClassifier` classes.
+
+    Receives ``register(cls, name=None, aliases=())``; returns nothing. A refusal classifier
+    is C(X, Y): it tells whether response Y to prompt X refuses, with a score.
+    """
+
+
+# --- evaluation suites ----------------------------------------------------------------------
+@hookspec
+def guardrail_register_suites(register: Register) -> None:
+    """Register evaluation suites (:class:`guardrail.components.Suite` classes).
+
+    Receives ``register(cls, name=None, aliases=())``; returns nothing.
+    """
+
+
+# --- lifecycle and telemetry ----------------------------------------------------------------
+@hookspec
+def guardrail_on_step(event: StepEvent) -> None:
+    """Called once per generation step (prefill, then each new token) while steering.
+
+    Receives a :class:`guardrail.telemetry.StepEvent` with, per steered layer, the energies
+    before and after, the steps taken and the gate decisions. Returns nothing; not firstresult.
+    Keep it cheap: it runs inside the decoding loop.
+    """
+
+
+@hookspec
+def guardrail_on_generation(telemetry: GenerationTelemetry, extra: dict[str, Any]) -> None:
+    """Called once per finished request with its :class:`GenerationTelemetry`.
+
+    ``extra`` carries context such as the policy name. Returns nothing; not firstresult.
+    """

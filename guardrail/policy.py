@@ -1,0 +1,285 @@
+"""Declarative policy files: schema (pydantic v2, unknown keys rejected), loading, ``extends``.
+
+A policy names the model, generation defaults, an ordered list of steering rails and the
+refusal classifier. Rails stack in order. Relative paths are resolved against the file that
+defines them, after ``${VAR}`` / ``${VAR:-default}`` environment expansion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from guardrail.errors import PluginError, PolicyError
+
+
+class StrictModel(BaseModel):
+    """A policy section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(StrictModel):
+    """Which model to load and how."""
+
+    source: str = Field(
+        description="Packaged short name, local HF directory, .gguf file, or hub id (offline cache)."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    system_prompt: str | None = Field(
+        None, description="Prepended as a system message when a conversation has none."
+    )
+
+
+class GenerationSection(StrictModel):
+    """Defaults for generation; every call may override them."""
+
+    max_new_tokens: int = Field(128, ge=1, le=32768)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    seed: int | None = None
+
+
+class PluginSpec(StrictModel):
+    """A plugin component by registered name, with parameters its ``Params`` model validates."""
+
+    plugin: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EnergyModelSpec(StrictModel):
+    """The rail's energy model: plugin name, trained artifact, and build parameters."""
+
+    plugin: str = "mlp"
+    artifact: str | None = Field(
+        None, description="Path of the trained artifact (.safetensors); relative to the policy file."
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RailSpec(StrictModel):
+    """One steering rail: where to read/write states, what energy model, which steerer, where."""
+
+    name: str
+    enabled: bool = True
+    layers: Literal["auto"] | list[int] = Field(
+        "auto", description="'auto' takes the layers stored in the artifact."
+    )
+    activation_source: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="residual-stream"))
+    energy_model: EnergyModelSpec | None = None
+    steerer: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="gradient-descent"))
+
+
+class Policy(StrictModel):
+    """A whole policy file."""
+
+    name: str
+    description: str = ""
+    model: ModelSection
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    rails: list[RailSpec] = Field(default_factory=list)
+    classifier: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="heuristic"))
+    training: dict[str, Any] | None = Field(
+        None, description="Training section (see docs/training.md); validated by `guardrail train`."
+    )
+
+    _path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Path | None:
+        """The file this policy was loaded from, if any."""
+        return self._path
+
+
+# Keys whose string values are filesystem paths, resolved against the defining file.
+PATH_KEYS = frozenset({"artifact", "path", "output", "cache_dir", "state_cache", "report"})
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        return os.environ.get(name, default if default is not None else "")
+
+    return _ENV_PATTERN.sub(substitute, value)
+
+
+def _resolve_paths(node: Any, base: Path, key: str | None = None) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_paths(v, base, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_paths(v, base, key) for v in node]
+    if isinstance(node, str) and key in PATH_KEYS:
+        expanded = Path(expand_env(node)).expanduser()
+        return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
+    if isinstance(node, str) and key == "source":
+        expanded = expand_env(node)
+        if expanded.startswith((".", "/", "~")):
+            candidate = Path(expanded).expanduser()
+            return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+        return expanded
+    return node
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge recursively; lists and scalars in ``override`` replace those in ``base``."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PolicyError(str(path), ["file not found"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PolicyError(str(path), [f"not valid YAML: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise PolicyError(str(path), [f"top level: expected a mapping, got {type(data).__name__}"])
+    return data
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a policy file, follow ``extends`` and resolve paths; no schema validation yet."""
+    path = Path(path).expanduser().resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise PolicyError(str(path), [f"extends: cycle {chain}"])
+    data = _resolve_paths(_read_yaml(path), path.parent)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise PolicyError(str(path), [f"extends: expected a file path, got {parent!r}"])
+    parent_path = Path(expand_env(parent)).expanduser()
+    if not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    if not parent_path.is_file():
+        raise PolicyError(str(path), [f"extends: {parent!r} not found (looked at {parent_path})"])
+    return merge(load_raw(parent_path, (*_seen, path)), data)
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]:
+    """One line per pydantic error: key path, bad value, what was expected."""
+    problems = []
+    for err in exc.errors():
+        loc = _key_path(tuple(err["loc"]))
+        path = f"{prefix}.{loc}" if prefix and loc != "(top level)" else (prefix or loc)
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown key (value {err['input']!r})")
+        elif err["type"] == "missing":
+            problems.append(f"{path}: required key is missing")
+        else:
+            problems.append(f"{path}: got {err['input']!r}; expected {err['msg'].lower()}")
+    return problems
+
+
+def parse_policy(data: dict[str, Any], path: str | Path = "<policy>") -> Policy:
+    """Validate an already-loaded mapping; raise :class:`PolicyError` listing every problem."""
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(str(path), format_validation_error(exc)) from None
+    policy._path = Path(path) if str(path) != "<policy>" else None
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load, merge and validate a policy file (schema only; see :func:`check_plugins`)."""
+    resolved = Path(path).expanduser().resolve()
+    return parse_policy(load_raw(resolved), resolved)
+
+
+def check_plugins(policy: Policy, registry: Any) -> list[str]:
+    """Check plugin names and their parameters against the registry; return problems."""
+    problems: list[str] = []
+
+    def check(kind: str, spec: PluginSpec | EnergyModelSpec, where: str) -> None:
+        try:
+            registry.get(kind, spec.plugin)
+        except PluginError as exc:
+            problems.append(f"{where}.plugin: got {spec.plugin!r}; {exc}")
+            return
+        try:
+            registry.params(kind, spec.plugin, spec.params)
+        except ValidationError as exc:
+            problems.extend(format_validation_error(exc, prefix=f"{where}.params"))
+
+    for i, rail in enumerate(policy.rails):
+        where = f"rails[{i}]"
+        check("activation_source", rail.activation_source, f"{where}.activation_source")
+        check("steerer", rail.steerer, f"{where}.steerer")
+        if rail.energy_model is not None:
+            check("energy_model", rail.energy_model, f"{where}.energy_model")
+        elif _is_registered(registry, rail):
+            if registry.get("steerer", rail.steerer.plugin).cls.requires_energy_model:
+                problems.append(
+                    f"{where}.energy_model: missing; steerer {rail.steerer.plugin!r} needs one"
+                )
+        if rail.layers != "auto" and any(layer < 0 for layer in rail.layers):
+            problems.append(f"{where}.layers: got {rail.layers!r}; expected layer indices >= 0")
+    names = [rail.name for rail in policy.rails]
+    for name in {n for n in names if names.count(n) > 1}:
+        problems.append(f"rails: name {name!r} is used twice; rail names must be unique")
+    check("refusal_classifier", policy.classifier, "classifier")
+    return problems
+
+
+def missing_artifacts(policy: Policy) -> list[str]:
+    """Artifacts a policy names that do not exist yet (``guardrail train`` writes them)."""
+    notes = []
+    for i, rail in enumerate(policy.rails):
+        artifact = rail.energy_model.artifact if rail.energy_model else None
+        if artifact is not None and not Path(artifact).is_file():
+            notes.append(
+                f"rails[{i}].energy_model.artifact: {artifact} does not exist yet; "
+                f"train it with `guardrail train --policy {policy.path or '<policy>'}`"
+            )
+    return notes
+
+
+def _is_registered(registry: Any, rail: RailSpec) -> bool:
+    try:
+        registry.get("steerer", rail.steerer.plugin)
+    except PluginError:
+        return False
+    return True
+
+
+def validate_policy_file(path: str | Path, registry: Any) -> Policy:
+    """Schema plus plugin checks; raise one :class:`PolicyError` with every problem."""
+    policy = load_policy(path)
+    problems = check_plugins(policy, registry)
+    if problems:
+        raise PolicyError(str(policy.path or path), problems)
+    return policy
+
+
+def policy_json_schema() -> str:
+    """The JSON Schema of a policy file."""
+    return json.dumps(Policy.model_json_schema(), indent=2)

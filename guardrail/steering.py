@@ -1,0 +1,215 @@
+"""The steering runtime: forward hooks on the rails' layers that steer during ``generate``.
+
+Prefill (a forward over more than one position) steers the positions the activation source
+names for prompts (default: the last prompt token); decoding steers each new token. Rails
+stack in policy order. Telemetry is kept per row, per rail and layer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import torch
+from torch import nn
+
+from guardrail.components import ActivationSource, EnergyModel, Phase, SteerContext, Steerer
+from guardrail.errors import PluginError
+from guardrail.telemetry import LayerTelemetry, StepEvent
+
+log = structlog.get_logger("guardrail.steering")
+
+
+@dataclass
+class Rail:
+    """A steering rail ready to run: its components and, per layer, its energy model."""
+
+    name: str
+    layers: list[int]
+    source: ActivationSource
+    steerer: Steerer
+    energies: dict[int, EnergyModel] = field(default_factory=dict)
+    plugins: dict[str, str] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Record:
+    """Per-row values from one step at one (rail, layer)."""
+
+    energy_before: torch.Tensor | None
+    energy_after: torch.Tensor | None
+    steps: torch.Tensor | None
+    steered: torch.Tensor | None
+    nonfinite: torch.Tensor | None
+
+
+class SteeringSession:
+    """Installs hooks on enter and removes them on exit; ``measure_only`` scores without steering."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rails: list[Rail],
+        *,
+        measure_only: bool = False,
+        on_step: Any = None,
+    ) -> None:
+        self.model = model
+        self.rails = rails
+        self.measure_only = measure_only
+        self.on_step = on_step
+        self._handles: list[Any] = []
+        self.records: dict[tuple[str, int], dict[str, list[_Record]]] = defaultdict(
+            lambda: {"prefill": [], "decode": []}
+        )
+
+    def __enter__(self) -> SteeringSession:
+        by_module: dict[int, tuple[nn.Module, list[tuple[Rail, int]]]] = {}
+        for rail in self.rails:
+            modules = rail.source.modules(self.model)
+            for layer in rail.layers:
+                if layer >= len(modules):
+                    raise PluginError(
+                        f"rail {rail.name!r}: layer {layer} does not exist "
+                        f"({len(modules)} layers found by {rail.plugins.get('activation_source')!r})"
+                    )
+                module = modules[layer]
+                by_module.setdefault(id(module), (module, []))[1].append((rail, layer))
+        for module, entries in by_module.values():
+            self._handles.append(module.register_forward_hook(self._make_hook(entries)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        """Forget recorded telemetry (between batches)."""
+        self.records.clear()
+
+    def _make_hook(self, entries: list[tuple[Rail, int]]) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            for rail, layer in entries:
+                output = self._steer(rail, layer, output)
+            return output
+
+        return hook
+
+    def _steer(self, rail: Rail, layer: int, output: Any) -> Any:
+        states = rail.source.read(output)
+        batch, seq_len, hidden = states.shape
+        phase: Phase = "prefill" if seq_len > 1 else "decode"
+        window = rail.source.positions(phase, seq_len)
+        if window is None:
+            return output
+        selected = states[:, window, :]
+        positions = selected.shape[1]
+        flat = selected.reshape(-1, hidden)
+        energy = rail.energies.get(layer)
+        ctx = SteerContext(rail=rail.name, layer=layer, phase=phase)
+        if self.measure_only:
+            record = self._measure(energy, flat)
+            new_flat = flat
+        else:
+            try:
+                outcome = rail.steerer.steer(flat, energy, ctx)
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {rail.plugins.get('steerer')!r} raised in Steerer.steer "
+                    f"(rail {rail.name!r}, layer {layer}, {phase}): {type(exc).__name__}: {exc}"
+                ) from exc
+            new_flat = outcome.states
+            bad_rows = ~torch.isfinite(new_flat).all(dim=-1)
+            if bool(bad_rows.any()):
+                log.warning("steer.nonfinite_output", rail=rail.name, layer=layer,
+                            rows=int(bad_rows.sum()))
+                new_flat = torch.where(bad_rows[:, None], flat, new_flat)
+            if outcome.nonfinite is not None and bool(outcome.nonfinite.any()):
+                log.warning("steer.nonfinite_energy", rail=rail.name, layer=layer, phase=phase,
+                            rows=int(outcome.nonfinite.sum()))
+            record = _Record(outcome.energy_before, outcome.energy_after, outcome.steps,
+                             outcome.steered, outcome.nonfinite)
+        record = _last_position(record, batch, positions)
+        self.records[(rail.name, layer)][phase].append(record)
+        if self.on_step is not None:
+            self.on_step(StepEvent(
+                rail=rail.name, layer=layer, phase=phase,
+                energy_before=_tolist(record.energy_before),
+                energy_after=_tolist(record.energy_after),
+                steps=_tolist(record.steps), steered=_tolist(record.steered),
+            ))
+        if new_flat is flat:
+            return output
+        new_states = states.clone()
+        new_states[:, window, :] = new_flat.reshape(batch, positions, hidden).to(states.dtype)
+        return rail.source.write(output, new_states)
+
+    @staticmethod
+    def _measure(energy: EnergyModel | None, flat: torch.Tensor) -> _Record:
+        if energy is None:
+            return _Record(None, None, None, None, None)
+        with torch.no_grad():
+            values = energy.energy(flat.float())
+        return _Record(values, values, None, None, ~torch.isfinite(values))
+
+    def telemetry(self, completion_lengths: list[int]) -> list[list[LayerTelemetry]]:
+        """Per row, one :class:`LayerTelemetry` per (rail, layer), counting only real tokens."""
+        rows: list[list[LayerTelemetry]] = [[] for _ in completion_lengths]
+        for (rail, layer), phases in self.records.items():
+            prefill = phases["prefill"][-1] if phases["prefill"] else None
+            decode = phases["decode"]
+            for row, length in enumerate(completion_lengths):
+                item = LayerTelemetry(rail=rail, layer=layer)
+                if prefill is not None:
+                    item.energy_before = _item(prefill.energy_before, row)
+                    item.energy_after = _item(prefill.energy_after, row)
+                    _count(item, prefill, row)
+                # The token produced by the prefill is never re-fed, so decode step i sees token i.
+                steps = decode[: max(length - 1, 0)]
+                before = [v for r in steps if (v := _item(r.energy_before, row)) is not None]
+                after = [v for r in steps if (v := _item(r.energy_after, row)) is not None]
+                item.generated_positions = len(steps)
+                if before:
+                    item.mean_energy_before_generated = sum(before) / len(before)
+                if after:
+                    item.mean_energy_after_generated = sum(after) / len(after)
+                for record in steps:
+                    _count(item, record, row)
+                rows[row].append(item)
+        return rows
+
+
+def _last_position(record: _Record, batch: int, positions: int) -> _Record:
+    """Keep each row's last steered position (the one telemetry reports)."""
+
+    def last(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().reshape(batch, positions)[:, -1].cpu()
+
+    return _Record(*(last(t) for t in (record.energy_before, record.energy_after, record.steps,
+                                        record.steered, record.nonfinite)))
+
+
+def _tolist(t: torch.Tensor | None) -> list[Any] | None:
+    return None if t is None else t.tolist()
+
+
+def _item(t: torch.Tensor | None, row: int) -> float | None:
+    if t is None:
+        return None
+    value = float(t[row])
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _count(item: LayerTelemetry, record: _Record, row: int) -> None:
+    if record.steps is not None:
+        item.steps += int(record.steps[row])
+    if record.steered is not None:
+        steered = bool(record.steered[row])
+        item.steered_positions += int(steered)
+        item.gated_positions += int(not steered)
+    if record.nonfinite is not None:
+        item.nonfinite_positions += int(bool(record.nonfinite[row]))

@@ -1,0 +1,92 @@
+"""Telemetry records for steered generation, and structlog configuration."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+
+
+@dataclass
+class LayerTelemetry:
+    """What steering did at one layer of one rail for one request.
+
+    ``energy_before``/``energy_after`` are at the last prompt position; ``mean_*_generated``
+    average over generated tokens that were steered. ``steps`` counts gradient steps in total.
+    """
+
+    rail: str
+    layer: int
+    energy_before: float | None = None
+    energy_after: float | None = None
+    steps: int = 0
+    steered_positions: int = 0
+    gated_positions: int = 0
+    nonfinite_positions: int = 0
+    generated_positions: int = 0
+    mean_energy_before_generated: float | None = None
+    mean_energy_after_generated: float | None = None
+
+
+@dataclass
+class GenerationTelemetry:
+    """Per-request telemetry: whether steering was on, and per rail and layer what it did."""
+
+    steered: bool
+    policy: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    layers: list[LayerTelemetry] = field(default_factory=list)
+    verdict: dict[str, Any] | None = None
+    seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dictionary."""
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """A compact view for log events: mean energies before/after over steered layers."""
+        before = [t.energy_before for t in self.layers if t.energy_before is not None]
+        after = [t.energy_after for t in self.layers if t.energy_after is not None]
+        return {
+            "steered": self.steered,
+            "layers": sorted({t.layer for t in self.layers}),
+            "mean_energy_before": sum(before) / len(before) if before else None,
+            "mean_energy_after": sum(after) / len(after) if after else None,
+            "steps": sum(t.steps for t in self.layers),
+            "nonfinite": sum(t.nonfinite_positions for t in self.layers),
+        }
+
+
+@dataclass
+class StepEvent:
+    """One generation step (prefill or a decoded token) at one steered layer, for a whole batch."""
+
+    rail: str
+    layer: int
+    phase: str
+    energy_before: list[float] | None
+    energy_after: list[float] | None
+    steps: list[int] | None
+    steered: list[bool] | None
+
+
+def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
+    """Console logs by default, one JSON object per line with ``json=True`` (both to stderr)."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,1 @@
+"""Built-in guardrail plugins, registered through the ``guardrail`` entry-point group."""

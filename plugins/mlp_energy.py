@@ -1,0 +1,80 @@
+"""Energy model: an MLP with LayerNorm + SiLU over standardised hidden states (as in EDS)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from guardrail import hookimpl
+from guardrail.components import EnergyModel
+
+
+class MLPEnergyParams(BaseModel):
+    """Hidden widths (default: four hidden layers, as in the paper) and training-time dropout."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden: list[int] = Field(default_factory=lambda: [512, 256, 128, 64], min_length=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class MLPEnergyModel(EnergyModel):
+    """E(h) = MLP((h - mean) / std); ``threshold`` is the decision energy stored by training."""
+
+    name = "mlp"
+    Params = MLPEnergyParams
+    params: MLPEnergyParams
+
+    def __init__(self, hidden_size: int, params: MLPEnergyParams) -> None:
+        super().__init__(params)
+        self.hidden_size = hidden_size
+        self.threshold = 0.0
+        widths = [hidden_size, *params.hidden]
+        layers: list[nn.Module] = []
+        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(width_in, width_out), nn.LayerNorm(width_out), nn.SiLU()]
+            if params.dropout > 0:
+                layers.append(nn.Dropout(params.dropout))
+        layers.append(nn.Linear(widths[-1], 1))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("input_mean", torch.zeros(hidden_size))
+        self.register_buffer("input_std", torch.ones(hidden_size))
+
+    @classmethod
+    def build(cls, hidden_size: int, params: BaseModel) -> MLPEnergyModel:
+        return cls(hidden_size, MLPEnergyParams.model_validate(params.model_dump()))
+
+    def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the training statistics the inputs are standardised with."""
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp_min(1e-6))
+
+    def energy(self, states: torch.Tensor) -> torch.Tensor:
+        x = (states.to(self.input_mean.dtype) - self.input_mean) / self.input_std
+        return self.net(x).squeeze(-1)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.energy(states)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "threshold": self.threshold,
+            **self.params.model_dump(),
+        }
+
+    @classmethod
+    def from_artifact(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MLPEnergyModel:
+        params = MLPEnergyParams(hidden=config["hidden"], dropout=config.get("dropout", 0.0))
+        model = cls(int(config["hidden_size"]), params)
+        model.load_state_dict(tensors)
+        model.threshold = float(config.get("threshold", 0.0))
+        # Steering always runs the model in eval mode: no dropout noise in the gradient.
+        return model.eval()
+
+
+@hookimpl
+def guardrail_register_energy_models(register: Any) -> None:
+    register(MLPEnergyModel, aliases=("mlp-energy",))

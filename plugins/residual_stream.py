@@ -1,0 +1,68 @@
+"""Activation source: the residual stream at the output of each decoder block."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from guardrail import hookimpl
+from guardrail.components import ActivationSource, Phase
+
+
+class ResidualStreamParams(BaseModel):
+    """Which positions to steer: the prompt's last token or all prompt tokens, and new tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt_positions: Literal["last", "all", "none"] = "last"
+    generated: bool = True
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM (Llama/Qwen/Mistral/GPT-2 style layouts)."""
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        node: Any = model
+        for attr in path.split("."):
+            node = getattr(node, attr, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList):
+            return node
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class ResidualStreamSource(ActivationSource):
+    """Reads and writes the hidden states each decoder block outputs."""
+
+    name = "residual-stream"
+    Params = ResidualStreamParams
+    params: ResidualStreamParams
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        return list(decoder_layers(model))
+
+    def read(self, output: Any) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output[0]
+
+    def write(self, output: Any, states: torch.Tensor) -> Any:
+        if isinstance(output, torch.Tensor):
+            return states
+        return (states, *output[1:])
+
+    def positions(self, phase: Phase, seq_len: int) -> slice | None:
+        if phase == "decode":
+            return slice(0, None) if self.params.generated else None
+        return {"last": slice(seq_len - 1, None), "all": slice(0, None), "none": None}[
+            self.params.prompt_positions
+        ]
+
+
+@hookimpl
+def guardrail_register_activation_sources(register: Any) -> None:
+    register(ResidualStreamSource, aliases=("residual_stream",))

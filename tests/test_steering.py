@@ -1,0 +1,196 @@
+"""Steered generation on a tiny random model: steering changes states, telemetry, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from guardrail.components import SteerContext
+from guardrail.energy import EnergyArtifact
+from guardrail.errors import ArtifactError, PluginError
+from guardrail.guard import Guardrail
+from guardrail.models import model_fingerprint
+from guardrail.policy import parse_policy
+from guardrail_plugins.gradient_steerer import GradientSteerer, GradientSteererParams
+from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
+
+from .conftest import build_tiny_model, build_tiny_tokenizer
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "where can i buy coke"}],
+    [{"role": "user", "content": "how can i kill a python process please"}],
+    [{"role": "user", "content": "tell me about the store"}],
+]
+
+
+def _artifact(loaded, layers=(1, 2), seed: int = 0) -> EnergyArtifact:  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    hidden = loaded.model.config.hidden_size
+    models = {layer: MLPEnergyModel(hidden, MLPEnergyParams(hidden=[16, 8], dropout=0.2)).eval()
+              for layer in layers}
+    return EnergyArtifact(plugin="mlp", fingerprint=model_fingerprint(loaded.model, loaded.name),
+                          models=models, metadata={"note": "random"})
+
+
+def _policy(artifact: Path, **steerer: object) -> object:
+    return parse_policy({
+        "name": "tiny",
+        "model": {"source": "unused"},
+        "generation": {"max_new_tokens": 6, "batch_size": 2},
+        "rails": [{"name": "eds", "energy_model": {"plugin": "mlp", "artifact": str(artifact)},
+                   "steerer": {"plugin": "gradient-descent",
+                               "params": {"eta": 5.0, "steps": 3, **steerer}}}],
+    })
+
+
+@pytest.fixture
+def guard(tiny_loaded, tmp_path: Path) -> Guardrail:  # type: ignore[no-untyped-def]
+    path = _artifact(tiny_loaded).save(tmp_path / "art.safetensors")
+    return Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+
+
+def test_unsteered_matches_plain_generate(guard: Guardrail) -> None:
+    results = guard.generate(CONVERSATIONS, steer=False)
+    texts = guard.render(CONVERSATIONS, steer=False)
+    for text, result in zip(texts, results, strict=True):
+        enc = guard.encode([text])
+        out = guard.model.generate(**enc, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=guard.tokenizer.pad_token_id)
+        expected = out[0, enc["input_ids"].shape[1]:].tolist()
+        eos = guard.tokenizer.eos_token_id
+        expected = expected[: expected.index(eos)] if eos in expected else expected
+        assert result.token_ids == expected
+        assert result.telemetry.steered is False and result.telemetry.layers == []
+
+
+def test_steering_lowers_energy_and_changes_output(guard: Guardrail) -> None:
+    base = guard.generate(CONVERSATIONS, steer=False)
+    steered = guard.generate(CONVERSATIONS, steer=True)
+    assert [r.token_ids for r in base] != [r.token_ids for r in steered]
+    for result in steered:
+        tele = result.telemetry
+        assert tele.steered and {t.layer for t in tele.layers} == {1, 2}
+        for item in tele.layers:
+            assert item.energy_after < item.energy_before
+            # 3 steps at the prompt, then 3 per fed-back generated token
+            assert item.steps == 3 * (1 + item.generated_positions)
+            assert item.generated_positions == max(result.telemetry.completion_tokens - 1, 0) or \
+                result.finish_reason == "stop"
+
+
+def test_batched_equals_one_by_one(guard: Guardrail) -> None:
+    together = guard.generate(CONVERSATIONS, batch_size=3)
+    alone = [guard.generate([c], batch_size=1)[0] for c in CONVERSATIONS]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
+def test_gate_above_all_energies_steers_nothing(guard: Guardrail, tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = _artifact(tiny_loaded).save(tmp_path / "gate.safetensors")
+    gated = Guardrail.from_policy(_policy(path, gate=1e9), loaded=tiny_loaded)  # type: ignore[arg-type]
+    base = gated.generate(CONVERSATIONS, steer=False)
+    result = gated.generate(CONVERSATIONS)
+    assert [r.token_ids for r in base] == [r.token_ids for r in result]
+    for item in result[0].telemetry.layers:
+        assert item.steps == 0 and item.steered_positions == 0 and item.gated_positions >= 1
+
+
+def test_max_displacement_caps_the_move() -> None:
+    torch.manual_seed(0)
+    energy = MLPEnergyModel(8, MLPEnergyParams(hidden=[8], dropout=0.0)).eval()
+    states = torch.randn(4, 8)
+    steerer = GradientSteerer(GradientSteererParams(eta=2.0, steps=5, max_displacement=0.5))
+    out = steerer.steer(states, energy, SteerContext("r", 0, "prefill"))
+    assert torch.all((out.states - states).norm(dim=-1) <= 0.5 + 1e-5)
+    assert torch.all(out.energy_after <= out.energy_before)
+
+
+def test_nonfinite_energy_leaves_rows_unsteered(tiny_loaded, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    artifact = _artifact(tiny_loaded, layers=(1,))
+    with torch.no_grad():
+        artifact.models[1].net[0].weight[0, 0] = float("nan")
+    path = artifact.save(tmp_path / "nan.safetensors")
+    guard = Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+    base = guard.generate(CONVERSATIONS, steer=False)
+    steered = guard.generate(CONVERSATIONS)
+    assert [r.token_ids for r in base] == [r.token_ids for r in steered]
+    item = steered[0].telemetry.layers[0]
+    assert item.nonfinite_positions >= 1 and item.steps == 0
+    captured = capsys.readouterr()
+    assert "steer.nonfinite_energy" in captured.out + captured.err
+
+
+def test_artifact_for_other_model_is_refused(tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    other = build_tiny_model(len(build_tiny_tokenizer()), layers=6)
+    artifact = _artifact(tiny_loaded)
+    artifact.fingerprint = model_fingerprint(other, "other-model")
+    path = artifact.save(tmp_path / "other.safetensors")
+    with pytest.raises(ArtifactError, match="trained for model 'other-model'.*num_layers: artifact 6 vs model 4"):
+        Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+
+
+def test_corrupt_artifact_is_a_clear_error(tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError, match="junk.safetensors: not a readable safetensors file"):
+        Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+
+
+def test_artifact_roundtrip_and_header(tiny_loaded, tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
+    artifact = _artifact(tiny_loaded)
+    artifact.models[1].threshold = 0.25
+    path = artifact.save(tmp_path / "a.safetensors")
+    header = EnergyArtifact.read_header(path)
+    assert header["layers"] == [1, 2] and header["model"]["num_layers"] == 4
+    assert header["configs"]["1"]["hidden"] == [16, 8]
+    loaded = EnergyArtifact.load(path, registry)
+    states = torch.randn(5, tiny_loaded.model.config.hidden_size)
+    assert not loaded.models[1].training  # eval mode: no dropout noise while steering
+    assert torch.allclose(loaded.models[1].energy(states), artifact.models[1].energy(states))
+    assert loaded.models[1].threshold == 0.25
+    raw = path.read_bytes()  # safetensors: 8-byte header length, then a JSON header; no pickle
+    assert raw[8:9] == b"{" and b"guardrail-energy/1" in raw[: 8 + int.from_bytes(raw[:8], "little")]
+
+
+def test_steerer_exception_names_plugin(guard: Guardrail) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bad steerer")
+
+    guard.rails[0].steerer.steer = explode  # type: ignore[method-assign]
+    with pytest.raises(PluginError, match="plugin 'gradient-descent' raised in Steerer.steer .*RuntimeError: bad steerer"):
+        guard.generate(CONVERSATIONS[:1])
+
+
+def test_attach_steers_a_users_own_generate(guard: Guardrail) -> None:
+    text = guard.render(CONVERSATIONS[:1])
+    enc = guard.encode(text)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": guard.tokenizer.pad_token_id}
+    plain = guard.model.generate(**enc, **kwargs)
+    with guard.attach(guard.model) as session:
+        attached = guard.model.generate(**enc, **kwargs)
+    assert session.records, "no telemetry recorded while attached"
+    steered = guard.generate(CONVERSATIONS[:1])[0]
+    new = attached[0, enc["input_ids"].shape[1]:].tolist()
+    assert new[: len(steered.token_ids)] == steered.token_ids
+    assert not torch.equal(plain, attached)
+    after = guard.model.generate(**enc, **kwargs)  # hooks removed on exit
+    assert torch.equal(plain, after)
+
+
+def test_attach_refuses_a_different_model(guard: Guardrail) -> None:
+    other = build_tiny_model(len(build_tiny_tokenizer()), layers=6)
+    with pytest.raises(ArtifactError, match="num_layers"), guard.attach(other):
+        pass
+
+
+def test_energies_without_generation(guard: Guardrail) -> None:
+    rows = guard.energies(CONVERSATIONS)
+    assert len(rows) == 3
+    steered = guard.generate(CONVERSATIONS)
+    for row, result in zip(rows, steered, strict=True):
+        for measured, item in zip(row.layers, result.telemetry.layers, strict=True):
+            assert measured.layer == item.layer
+            # Layer 1 sees unsteered input in both; deeper layers see layer 1's steering.
+            if item.layer == 1:
+                assert measured.energy_before == pytest.approx(item.energy_before, abs=1e-4)
