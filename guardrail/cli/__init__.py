@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "guardrail.cli.train_cmd",
     "guardrail.cli.eval_cmd",
     "guardrail.cli.serve_cmd",
+    "guardrail.cli.demo_cmd",
 )
 
 
