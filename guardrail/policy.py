@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from guardrail.errors import PluginError, PolicyError
+from guardrail.training.config import TrainingSection
 
 
 class StrictModel(BaseModel):
@@ -90,8 +91,8 @@ class Policy(StrictModel):
     generation: GenerationSection = Field(default_factory=GenerationSection)
     rails: list[RailSpec] = Field(default_factory=list)
     classifier: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="heuristic"))
-    training: dict[str, Any] | None = Field(
-        None, description="Training section (see docs/training.md); validated by `guardrail train`."
+    training: TrainingSection | None = Field(
+        None, description="What `guardrail train` trains the rail's energy model on (docs/training.md)."
     )
 
     _path: Path | None = PrivateAttr(default=None)

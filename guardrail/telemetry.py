@@ -74,6 +74,16 @@ class StepEvent:
     steered: list[bool] | None
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at write time (it may be swapped after configuring)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
     """Console logs by default, one JSON object per line with ``json=True`` (both to stderr)."""
     renderer: Any = (
@@ -87,6 +97,6 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )

@@ -12,9 +12,10 @@ import pytest
 
 from guardrail import hookimpl
 from guardrail.cli import main
-from guardrail.components import Steerer, SteerOutcome
+from guardrail.components import RefusalClassifier, Steerer, SteerOutcome, Verdict
 from guardrail.errors import PluginError
 from guardrail.plugins import Registry, build_plugin_manager, plugin_report, set_plugin_manager
+from guardrail_plugins.residual_stream import ResidualStreamSource
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "guardrail-example-plugin"
@@ -159,3 +160,60 @@ def test_example_plugin_blocked_by_env(installed_example: Path, monkeypatch: pyt
     monkeypatch.setenv("GUARDRAIL_DISABLE_PLUGINS", "example")
     pm = build_plugin_manager(load_entrypoints=True)
     assert "prefix" not in Registry.from_plugin_manager(pm).names("refusal_classifier")
+
+
+class PromptOnlySource(ResidualStreamSource):
+    """The residual stream, but never steering generated tokens."""
+
+    name = "prompt-only"
+
+    def positions(self, phase, seq_len):  # type: ignore[no-untyped-def]
+        return None if phase == "decode" else slice(seq_len - 1, None)
+
+
+class ShoutClassifier(RefusalClassifier):
+    """Calls any all-caps answer a refusal."""
+
+    name = "shout"
+
+    def classify(self, prompts, responses):  # type: ignore[no-untyped-def]
+        return [Verdict(refused=r.isupper(), score=float(r.isupper())) for r in responses]
+
+
+class ThirdParty:
+    @hookimpl
+    def guardrail_register_activation_sources(self, register: Any) -> None:
+        register(PromptOnlySource)
+
+    @hookimpl
+    def guardrail_register_refusal_classifiers(self, register: Any) -> None:
+        register(ShoutClassifier)
+
+
+@pytest.fixture
+def third_party(plugin_manager):  # type: ignore[no-untyped-def]
+    plugin = ThirdParty()
+    plugin_manager.register(plugin, name="third-party")
+    yield plugin
+    plugin_manager.unregister(plugin)
+
+
+def test_registered_components_are_used_from_a_policy(third_party, tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from guardrail.guard import Guardrail
+    from guardrail.policy import parse_policy
+
+    from .test_steering import CONVERSATIONS, _artifact
+
+    path = _artifact(tiny_loaded).save(tmp_path / "a.safetensors")
+    policy = parse_policy({
+        "name": "custom", "model": {"source": "unused"},
+        "generation": {"max_new_tokens": 5},
+        "rails": [{"name": "r", "activation_source": {"plugin": "prompt-only"},
+                   "energy_model": {"artifact": str(path)}}],
+        "classifier": {"plugin": "shout"},
+    })
+    guard = Guardrail.from_policy(policy, loaded=tiny_loaded)
+    result = guard.generate(CONVERSATIONS[:1])[0]
+    for item in result.telemetry.layers:
+        assert item.steps == 3 and item.generated_positions == 0  # prompt only: decode untouched
+    assert [v.refused for v in guard.classify(["x", "y"], ["NO WAY", "sure, here"])] == [True, False]
