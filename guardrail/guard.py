@@ -18,7 +18,7 @@ from guardrail.errors import ArtifactError, PolicyError
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import Policy, RailSpec, check_plugins, load_policy
 from guardrail.steering import Rail, SteeringSession
-from guardrail.telemetry import GenerationTelemetry
+from guardrail.telemetry import GenerationTelemetry, ensure_logging
 
 log = structlog.get_logger("guardrail")
 
@@ -67,6 +67,7 @@ class Guardrail:
         plugin_manager: Any = None,
     ) -> Guardrail:
         """Load a policy file (or object), its model (unless ``loaded`` is given) and artifacts."""
+        ensure_logging()
         if not isinstance(policy, Policy):
             policy = load_policy(policy)
         pm = plugin_manager or get_plugin_manager()
@@ -179,8 +180,38 @@ class Guardrail:
             log.debug("generation", policy=self.policy.name, **result.telemetry.summary())
         return final
 
+    def generate_batch(
+        self,
+        conversations: Sequence[Conversation],
+        *,
+        steer: bool = True,
+        streamer: Any = None,
+        stopping_criteria: Any = None,
+        **overrides: Any,
+    ) -> list[GenerationResult]:
+        """Generate for exactly these conversations as ONE batch, in the order given (serving).
+
+        Unlike :meth:`generate` nothing is sorted or split by ``batch_size`` and nothing is
+        classified. ``stopping_criteria`` (a transformers ``StoppingCriteriaList``) may end rows
+        early; their results then still read as the tokens up to the first end-of-sequence.
+        """
+        settings = self.policy.generation.model_copy(
+            update={k: v for k, v in overrides.items() if v is not None}
+        )
+        texts = self.render(conversations, steer=steer)
+        started = time.perf_counter()
+        results = self._generate_batch(texts, steer, settings, streamer, stopping_criteria)
+        seconds = time.perf_counter() - started
+        for result in results:
+            result.telemetry.seconds = seconds / max(len(results), 1)
+            self.plugin_manager.hook.guardrail_on_generation(
+                telemetry=result.telemetry, extra={"policy": self.policy.name}
+            )
+        return results
+
     def _generate_batch(
-        self, texts: list[str], steer: bool, settings: Any, streamer: Any
+        self, texts: list[str], steer: bool, settings: Any, streamer: Any,
+        stopping_criteria: Any = None,
     ) -> list[GenerationResult]:
         enc = self.encode(texts)
         prompt_len = enc["input_ids"].shape[1]
@@ -202,6 +233,8 @@ class Guardrail:
             kwargs["repetition_penalty"] = settings.repetition_penalty
         if streamer is not None:
             kwargs["streamer"] = streamer
+        if stopping_criteria is not None:
+            kwargs["stopping_criteria"] = stopping_criteria
         with self.session(steer=steer) as session, torch.no_grad():
             output = self.model.generate(**enc, **kwargs)
         eos = _eos_ids(self.model, self.tokenizer)

@@ -100,3 +100,9 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+
+
+def ensure_logging() -> None:
+    """Configure console logging to stderr unless the application configured structlog itself."""
+    if not structlog.is_configured():
+        configure_logging()

