@@ -12,7 +12,7 @@ from guardrail.components import ActivationSource
 
 
 class _StopForward(Exception):
-    """Raised by the hook on the deepest requested layer: later layers and the LM head are skipped."""
+    """Raised after the deepest requested layer: later layers and the LM head are skipped."""
 
 
 def capture_last_prompt_states(
@@ -21,7 +21,7 @@ def capture_last_prompt_states(
     inputs: dict[str, torch.Tensor],
     layers: Sequence[int],
 ) -> torch.Tensor:
-    """States at the last prompt token (inputs are left padded) for ``layers``: ``[batch, L, hidden]``.
+    """States at the last prompt token (left-padded inputs) for ``layers``: ``[batch, L, hidden]``.
 
     One forward pass serves every layer; the pass stops after the deepest requested layer.
     """

@@ -1,4 +1,4 @@
-"""The interfaces plugins implement: activation sources, energy models, steerers, classifiers, suites.
+"""The interfaces plugins implement: sources, energy models, steerers, classifiers, suites.
 
 A plugin registers *classes*; the core instantiates them with parameters validated by the
 class's own ``Params`` pydantic model, so a policy file's plugin parameters are checked at
@@ -25,7 +25,7 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Component(ABC):
+class Component(ABC):  # noqa: B024 - abstract in intent: only subclasses are registered
     """Common base: a registered name and a pydantic ``Params`` model."""
 
     name: ClassVar[str] = ""

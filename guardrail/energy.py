@@ -88,7 +88,9 @@ class EnergyArtifact:
         return header
 
     @classmethod
-    def load(cls, path: str | Path, registry: Any, device: torch.device | str = "cpu") -> EnergyArtifact:
+    def load(
+        cls, path: str | Path, registry: Any, device: torch.device | str = "cpu"
+    ) -> EnergyArtifact:
         """Load an artifact; the energy-model plugin named in its header must be registered."""
         path = Path(path)
         header = cls.read_header(path)
@@ -101,13 +103,17 @@ class EnergyArtifact:
         models: dict[int, EnergyModel] = {}
         for layer in header["layers"]:
             prefix = f"layers.{layer}."
-            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if not own:
                 raise ArtifactError(f"{path}: header lists layer {layer} but it has no tensors")
             model = model_cls.from_artifact(header["configs"][str(layer)], own)
             models[int(layer)] = model.to(device).eval().requires_grad_(False)
-        return cls(plugin=plugin, fingerprint=header["model"], models=models,
-                   metadata=header.get("metadata", {}))
+        return cls(
+            plugin=plugin,
+            fingerprint=header["model"],
+            models=models,
+            metadata=header.get("metadata", {}),
+        )
 
     @staticmethod
     def compare(trained: dict[str, Any], fingerprint: dict[str, Any], where: str) -> None:

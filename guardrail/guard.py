@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 import torch
 
-from guardrail.components import RefusalClassifier, Verdict
+from guardrail.components import ActivationSource, RefusalClassifier, Steerer, Verdict
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import ArtifactError, PolicyError
 from guardrail.plugins import Registry, get_plugin_manager
@@ -94,8 +94,12 @@ class Guardrail:
             "refusal_classifier", policy.classifier.plugin, policy.classifier.params
         )
         assert isinstance(classifier, RefusalClassifier)
-        log.info("guardrail.loaded", policy=policy.name, model=loaded.name,
-                 rails=[{"name": r.name, "layers": r.layers} for r in rails])
+        log.info(
+            "guardrail.loaded",
+            policy=policy.name,
+            model=loaded.name,
+            rails=[{"name": r.name, "layers": r.layers} for r in rails],
+        )
         return cls(policy, loaded, rails, classifier, registry, pm)
 
     # --- prompts ------------------------------------------------------------------------------
@@ -121,7 +125,9 @@ class Guardrail:
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise rendered prompts with left padding, on the model's device."""
-        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(
+            list(texts), return_tensors="pt", padding=True, add_special_tokens=False
+        )
         return {k: v.to(self.loaded.device) for k, v in enc.items()}
 
     # --- generation ---------------------------------------------------------------------------
@@ -129,10 +135,16 @@ class Guardrail:
         """A steering session over this guardrail's rails (no rails when ``steer`` is false)."""
         on_step = None
         if self.plugin_manager.hook.guardrail_on_step.get_hookimpls():
+
             def on_step(event: Any) -> None:
                 self.plugin_manager.hook.guardrail_on_step(event=event)
-        return SteeringSession(self.model, self.rails if steer or measure_only else [],
-                               measure_only=measure_only, on_step=on_step)
+
+        return SteeringSession(
+            self.model,
+            self.rails if steer or measure_only else [],
+            measure_only=measure_only,
+            on_step=on_step,
+        )
 
     def generate(
         self,
@@ -156,7 +168,9 @@ class Guardrail:
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         results: list[GenerationResult | None] = [None] * len(texts)
-        batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        batches = [
+            order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
+        ]
         bar = _progress(len(texts), progress, "generate (steered)" if steer else "generate (base)")
         for batch in batches:
             started = time.perf_counter()
@@ -169,10 +183,15 @@ class Guardrail:
         bar.close()
         final = [r for r in results if r is not None]
         if classify:
-            verdicts = self.classify([_last_user(c) for c in conversations], [r.text for r in final])
+            verdicts = self.classify(
+                [_last_user(c) for c in conversations], [r.text for r in final]
+            )
             for result, verdict in zip(final, verdicts, strict=True):
-                result.telemetry.verdict = {"refused": verdict.refused, "score": verdict.score,
-                                            "reason": verdict.reason}
+                result.telemetry.verdict = {
+                    "refused": verdict.refused,
+                    "score": verdict.score,
+                    "reason": verdict.reason,
+                }
         for result in final:
             self.plugin_manager.hook.guardrail_on_generation(
                 telemetry=result.telemetry, extra={"policy": self.policy.name}
@@ -210,7 +229,11 @@ class Guardrail:
         return results
 
     def _generate_batch(
-        self, texts: list[str], steer: bool, settings: Any, streamer: Any,
+        self,
+        texts: list[str],
+        steer: bool,
+        settings: Any,
+        streamer: Any,
         stopping_criteria: Any = None,
     ) -> list[GenerationResult]:
         enc = self.encode(texts)
@@ -258,8 +281,10 @@ class Guardrail:
                 token_ids=ids,
                 finish_reason=finish,
                 telemetry=GenerationTelemetry(
-                    steered=steer and bool(self.rails), policy=self.policy.name,
-                    prompt_tokens=int(prompt_tokens[row]), completion_tokens=len(ids),
+                    steered=steer and bool(self.rails),
+                    policy=self.policy.name,
+                    prompt_tokens=int(prompt_tokens[row]),
+                    completion_tokens=len(ids),
                     layers=per_row[row],
                 ),
             )
@@ -267,8 +292,9 @@ class Guardrail:
         ]
 
     # --- scoring ------------------------------------------------------------------------------
-    def energies(self, conversations: Sequence[Conversation], *, batch_size: int | None = None
-                 ) -> list[GenerationTelemetry]:
+    def energies(
+        self, conversations: Sequence[Conversation], *, batch_size: int | None = None
+    ) -> list[GenerationTelemetry]:
         """Energies at the last prompt token per rail and layer, without generating or steering."""
         texts = self.render(conversations, steer=True)
         size = batch_size or self.policy.generation.batch_size
@@ -278,7 +304,9 @@ class Guardrail:
             with self.session(measure_only=True) as session, torch.no_grad():
                 self.model(**enc, use_cache=False)
             for layers in session.telemetry([0] * enc["input_ids"].shape[0]):
-                out.append(GenerationTelemetry(steered=False, policy=self.policy.name, layers=layers))
+                out.append(
+                    GenerationTelemetry(steered=False, policy=self.policy.name, layers=layers)
+                )
         return out
 
     def classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
@@ -313,13 +341,18 @@ class Guardrail:
 
 
 def build_rail(
-    spec: RailSpec, index: int, registry: Registry, fingerprint: dict[str, Any],
-    device: torch.device, where: str,
+    spec: RailSpec,
+    index: int,
+    registry: Registry,
+    fingerprint: dict[str, Any],
+    device: torch.device,
+    where: str,
 ) -> Rail:
     """Instantiate one rail's components and load its energy-model artifact."""
     key = f"rails[{index}]"
-    source = registry.create("activation_source", spec.activation_source.plugin,
-                             spec.activation_source.params)
+    source = registry.create(
+        "activation_source", spec.activation_source.plugin, spec.activation_source.params
+    )
     steerer = registry.create("steerer", spec.steerer.plugin, spec.steerer.params)
     energies = {}
     layers: list[int] = [] if spec.layers == "auto" else list(spec.layers)
@@ -336,17 +369,29 @@ def build_rail(
             layers = artifact.layers
         missing = [layer for layer in layers if layer not in artifact.models]
         if missing:
-            raise PolicyError(where, [
-                f"{key}.layers: {missing} are not in the artifact {artifact_path} "
-                f"(it has {artifact.layers})"
-            ])
+            raise PolicyError(
+                where,
+                [
+                    f"{key}.layers: {missing} are not in the artifact {artifact_path} "
+                    f"(it has {artifact.layers})"
+                ],
+            )
         energies = {layer: artifact.models[layer] for layer in layers}
     elif spec.layers == "auto":
         layers = list(range(int(fingerprint.get("num_layers") or 0)))
-    rail = Rail(name=spec.name, layers=layers, source=source, steerer=steerer, energies=energies,
-                plugins={"activation_source": spec.activation_source.plugin,
-                         "steerer": spec.steerer.plugin},
-                fingerprint=fingerprint)
+    assert isinstance(source, ActivationSource) and isinstance(steerer, Steerer)
+    rail = Rail(
+        name=spec.name,
+        layers=layers,
+        source=source,
+        steerer=steerer,
+        energies=energies,
+        plugins={
+            "activation_source": spec.activation_source.plugin,
+            "steerer": spec.steerer.plugin,
+        },
+        fingerprint=fingerprint,
+    )
     return rail
 
 

@@ -12,7 +12,7 @@ import pluggy
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from guardrail import hookspecs
+from guardrail import __version__, hookspecs
 from guardrail.components import (
     ActivationSource,
     Component,
@@ -170,7 +170,7 @@ class Registry:
         return sorted({entry.name for entry in self._entries[kind].values()})
 
     def get(self, kind: str, name: str) -> Registration:
-        """Look a component up; an unknown name raises :class:`PluginError` listing the known ones."""
+        """Look a component up; an unknown name raises :class:`PluginError` listing known ones."""
         try:
             return self._entries[kind][name]
         except KeyError:
@@ -189,7 +189,9 @@ class Registry:
         except ValidationError as exc:
             raise PluginError(f"invalid parameters for {kind} {name!r}: {exc}") from exc
         if issubclass(entry.cls, EnergyModel):
-            raise PluginError("energy models are built or loaded, not created; see guardrail.energy")
+            raise PluginError(
+                "energy models are built or loaded, not created; see guardrail.energy"
+            )
         try:
             return entry.cls(params)
         except Exception as exc:
@@ -199,7 +201,9 @@ class Registry:
             ) from exc
 
 
-def plugin_report(pm: pluggy.PluginManager, *, include_builtins: bool = False) -> list[dict[str, Any]]:
+def plugin_report(
+    pm: pluggy.PluginManager, *, include_builtins: bool = False
+) -> list[dict[str, Any]]:
     """What ``guardrail plugins`` prints: name, version, hooks (and components) per plugin."""
     builtin_names = {name for name, _ in DEFAULT_PLUGINS}
     dist_info = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
@@ -212,15 +216,10 @@ def plugin_report(pm: pluggy.PluginManager, *, include_builtins: bool = False) -
         if builtin and not include_builtins:
             continue
         dist = dist_info.get(id(plugin))
-        if builtin:
-            from guardrail import __version__ as version
-        else:
-            version = dist.version if dist is not None else None
+        version = __version__ if builtin else (dist.version if dist is not None else None)
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
         components = {
-            kind: sorted(
-                {e.name for e in registry._entries[kind].values() if e.plugin == name}
-            )
+            kind: sorted({e.name for e in registry._entries[kind].values() if e.plugin == name})
             for kind in KINDS
         }
         rows.append(

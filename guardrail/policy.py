@@ -30,7 +30,7 @@ class ModelSection(StrictModel):
     """Which model to load and how."""
 
     source: str = Field(
-        description="Packaged short name, local HF directory, .gguf file, or hub id (offline cache)."
+        description="Packaged short name, local HF directory, .gguf file, or hub id (offline)."
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -64,7 +64,8 @@ class EnergyModelSpec(StrictModel):
 
     plugin: str = "mlp"
     artifact: str | None = Field(
-        None, description="Path of the trained artifact (.safetensors); relative to the policy file."
+        None,
+        description="Path of the trained artifact (.safetensors); relative to the policy file.",
     )
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -77,7 +78,9 @@ class RailSpec(StrictModel):
     layers: Literal["auto"] | list[int] = Field(
         "auto", description="'auto' takes the layers stored in the artifact."
     )
-    activation_source: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="residual-stream"))
+    activation_source: PluginSpec = Field(
+        default_factory=lambda: PluginSpec(plugin="residual-stream")
+    )
     energy_model: EnergyModelSpec | None = None
     steerer: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="gradient-descent"))
 
@@ -88,11 +91,12 @@ class Policy(StrictModel):
     name: str
     description: str = ""
     model: ModelSection
-    generation: GenerationSection = Field(default_factory=GenerationSection)
+    generation: GenerationSection = Field(default_factory=lambda: GenerationSection())
     rails: list[RailSpec] = Field(default_factory=list)
     classifier: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="heuristic"))
     training: TrainingSection | None = Field(
-        None, description="What `guardrail train` trains the rail's energy model on (docs/training.md)."
+        None,
+        description="What `guardrail train` trains the rail's energy model on (docs/training.md).",
     )
 
     _path: Path | None = PrivateAttr(default=None)
@@ -127,11 +131,11 @@ def _resolve_paths(node: Any, base: Path, key: str | None = None) -> Any:
         expanded = Path(expand_env(node)).expanduser()
         return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
     if isinstance(node, str) and key == "source":
-        expanded = expand_env(node)
-        if expanded.startswith((".", "/", "~")):
-            candidate = Path(expanded).expanduser()
+        text = expand_env(node)
+        if text.startswith((".", "/", "~")):
+            candidate = Path(text).expanduser()
             return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
-        return expanded
+        return text
     return node
 
 
@@ -237,11 +241,13 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
         check("steerer", rail.steerer, f"{where}.steerer")
         if rail.energy_model is not None:
             check("energy_model", rail.energy_model, f"{where}.energy_model")
-        elif _is_registered(registry, rail):
-            if registry.get("steerer", rail.steerer.plugin).cls.requires_energy_model:
-                problems.append(
-                    f"{where}.energy_model: missing; steerer {rail.steerer.plugin!r} needs one"
-                )
+        elif (
+            _is_registered(registry, rail)
+            and registry.get("steerer", rail.steerer.plugin).cls.requires_energy_model
+        ):
+            problems.append(
+                f"{where}.energy_model: missing; steerer {rail.steerer.plugin!r} needs one"
+            )
         if rail.layers != "auto" and any(layer < 0 for layer in rail.layers):
             problems.append(f"{where}.layers: got {rail.layers!r}; expected layer indices >= 0")
     names = [rail.name for rail in policy.rails]

@@ -47,7 +47,7 @@ class _Record:
 
 
 class SteeringSession:
-    """Installs hooks on enter and removes them on exit; ``measure_only`` scores without steering."""
+    """Hooks installed on enter, removed on exit; ``measure_only`` scores without steering."""
 
     def __init__(
         self,
@@ -74,7 +74,8 @@ class SteeringSession:
                 if layer >= len(modules):
                     raise PluginError(
                         f"rail {rail.name!r}: layer {layer} does not exist "
-                        f"({len(modules)} layers found by {rail.plugins.get('activation_source')!r})"
+                        f"({len(modules)} layers found by "
+                        f"{rail.plugins.get('activation_source')!r})"
                     )
                 module = modules[layer]
                 by_module.setdefault(id(module), (module, []))[1].append((rail, layer))
@@ -125,23 +126,39 @@ class SteeringSession:
             new_flat = outcome.states
             bad_rows = ~torch.isfinite(new_flat).all(dim=-1)
             if bool(bad_rows.any()):
-                log.warning("steer.nonfinite_output", rail=rail.name, layer=layer,
-                            rows=int(bad_rows.sum()))
+                log.warning(
+                    "steer.nonfinite_output", rail=rail.name, layer=layer, rows=int(bad_rows.sum())
+                )
                 new_flat = torch.where(bad_rows[:, None], flat, new_flat)
             if outcome.nonfinite is not None and bool(outcome.nonfinite.any()):
-                log.warning("steer.nonfinite_energy", rail=rail.name, layer=layer, phase=phase,
-                            rows=int(outcome.nonfinite.sum()))
-            record = _Record(outcome.energy_before, outcome.energy_after, outcome.steps,
-                             outcome.steered, outcome.nonfinite)
+                log.warning(
+                    "steer.nonfinite_energy",
+                    rail=rail.name,
+                    layer=layer,
+                    phase=phase,
+                    rows=int(outcome.nonfinite.sum()),
+                )
+            record = _Record(
+                outcome.energy_before,
+                outcome.energy_after,
+                outcome.steps,
+                outcome.steered,
+                outcome.nonfinite,
+            )
         record = _last_position(record, batch, positions)
         self.records[(rail.name, layer)][phase].append(record)
         if self.on_step is not None:
-            self.on_step(StepEvent(
-                rail=rail.name, layer=layer, phase=phase,
-                energy_before=_tolist(record.energy_before),
-                energy_after=_tolist(record.energy_after),
-                steps=_tolist(record.steps), steered=_tolist(record.steered),
-            ))
+            self.on_step(
+                StepEvent(
+                    rail=rail.name,
+                    layer=layer,
+                    phase=phase,
+                    energy_before=_tolist(record.energy_before),
+                    energy_after=_tolist(record.energy_after),
+                    steps=_tolist(record.steps),
+                    steered=_tolist(record.steered),
+                )
+            )
         if new_flat is flat:
             return output
         new_states = states.clone()
@@ -189,8 +206,18 @@ def _last_position(record: _Record, batch: int, positions: int) -> _Record:
     def last(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().reshape(batch, positions)[:, -1].cpu()
 
-    return _Record(*(last(t) for t in (record.energy_before, record.energy_after, record.steps,
-                                        record.steered, record.nonfinite)))
+    return _Record(
+        *(
+            last(t)
+            for t in (
+                record.energy_before,
+                record.energy_after,
+                record.steps,
+                record.steered,
+                record.nonfinite,
+            )
+        )
+    )
 
 
 def _tolist(t: torch.Tensor | None) -> list[Any] | None:

@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
-from guardrail.components import EnergyModel, SteerContext, SteerOutcome, Steerer
+from guardrail.components import EnergyModel, SteerContext, Steerer, SteerOutcome
 
 
 class GradientSteererParams(BaseModel):
@@ -41,7 +41,9 @@ class GradientSteerer(Steerer):
             raise ValueError(f"rail {ctx.rail!r}: the gradient steerer needs an energy model")
         p = self.params
         h0 = states.detach().float()
-        unit = h0.norm(dim=-1, keepdim=True) if p.scale == "relative" else torch.ones_like(h0[:, :1])
+        unit = (
+            h0.norm(dim=-1, keepdim=True) if p.scale == "relative" else torch.ones_like(h0[:, :1])
+        )
         with torch.enable_grad():
             x = h0.clone().requires_grad_(True)
             e0 = energy.energy(x)
@@ -66,7 +68,9 @@ class GradientSteerer(Steerer):
                 active &= ~bad
             if not bool(active.any()):
                 break
-            direction = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12) if p.normalize else grad
+            direction = (
+                grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12) if p.normalize else grad
+            )
             update = p.eta * unit * direction
             h = torch.where(active[:, None], h - update, h)
             steps += active.long()

@@ -26,6 +26,8 @@ class MLPEnergyModel(EnergyModel):
     name = "mlp"
     Params = MLPEnergyParams
     params: MLPEnergyParams
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
 
     def __init__(self, hidden_size: int, params: MLPEnergyParams) -> None:
         super().__init__(params)
@@ -66,7 +68,9 @@ class MLPEnergyModel(EnergyModel):
         }
 
     @classmethod
-    def from_artifact(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MLPEnergyModel:
+    def from_artifact(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> MLPEnergyModel:
         params = MLPEnergyParams(hidden=config["hidden"], dropout=config.get("dropout", 0.0))
         model = cls(int(config["hidden_size"]), params)
         model.load_state_dict(tensors)

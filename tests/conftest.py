@@ -15,14 +15,51 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = (
-    "the a i you can where buy coke how kill python process bomb make build sorry cannot help "
-    "with that to of in is it what why tell me about please here are some steps store shop"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "i",
+    "you",
+    "can",
+    "where",
+    "buy",
+    "coke",
+    "how",
+    "kill",
+    "python",
+    "process",
+    "bomb",
+    "make",
+    "build",
+    "sorry",
+    "cannot",
+    "help",
+    "with",
+    "that",
+    "to",
+    "of",
+    "in",
+    "is",
+    "it",
+    "what",
+    "why",
+    "tell",
+    "me",
+    "about",
+    "please",
+    "here",
+    "are",
+    "some",
+    "steps",
+    "store",
+    "shop",
+]
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def _isolated(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
     """No installed third-party plugins unless a test asks; a fresh manager per test."""
     monkeypatch.delenv("GUARDRAIL_DISABLE_PLUGINS", raising=False)
     set_plugin_manager(build_plugin_manager(load_entrypoints=False))
@@ -50,11 +87,16 @@ def build_tiny_tokenizer():  # type: ignore[no-untyped-def]
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate([*specials, "\n", "system", "user", "assistant", *WORDS])}
+    vocab = {
+        tok: i for i, tok in enumerate([*specials, "\n", "system", "user", "assistant", *WORDS])
+    }
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
         additional_special_tokens=["<|im_start|>"],
     )
     tok.chat_template = CHATML
@@ -68,8 +110,13 @@ def build_tiny_model(vocab_size: int, layers: int = 4, seed: int = 0):  # type: 
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
         tie_word_embeddings=True,
     )
     return AutoModelForCausalLM.from_config(config).eval()

@@ -15,7 +15,8 @@ from .test_steering import CONVERSATIONS, _artifact, _policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(
-    name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+    name
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
     if name.startswith("guardrail_")
 )
 
@@ -26,20 +27,27 @@ def test_hookspecs_follow_conventions() -> None:
         fn = getattr(hookspecs, name)
         assert fn.__doc__ and len(fn.__doc__) > 40, f"{name} needs a docstring"
         assert "return" in fn.__doc__.lower(), f"{name}'s docstring must say what it returns"
-        assert all(p.annotation is not inspect.Parameter.empty
-                   for p in inspect.signature(fn).parameters.values()), name
+        assert all(
+            p.annotation is not inspect.Parameter.empty
+            for p in inspect.signature(fn).parameters.values()
+        ), name
 
 
 @pytest.mark.parametrize("name", SPECS)
 def test_every_hookspec_is_documented(name: str) -> None:
-    assert f"`{name}(" in (ROOT / "docs" / "plugins.md").read_text(), f"{name} missing from docs/plugins.md"
+    assert f"`{name}(" in (ROOT / "docs" / "plugins.md").read_text(), (
+        f"{name} missing from docs/plugins.md"
+    )
 
 
 @pytest.mark.parametrize("name", SPECS)
 def test_every_hookspec_has_a_test(name: str) -> None:
     mine = Path(__file__).name
-    used = [p.name for p in (ROOT / "tests").rglob("test_*.py")
-            if p.name != mine and name in p.read_text()]
+    used = [
+        p.name
+        for p in (ROOT / "tests").rglob("test_*.py")
+        if p.name != mine and name in p.read_text()
+    ]
     used += [mine] if f"def {name}(" in Path(__file__).read_text() else []
     assert used, f"no test exercises {name}"
 

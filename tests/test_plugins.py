@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from guardrail_plugins.residual_stream import ResidualStreamSource
 
 from guardrail import hookimpl
 from guardrail.cli import main
 from guardrail.components import RefusalClassifier, Steerer, SteerOutcome, Verdict
 from guardrail.errors import PluginError
 from guardrail.plugins import Registry, build_plugin_manager, plugin_report, set_plugin_manager
-from guardrail_plugins.residual_stream import ResidualStreamSource
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "guardrail-example-plugin"
@@ -66,7 +66,10 @@ def test_name_collision_names_both_plugins(plugin_manager, echo_plugin) -> None:
             register(EchoSteerer)
 
     plugin_manager.register(Again(), name="again")
-    with pytest.raises(PluginError, match="'echo' is registered twice: by plugin 'again' and by plugin 'echo-plugin'"):
+    with pytest.raises(
+        PluginError,
+        match="'echo' is registered twice: by plugin 'again' and by plugin 'echo-plugin'",
+    ):
         Registry.from_plugin_manager(plugin_manager)
 
 
@@ -88,7 +91,10 @@ def test_plugin_raising_in_hook_is_named(plugin_manager) -> None:  # type: ignor
             raise RuntimeError("kaput")
 
     plugin_manager.register(Boom(), name="boom")
-    with pytest.raises(PluginError, match="plugin 'boom' raised in hook guardrail_register_suites: RuntimeError: kaput"):
+    with pytest.raises(
+        PluginError,
+        match="plugin 'boom' raised in hook guardrail_register_suites: RuntimeError: kaput",
+    ):
         Registry.from_plugin_manager(plugin_manager)
 
 
@@ -132,9 +138,21 @@ def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Install the example plugin distribution for real (pip, into a private target dir)."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(EXAMPLE)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
     )
     return target
 
@@ -155,7 +173,9 @@ def test_example_plugin_discovered_through_entry_point(
     assert len([n for n, _ in pm.list_name_plugin() if n == "mlp_energy"]) == 1
 
 
-def test_example_plugin_blocked_by_env(installed_example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_plugin_blocked_by_env(
+    installed_example: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.syspath_prepend(str(installed_example))
     monkeypatch.setenv("GUARDRAIL_DISABLE_PLUGINS", "example")
     pm = build_plugin_manager(load_entrypoints=True)
@@ -198,22 +218,35 @@ def third_party(plugin_manager):  # type: ignore[no-untyped-def]
     plugin_manager.unregister(plugin)
 
 
-def test_registered_components_are_used_from_a_policy(third_party, tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_registered_components_are_used_from_a_policy(
+    third_party, tiny_loaded, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     from guardrail.guard import Guardrail
     from guardrail.policy import parse_policy
 
     from .test_steering import CONVERSATIONS, _artifact
 
     path = _artifact(tiny_loaded).save(tmp_path / "a.safetensors")
-    policy = parse_policy({
-        "name": "custom", "model": {"source": "unused"},
-        "generation": {"max_new_tokens": 5},
-        "rails": [{"name": "r", "activation_source": {"plugin": "prompt-only"},
-                   "energy_model": {"artifact": str(path)}}],
-        "classifier": {"plugin": "shout"},
-    })
+    policy = parse_policy(
+        {
+            "name": "custom",
+            "model": {"source": "unused"},
+            "generation": {"max_new_tokens": 5},
+            "rails": [
+                {
+                    "name": "r",
+                    "activation_source": {"plugin": "prompt-only"},
+                    "energy_model": {"artifact": str(path)},
+                }
+            ],
+            "classifier": {"plugin": "shout"},
+        }
+    )
     guard = Guardrail.from_policy(policy, loaded=tiny_loaded)
     result = guard.generate(CONVERSATIONS[:1])[0]
     for item in result.telemetry.layers:
         assert item.steps == 3 and item.generated_positions == 0  # prompt only: decode untouched
-    assert [v.refused for v in guard.classify(["x", "y"], ["NO WAY", "sure, here"])] == [True, False]
+    assert [v.refused for v in guard.classify(["x", "y"], ["NO WAY", "sure, here"])] == [
+        True,
+        False,
+    ]

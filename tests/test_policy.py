@@ -33,11 +33,22 @@ def test_shipped_policies_validate(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_every_error_reported_with_key_path_and_value(tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
-    path = write_policy(tmp_path / "bad.yaml", _policy(
-        generation={"max_new_tokens": -3, "temprature": 0.5},
-        rails=[{"name": "r", "steerer": {"plugin": "gradient-descent", "params": {"eta": "fast", "stepz": 2}},
-                "energy_model": {"plugin": "mlp", "artifact": "missing.safetensors"}}],
-    ))
+    path = write_policy(
+        tmp_path / "bad.yaml",
+        _policy(
+            generation={"max_new_tokens": -3, "temprature": 0.5},
+            rails=[
+                {
+                    "name": "r",
+                    "steerer": {
+                        "plugin": "gradient-descent",
+                        "params": {"eta": "fast", "stepz": 2},
+                    },
+                    "energy_model": {"plugin": "mlp", "artifact": "missing.safetensors"},
+                }
+            ],
+        ),
+    )
     with pytest.raises(PolicyError) as info:
         validate_policy_file(path, registry)
     text = str(info.value)
@@ -45,9 +56,22 @@ def test_every_error_reported_with_key_path_and_value(tmp_path: Path, registry) 
     assert "generation.max_new_tokens: got -3" in text
     assert "generation.temprature: unknown key" in text
     # Schema errors come first; plugin-level errors need a schema-valid file, checked below.
-    path.write_text(json.dumps(_policy(rails=[{
-        "name": "r", "steerer": {"plugin": "gradient-descent", "params": {"eta": "fast", "stepz": 2}},
-        "energy_model": {"plugin": "mlp", "artifact": "missing.safetensors"}}])))
+    path.write_text(
+        json.dumps(
+            _policy(
+                rails=[
+                    {
+                        "name": "r",
+                        "steerer": {
+                            "plugin": "gradient-descent",
+                            "params": {"eta": "fast", "stepz": 2},
+                        },
+                        "energy_model": {"plugin": "mlp", "artifact": "missing.safetensors"},
+                    }
+                ]
+            )
+        )
+    )
     with pytest.raises(PolicyError) as info:
         validate_policy_file(path, registry)
     text = str(info.value)
@@ -62,19 +86,28 @@ def test_every_error_reported_with_key_path_and_value(tmp_path: Path, registry) 
 
 def test_unknown_plugin_names_registered_ones(tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
     path = write_policy(tmp_path / "p.yaml", _policy(classifier={"plugin": "gpt-judge"}))
-    with pytest.raises(PolicyError, match=r"classifier.plugin: got 'gpt-judge'; unknown refusal_classifier 'gpt-judge'; registered: heuristic"):
+    with pytest.raises(
+        PolicyError,
+        match=r"classifier.plugin: got 'gpt-judge'; unknown refusal_classifier 'gpt-judge'; registered: heuristic",
+    ):
         validate_policy_file(path, registry)
 
 
 def test_extends_merges_and_resolves_paths_per_file(tmp_path: Path) -> None:
     (tmp_path / "base").mkdir()
-    write_policy(tmp_path / "base" / "base.yaml", _policy(
-        generation={"max_new_tokens": 10, "batch_size": 2},
-        rails=[{"name": "r", "energy_model": {"artifact": "art.safetensors"}}],
-    ))
+    write_policy(
+        tmp_path / "base" / "base.yaml",
+        _policy(
+            generation={"max_new_tokens": 10, "batch_size": 2},
+            rails=[{"name": "r", "energy_model": {"artifact": "art.safetensors"}}],
+        ),
+    )
     child = tmp_path / "child.yaml"
-    child.write_text(yaml.safe_dump({"extends": "base/base.yaml", "name": "child",
-                                     "generation": {"max_new_tokens": 20}}))
+    child.write_text(
+        yaml.safe_dump(
+            {"extends": "base/base.yaml", "name": "child", "generation": {"max_new_tokens": 20}}
+        )
+    )
     policy = load_policy(child)
     assert policy.name == "child"
     assert policy.generation.max_new_tokens == 20 and policy.generation.batch_size == 2
@@ -91,15 +124,21 @@ def test_extends_cycle_is_an_error(tmp_path: Path) -> None:
 
 def test_env_expansion_in_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ART_DIR", str(tmp_path / "arts"))
-    path = write_policy(tmp_path / "p.yaml", _policy(
-        rails=[{"name": "r", "energy_model": {"artifact": "${ART_DIR}/x.safetensors"}}]))
-    assert load_policy(path).rails[0].energy_model.artifact == str(tmp_path / "arts" / "x.safetensors")  # type: ignore[union-attr]
+    path = write_policy(
+        tmp_path / "p.yaml",
+        _policy(rails=[{"name": "r", "energy_model": {"artifact": "${ART_DIR}/x.safetensors"}}]),
+    )
+    assert load_policy(path).rails[0].energy_model.artifact == str(
+        tmp_path / "arts" / "x.safetensors"
+    )  # type: ignore[union-attr]
 
 
 def test_validate_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = write_policy(tmp_path / "good.yaml", _policy())
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmodel: {source: y}\nrails: [{name: r, layers: [1, -2], steerer: {plugin: nope}}]\n")
+    bad.write_text(
+        "name: x\nmodel: {source: y}\nrails: [{name: r, layers: [1, -2], steerer: {plugin: nope}}]\n"
+    )
     assert main(["validate", str(good)]) == 0
     assert main(["validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from guardrail_plugins.gradient_steerer import GradientSteerer, GradientSteererParams
+from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
 from guardrail.components import SteerContext
 from guardrail.energy import EnergyArtifact
@@ -13,8 +15,6 @@ from guardrail.errors import ArtifactError, PluginError
 from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
 from guardrail.policy import parse_policy
-from guardrail_plugins.gradient_steerer import GradientSteerer, GradientSteererParams
-from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
 from .conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -28,21 +28,36 @@ CONVERSATIONS = [
 def _artifact(loaded, layers=(1, 2), seed: int = 0) -> EnergyArtifact:  # type: ignore[no-untyped-def]
     torch.manual_seed(seed)
     hidden = loaded.model.config.hidden_size
-    models = {layer: MLPEnergyModel(hidden, MLPEnergyParams(hidden=[16, 8], dropout=0.2)).eval()
-              for layer in layers}
-    return EnergyArtifact(plugin="mlp", fingerprint=model_fingerprint(loaded.model, loaded.name),
-                          models=models, metadata={"note": "random"})
+    models = {
+        layer: MLPEnergyModel(hidden, MLPEnergyParams(hidden=[16, 8], dropout=0.2)).eval()
+        for layer in layers
+    }
+    return EnergyArtifact(
+        plugin="mlp",
+        fingerprint=model_fingerprint(loaded.model, loaded.name),
+        models=models,
+        metadata={"note": "random"},
+    )
 
 
 def _policy(artifact: Path, **steerer: object) -> object:
-    return parse_policy({
-        "name": "tiny",
-        "model": {"source": "unused"},
-        "generation": {"max_new_tokens": 6, "batch_size": 2},
-        "rails": [{"name": "eds", "energy_model": {"plugin": "mlp", "artifact": str(artifact)},
-                   "steerer": {"plugin": "gradient-descent",
-                               "params": {"eta": 5.0, "steps": 3, **steerer}}}],
-    })
+    return parse_policy(
+        {
+            "name": "tiny",
+            "model": {"source": "unused"},
+            "generation": {"max_new_tokens": 6, "batch_size": 2},
+            "rails": [
+                {
+                    "name": "eds",
+                    "energy_model": {"plugin": "mlp", "artifact": str(artifact)},
+                    "steerer": {
+                        "plugin": "gradient-descent",
+                        "params": {"eta": 5.0, "steps": 3, **steerer},
+                    },
+                }
+            ],
+        }
+    )
 
 
 @pytest.fixture
@@ -56,9 +71,10 @@ def test_unsteered_matches_plain_generate(guard: Guardrail) -> None:
     texts = guard.render(CONVERSATIONS, steer=False)
     for text, result in zip(texts, results, strict=True):
         enc = guard.encode([text])
-        out = guard.model.generate(**enc, max_new_tokens=6, do_sample=False,
-                                   pad_token_id=guard.tokenizer.pad_token_id)
-        expected = out[0, enc["input_ids"].shape[1]:].tolist()
+        out = guard.model.generate(
+            **enc, max_new_tokens=6, do_sample=False, pad_token_id=guard.tokenizer.pad_token_id
+        )
+        expected = out[0, enc["input_ids"].shape[1] :].tolist()
         eos = guard.tokenizer.eos_token_id
         expected = expected[: expected.index(eos)] if eos in expected else expected
         assert result.token_ids == expected
@@ -76,8 +92,10 @@ def test_steering_lowers_energy_and_changes_output(guard: Guardrail) -> None:
             assert item.energy_after < item.energy_before
             # 3 steps at the prompt, then 3 per fed-back generated token
             assert item.steps == 3 * (1 + item.generated_positions)
-            assert item.generated_positions == max(result.telemetry.completion_tokens - 1, 0) or \
-                result.finish_reason == "stop"
+            assert (
+                item.generated_positions == max(result.telemetry.completion_tokens - 1, 0)
+                or result.finish_reason == "stop"
+            )
 
 
 def test_batched_equals_one_by_one(guard: Guardrail) -> None:
@@ -86,7 +104,9 @@ def test_batched_equals_one_by_one(guard: Guardrail) -> None:
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
-def test_gate_above_all_energies_steers_nothing(guard: Guardrail, tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_gate_above_all_energies_steers_nothing(
+    guard: Guardrail, tiny_loaded, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     path = _artifact(tiny_loaded).save(tmp_path / "gate.safetensors")
     gated = Guardrail.from_policy(_policy(path, gate=1e9), loaded=tiny_loaded)  # type: ignore[arg-type]
     base = gated.generate(CONVERSATIONS, steer=False)
@@ -126,7 +146,9 @@ def test_artifact_for_other_model_is_refused(tiny_loaded, tmp_path: Path) -> Non
     artifact = _artifact(tiny_loaded)
     artifact.fingerprint = model_fingerprint(other, "other-model")
     path = artifact.save(tmp_path / "other.safetensors")
-    with pytest.raises(ArtifactError, match="trained for model 'other-model'.*num_layers: artifact 6 vs model 4"):
+    with pytest.raises(
+        ArtifactError, match="trained for model 'other-model'.*num_layers: artifact 6 vs model 4"
+    ):
         Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
 
 
@@ -150,7 +172,9 @@ def test_artifact_roundtrip_and_header(tiny_loaded, tmp_path: Path, registry) ->
     assert torch.allclose(loaded.models[1].energy(states), artifact.models[1].energy(states))
     assert loaded.models[1].threshold == 0.25
     raw = path.read_bytes()  # safetensors: 8-byte header length, then a JSON header; no pickle
-    assert raw[8:9] == b"{" and b"guardrail-energy/1" in raw[: 8 + int.from_bytes(raw[:8], "little")]
+    assert (
+        raw[8:9] == b"{" and b"guardrail-energy/1" in raw[: 8 + int.from_bytes(raw[:8], "little")]
+    )
 
 
 def test_steerer_exception_names_plugin(guard: Guardrail) -> None:
@@ -158,7 +182,10 @@ def test_steerer_exception_names_plugin(guard: Guardrail) -> None:
         raise RuntimeError("bad steerer")
 
     guard.rails[0].steerer.steer = explode  # type: ignore[method-assign]
-    with pytest.raises(PluginError, match="plugin 'gradient-descent' raised in Steerer.steer .*RuntimeError: bad steerer"):
+    with pytest.raises(
+        PluginError,
+        match="plugin 'gradient-descent' raised in Steerer.steer .*RuntimeError: bad steerer",
+    ):
         guard.generate(CONVERSATIONS[:1])
 
 
@@ -171,7 +198,7 @@ def test_attach_steers_a_users_own_generate(guard: Guardrail) -> None:
         attached = guard.model.generate(**enc, **kwargs)
     assert session.records, "no telemetry recorded while attached"
     steered = guard.generate(CONVERSATIONS[:1])[0]
-    new = attached[0, enc["input_ids"].shape[1]:].tolist()
+    new = attached[0, enc["input_ids"].shape[1] :].tolist()
     assert new[: len(steered.token_ids)] == steered.token_ids
     assert not torch.equal(plain, attached)
     after = guard.model.generate(**enc, **kwargs)  # hooks removed on exit

@@ -66,21 +66,28 @@ def _verdict(guard: Guardrail, prompt: str, result: GenerationResult) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Answer each prompt; with ``--compare`` print the base answer, the steered one and energies."""
+    """Answer each prompt; ``--compare`` prints base and steered answers and the energies."""
     guard = Guardrail.from_policy(args.policy, device=args.device)
     conversations = [[{"role": "user", "content": p}] for p in args.prompts]
     overrides = _overrides(args)
     steered = None if args.no_steer else guard.generate(conversations, steer=True, **overrides)
-    base = guard.generate(conversations, steer=False, **overrides) if (args.compare or args.no_steer) else None
+    base = (
+        guard.generate(conversations, steer=False, **overrides)
+        if (args.compare or args.no_steer)
+        else None
+    )
     if args.json:
         rows = []
         for i, prompt in enumerate(args.prompts):
             row: dict[str, Any] = {"prompt": prompt}
             for label, results in (("base", base), ("steered", steered)):
                 if results is not None:
-                    row[label] = {"text": results[i].text, "finish_reason": results[i].finish_reason,
-                                  "refused": guard.classify([prompt], [results[i].text])[0].refused,
-                                  "telemetry": results[i].telemetry.to_dict()}
+                    row[label] = {
+                        "text": results[i].text,
+                        "finish_reason": results[i].finish_reason,
+                        "refused": guard.classify([prompt], [results[i].text])[0].refused,
+                        "telemetry": results[i].telemetry.to_dict(),
+                    }
             rows.append(row)
         print(json.dumps(rows, indent=2))
         return 0
@@ -94,7 +101,9 @@ def run_generate(args: argparse.Namespace) -> int:
             result = results[i]
             print(f"{label:<8} [{_verdict(guard, prompt, result)}]")
             body = result.text.strip() or "(empty)"
-            print(textwrap.indent(textwrap.fill(body, width - 9, replace_whitespace=False), " " * 9))
+            print(
+                textwrap.indent(textwrap.fill(body, width - 9, replace_whitespace=False), " " * 9)
+            )
         if steered is not None:
             print(f"ENERGY   {energy_line(steered[i].telemetry)}")
     return 0
@@ -105,7 +114,9 @@ def run_chat(args: argparse.Namespace) -> int:
     guard = Guardrail.from_policy(args.policy, device=args.device)
     history: list[dict[str, str]] = []
     steer = True
-    print(f"policy {guard.policy.name!r} on {guard.loaded.name}; /help for commands", file=sys.stderr)
+    print(
+        f"policy {guard.policy.name!r} on {guard.loaded.name}; /help for commands", file=sys.stderr
+    )
     while True:
         try:
             line = input("you> ").strip()
