@@ -35,6 +35,9 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("mlp_energy", "guardrail_plugins.mlp_energy"),
     ("gradient_steerer", "guardrail_plugins.gradient_steerer"),
     ("heuristic_classifier", "guardrail_plugins.heuristic_classifier"),
+    ("judge_classifier", "guardrail_plugins.judge_classifier"),
+    ("suites", "guardrail_plugins.suites"),
+    ("baselines", "guardrail_plugins.baselines"),
 )
 
 # kind -> (registration hook name, base class)

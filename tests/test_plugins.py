@@ -47,9 +47,11 @@ def echo_plugin(plugin_manager):  # type: ignore[no-untyped-def]
 
 def test_builtins_register_the_four_concerns(registry: Registry) -> None:
     assert registry.names("activation_source") == ["residual-stream"]
-    assert registry.names("energy_model") == ["mlp"]
-    assert registry.names("steerer") == ["gradient-descent"]
-    assert registry.names("refusal_classifier") == ["heuristic"]
+    assert registry.names("energy_model") == ["linear", "mlp"]
+    assert registry.names("steerer") == ["ablate", "gradient-descent", "system-prompt"]
+    assert registry.names("refusal_classifier") == ["heuristic", "openai-judge"]
+    assert registry.names("suite") == ["file", "harmful-val", "harmful-val-all", "harmless-val",
+                                       "orbench-toxic-val", "orbench-val", "xstest"]
     assert registry.get("steerer", "eds").name == "gradient-descent"
 
 
@@ -113,11 +115,11 @@ def test_misspelled_hook_fails_loudly() -> None:
 def test_disable_env_blocks_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GUARDRAIL_DISABLE_PLUGINS", "heuristic_classifier")
     pm = build_plugin_manager(load_entrypoints=False)
-    assert Registry.from_plugin_manager(pm).names("refusal_classifier") == []
+    assert Registry.from_plugin_manager(pm).names("refusal_classifier") == ["openai-judge"]
 
 
 def test_unknown_component_lists_known(registry: Registry) -> None:
-    with pytest.raises(PluginError, match="unknown steerer 'nope'; registered: gradient-descent"):
+    with pytest.raises(PluginError, match="unknown steerer 'nope'; registered: ablate, gradient-descent, system-prompt"):
         registry.get("steerer", "nope")
 
 
@@ -125,7 +127,8 @@ def test_plugins_command_lists_builtins(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["plugins", "--all"]) == 0
     rows = json.loads(capsys.readouterr().out)
     names = {row["name"] for row in rows}
-    assert names == {"residual_stream", "mlp_energy", "gradient_steerer", "heuristic_classifier"}
+    assert names == {"residual_stream", "mlp_energy", "gradient_steerer", "heuristic_classifier",
+                     "judge_classifier", "suites", "baselines"}
     steer = next(r for r in rows if r["name"] == "gradient_steerer")
     assert steer["hooks"] == ["guardrail_register_steerers"]
     assert steer["components"] == {"steerer": ["gradient-descent"]}

@@ -1,0 +1,132 @@
+"""The policies a server serves: each model loaded once, one worker per loaded model."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from guardrail.errors import PolicyError
+from guardrail.guard import Guardrail
+from guardrail.policy import Policy, load_policy
+from guardrail.serving.batcher import ModelWorker
+from guardrail.serving.config import ServeConfig
+from guardrail.serving.errors import ApiError
+
+log = structlog.get_logger("guardrail.serving")
+
+
+@dataclass
+class ServedPolicy:
+    """One policy by name: its guardrail, the worker of its model, and its batch limit.
+
+    ``counter`` is a private copy of the tokenizer for the event-loop thread: a fast
+    tokenizer is not safe to use from two threads while one of them pads a batch.
+    """
+
+    name: str
+    guard: Guardrail
+    worker: ModelWorker
+    counter: Any
+    max_batch: int
+    created: int
+
+    def prompt_tokens(self, conversation: list[dict[str, str]], *, steer: bool) -> int:
+        """Tokens in the prompt the model would see (system prompt and template included)."""
+        prepared = self.guard.prepare(conversation, steer=steer)
+        text = self.counter.apply_chat_template(prepared, tokenize=False,
+                                                add_generation_prompt=True)
+        return len(self.counter(text, add_special_tokens=False)["input_ids"])
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/v1/models`` says about the policy beyond the OpenAI fields."""
+        return {
+            "model": self.guard.loaded.name,
+            "description": self.guard.policy.description,
+            "rails": [{"name": r.name, "layers": r.layers} for r in self.guard.rails],
+            "classifier": self.guard.policy.classifier.plugin,
+            "max_batch_size": self.max_batch,
+        }
+
+
+class PolicyPool:
+    """Policies by name; policies whose guardrails share a model object share its worker."""
+
+    def __init__(self, guards: Sequence[Guardrail], config: ServeConfig) -> None:
+        self.config = config
+        self.policies: dict[str, ServedPolicy] = {}
+        self.workers: list[ModelWorker] = []
+        by_model: dict[int, tuple[ModelWorker, Any]] = {}
+        for guard in guards:
+            name = guard.policy.name
+            if name in self.policies:
+                raise PolicyError(str(guard.policy.path or name), [
+                    f"name: {name!r} is already served by another policy; "
+                    "policy names must be unique"
+                ])
+            if id(guard.model) not in by_model:
+                worker = ModelWorker(guard.loaded.name, max_queue=config.max_queue,
+                                     batch_wait_s=config.batch_wait_ms / 1000)
+                self.workers.append(worker)
+                by_model[id(guard.model)] = (worker, copy.deepcopy(guard.tokenizer))
+            worker, counter = by_model[id(guard.model)]
+            worker.policies.append(name)
+            self.policies[name] = ServedPolicy(
+                name=name, guard=guard, worker=worker, counter=counter,
+                max_batch=config.batch_size_for(guard.policy.generation.batch_size),
+                created=int(time.time()),
+            )
+
+    @classmethod
+    def load(cls, paths: Sequence[str | Path], config: ServeConfig, *,
+             device: str | None = None) -> PolicyPool:
+        """Load policy files; policies naming the same model source load it once."""
+        from guardrail.models import load_model
+
+        policies: list[Policy] = [load_policy(path) for path in paths]
+        seen: dict[str, Path | None] = {}
+        for policy in policies:  # before loading any model: a clash is a typo, fail fast
+            if policy.name in seen:
+                raise PolicyError(str(policy.path), [
+                    f"name: {policy.name!r} is also the name of {seen[policy.name]}; "
+                    "served policy names must be unique"])
+            seen[policy.name] = policy.path
+        loaded: dict[tuple[str, str, str], Any] = {}
+        guards = []
+        for policy in policies:
+            key = (policy.model.source, device or policy.model.device, policy.model.dtype)
+            if key not in loaded:
+                loaded[key] = load_model(key[0], device=key[1], dtype=key[2])
+            guards.append(Guardrail.from_policy(policy, loaded=loaded[key]))
+        return cls(guards, config)
+
+    def get(self, name: str) -> ServedPolicy:
+        """The policy called ``name``; an unknown name is a 404 listing the served ones."""
+        try:
+            return self.policies[name]
+        except KeyError:
+            raise ApiError(
+                404, f"model {name!r} is not served here; served policies: "
+                f"{', '.join(sorted(self.policies))}", param="model", code="model_not_found",
+            ) from None
+
+    def start(self) -> None:
+        """Start every worker thread."""
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every worker (queued requests get 503) and join the threads."""
+        for worker in self.workers:
+            worker.stop(timeout)
+
+    def health(self) -> dict[str, Any]:
+        """``/healthz``: every worker alive, and per worker its queue and counters."""
+        workers = [worker.health() for worker in self.workers]
+        return {"status": "ok" if all(w["alive"] for w in workers) else "degraded",
+                "policies": sorted(self.policies), "workers": workers}

@@ -1,0 +1,52 @@
+"""One structlog event per HTTP request, written when its response has fully gone out.
+
+A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``) so a streamed response is
+logged when its last event was sent or its client went away, not when streaming starts.
+Handlers add fields by updating the ``request.state.log`` mapping.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("guardrail.serving")
+
+ASGIApp = Any
+
+
+class RequestLog:
+    """Logs ``serve.request`` with method, path, status, milliseconds and the handler's fields."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        fields: dict[str, Any] = {}
+        state["log"] = fields
+        status: dict[str, int] = {}
+
+        async def send_and_watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except BaseException:
+            fields.setdefault("error", "unhandled exception")
+            status.setdefault("code", 500)
+            raise
+        finally:
+            fields = state.get("log", fields)
+            code = status.get("code", 499)  # no response started: the client left first
+            level = log.warning if code >= 500 else log.info
+            level("serve.request", method=scope["method"], path=scope["path"], status=code,
+                  ms=round((time.perf_counter() - started) * 1000, 1), **fields)
