@@ -1,0 +1,236 @@
+"""``guardrail eval``, ``sweep``, ``report``, ``suites`` and ``baseline directions``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from guardrail.errors import GuardrailError
+
+DEFAULT_SUITES = ("xstest", "orbench-val", "harmful-val")
+DATA_HELP = "data folder (default $GUARDRAIL_DATA or ../shared/data)"
+CACHE_HELP = "cache root (default $GUARDRAIL_CACHE_DIR or ~/.cache/guardrail)"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``eval``, ``sweep``, ``report``, ``suites`` and ``baseline``."""
+    ev = subparsers.add_parser("eval", help="compare policies with the base model on suites")
+    _common(ev)
+    ev.add_argument("--no-base", action="store_true", help="leave the unsteered base model out")
+    ev.add_argument("--save-generations", action="store_true",
+                    help="write every prompt/answer pair to OUT/generations/SUITE/POLICY.jsonl")
+    ev.add_argument("--kl-prompts", type=int, default=0, metavar="N",
+                    help="capability guard: KL on N harmless-val prompts (0: off)")
+    ev.add_argument("--kl-max-new-tokens", type=int, default=32)
+    ev.set_defaults(func=run_eval, out="reports/eval")
+
+    sw = subparsers.add_parser("sweep", help="trade-off curve over the steerer's eta and steps")
+    _common(sw, suites=("orbench-val", "harmful-val"))
+    sw.add_argument("--eta", type=_floats, default=[0.05, 0.1, 0.2, 0.5, 1.0],
+                    help="comma-separated step sizes (default 0.05,0.1,0.2,0.5,1)")
+    sw.add_argument("--steps", type=_ints, default=[1, 3, 6],
+                    help="comma-separated step counts (default 1,3,6)")
+    sw.set_defaults(func=run_sweep, out="reports/sweep")
+
+    rep = subparsers.add_parser("report", help="regenerate a results page from a config file")
+    rep.add_argument("--config", required=True, help="YAML config, e.g. bench/results.yaml")
+    rep.add_argument("--limit", type=int, help="override the config's per-suite limit")
+    rep.add_argument("--kl-prompts", type=int, help="override the config's KL prompt count")
+    rep.add_argument("--progress", action="store_true", help="show progress bars")
+    rep.set_defaults(func=run_report)
+
+    su = subparsers.add_parser("suites", help="list registered evaluation suites as JSON")
+    su.add_argument("--data-dir", help=DATA_HELP)
+    su.set_defaults(func=run_suites)
+
+    base = subparsers.add_parser("baseline", help="build artifacts for the linear baselines")
+    sub = base.add_subparsers(dest="baseline_command", metavar="SUBCOMMAND", required=True)
+    di = sub.add_parser("directions", help="difference-of-means refusal directions (all layers)")
+    di.add_argument("--policy", required=True, help="policy whose model (and rail) to use")
+    di.add_argument("--out", help="artifact path (default: the policy's linear rail artifact)")
+    di.add_argument("--harmful", action="append", metavar="FILE",
+                    help="harmful prompt file(s) (default DATA/harmful_train.json)")
+    di.add_argument("--benign", action="append", metavar="FILE",
+                    help="benign prompt file(s) (default DATA/harmless_train.json)")
+    di.add_argument("--limit", type=int, default=256, help="prompts sampled per side (seeded)")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--layers", type=_ints, help="comma-separated layers (default: all)")
+    di.add_argument("--direction-layer", type=int,
+                    help="use this layer's direction at every layer (Arditi et al.)")
+    di.add_argument("--batch-size", type=int, default=16)
+    di.add_argument("--data-dir", help=DATA_HELP)
+    di.add_argument("--cache-dir", help=CACHE_HELP)
+    di.add_argument("--no-cache", action="store_true", help="recompute cached states")
+    di.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
+    di.set_defaults(func=run_directions)
+
+
+def _common(parser: argparse.ArgumentParser, suites: tuple[str, ...] = DEFAULT_SUITES) -> None:
+    parser.add_argument("--policy", action="append", required=True, metavar="POLICY",
+                        help="policy file; repeat to compare several")
+    parser.add_argument("--suite", action="append", metavar="SUITE",
+                        help=f"suite name or PATH[:benign|:harmful]; repeatable "
+                             f"(default {' '.join(suites)})")
+    parser.set_defaults(default_suites=list(suites))
+    parser.add_argument("--limit", type=int, help="seeded sample of N items per suite")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", help=DATA_HELP)
+    parser.add_argument("--max-new-tokens", type=int, default=48,
+                        help="answer length (default 48; refusals show early)")
+    parser.add_argument("--batch-size", type=int, help="override the policy's batch size")
+    parser.add_argument("--classifier", help="score every policy with this refusal classifier")
+    parser.add_argument("--out", help="output folder (eval: reports/eval, sweep: reports/sweep)")
+    parser.add_argument("--cache-dir", help=CACHE_HELP)
+    parser.add_argument("--no-cache", action="store_true", help="generate everything afresh")
+    parser.add_argument("--device", help="auto, cpu, cuda (overrides the policies)")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+
+
+def _command() -> str:
+    return "guardrail " + shlex.join(sys.argv[1:])
+
+
+def _setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Suites first (bad names fail before a model loads), then guards, settings, cache."""
+    from guardrail.evaluation.cache import GenerationCache, default_cache_path
+    from guardrail.evaluation.runner import load_guards
+    from guardrail.evaluation.suites import load_suite, resolve_data_dir
+    from guardrail.plugins import Registry, get_plugin_manager
+
+    registry = Registry.from_plugin_manager(get_plugin_manager())
+    data_dir = resolve_data_dir(args.data_dir)
+    suites = [load_suite(name, registry, data_dir=data_dir, limit=args.limit, seed=args.seed)
+              for name in (args.suite or args.default_suites)]
+    classifier = None
+    if args.classifier:
+        classifier = registry.create("refusal_classifier", args.classifier, {})
+    guards = load_guards(args.policy, device=args.device)
+    updates: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if args.batch_size:
+        updates["batch_size"] = args.batch_size
+    settings = guards[0].policy.generation.model_copy(update=updates)
+    cache = GenerationCache(None if args.no_cache else default_cache_path(args.cache_dir))
+    return {"registry": registry, "data_dir": data_dir, "suites": suites, "guards": guards,
+            "settings": settings, "cache": cache, "classifier": classifier}
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate, print the side-by-side table, write report.json/report.md (and generations)."""
+    from guardrail.evaluation.kl import capability_guard
+    from guardrail.evaluation.report import (
+        build_report,
+        console,
+        write_generations,
+        write_report,
+    )
+    from guardrail.evaluation.runner import contenders_for, evaluate
+    from guardrail.evaluation.suites import load_suite
+
+    env = _setup(args)
+    contenders = contenders_for(env["guards"], base=not args.no_base)
+    results = evaluate(contenders, env["suites"], env["settings"], env["cache"],
+                       classifier=env["classifier"], progress=args.progress)
+    kl = None
+    if args.kl_prompts:
+        harmless = load_suite("harmless-val", env["registry"], data_dir=env["data_dir"],
+                              limit=args.kl_prompts, seed=args.seed)
+        kl_settings = env["settings"].model_copy(update={"max_new_tokens": args.kl_max_new_tokens})
+        kl = capability_guard(contenders, [i.prompt for i in harmless.items], kl_settings,
+                              env["cache"], progress=args.progress)
+    report = build_report(results, contenders, settings=_settings(args, env), command=_command(),
+                          kl=kl)
+    json_path, md_path = write_report(report, args.out)
+    print(console(report))
+    print(f"wrote {json_path} and {md_path}")
+    if args.save_generations:
+        paths = write_generations(results, args.out)
+        print(f"wrote {len(paths)} generation files under {Path(args.out) / 'generations'}")
+    return 0
+
+
+def _settings(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
+    return {**env["settings"].model_dump(), "limit": args.limit, "seed": args.seed,
+            "data_dir": str(env["data_dir"]),
+            "classifier": args.classifier or env["guards"][0].policy.classifier.plugin}
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Sweep eta x steps for every policy; write sweep.json, sweep.md and sweep.png."""
+    from guardrail.evaluation.sweep import run_sweep as sweep
+    from guardrail.evaluation.sweep import sweep_table, write_sweep
+
+    env = _setup(args)
+    points, _ = sweep(env["guards"], env["suites"], env["settings"], env["cache"],
+                      etas=args.eta, steps=args.steps, progress=args.progress)
+    paths = write_sweep(points, args.out)
+    print(sweep_table(points))
+    print(f"wrote {paths['table']}, {paths['json']} and {paths['plot']}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Run everything a results config asks for and write its Markdown page and figures."""
+    from guardrail.evaluation.results import build_results
+
+    page = build_results(args.config, limit=args.limit, kl_prompts=args.kl_prompts,
+                         progress=args.progress)
+    print(f"wrote {page}")
+    return 0
+
+
+def run_suites(args: argparse.Namespace) -> int:
+    """Print each registered suite with its item counts (or the error loading it)."""
+    from guardrail.evaluation.suites import load_suite
+    from guardrail.plugins import Registry, get_plugin_manager
+
+    registry = Registry.from_plugin_manager(get_plugin_manager())
+    rows = []
+    for name in registry.names("suite"):
+        entry = registry.get("suite", name)
+        row: dict[str, Any] = {"name": name, "plugin": entry.plugin, "aliases": list(entry.aliases)}
+        if name != "file":
+            try:
+                suite = load_suite(name, registry, data_dir=args.data_dir)
+                row.update(items=len(suite.items), benign=suite.benign, harmful=suite.harmful)
+            except GuardrailError as exc:
+                row["error"] = str(exc)
+        rows.append(row)
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def run_directions(args: argparse.Namespace) -> int:
+    """Compute difference-of-means directions and save them as a ``linear`` energy artifact."""
+    from guardrail.evaluation.directions import build_directions
+
+    path, stats = build_directions(
+        args.policy, out=args.out, harmful=args.harmful, benign=args.benign, limit=args.limit,
+        seed=args.seed, layers=args.layers, direction_layer=args.direction_layer,
+        batch_size=args.batch_size, data_dir=args.data_dir, cache_dir=args.cache_dir,
+        use_cache=not args.no_cache, device=args.device, progress=True,
+    )
+    best = max(stats, key=lambda s: s["balanced_accuracy"])
+    for s in stats:
+        print(f"layer {s['layer']:>3}  separation {s['separation']:>9.3f}  "
+              f"balanced acc {s['balanced_accuracy']:.3f}  mean ||h|| {s['mean_norm']:.1f}")
+    print(f"wrote {path} (best separating layer {best['layer']}, "
+          f"balanced accuracy {best['balanced_accuracy']:.3f})")
+    return 0

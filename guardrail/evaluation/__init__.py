@@ -1,0 +1,1 @@
+"""Evaluation: suites, refusal/compliance metrics, answer quality, KL guard, reports, sweeps."""

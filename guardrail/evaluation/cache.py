@@ -1,0 +1,116 @@
+"""On-disk cache of generated answers, so re-running an evaluation or a report regenerates nothing.
+
+The key covers everything that decides an answer: the model fingerprint, the steering rails
+(specs plus artifact contents), the rendered prompt text (system prompt and prompt-level
+steering included) and the generation settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardrail.models import cache_root
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL,
+       token_ids TEXT NOT NULL, finish_reason TEXT NOT NULL)""",
+    # Derived measurements (e.g. per-token KL) that are as expensive as generating.
+    "CREATE TABLE IF NOT EXISTS measurements (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
+
+@dataclass
+class Answer:
+    """One generated answer; ``cached`` says it came from disk rather than the model."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    cached: bool = field(default=False, compare=False)
+
+
+def digest(payload: Any) -> str:
+    """sha256 of a JSON-serialisable payload (keys sorted)."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def default_cache_path(cache_dir: str | Path | None = None) -> Path:
+    """``<cache root>/evaluation/generations.sqlite`` (cache root: see ``guardrail.models``)."""
+    return cache_root(cache_dir) / "evaluation" / "generations.sqlite"
+
+
+class GenerationCache:
+    """A key -> :class:`Answer` store in one SQLite file; ``path=None`` disables caching."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._db: sqlite3.Connection | None = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Several evaluations may share the cache; SQLite's locking keeps writes whole.
+            self._db = sqlite3.connect(self.path, timeout=60)
+            for statement in SCHEMA:
+                self._db.execute(statement)
+            self._db.commit()
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Answer]:
+        """The cached answers among ``keys``."""
+        if self._db is None:
+            return {}
+        found = {}
+        for key in set(keys):
+            row = self._db.execute(
+                "SELECT text, token_ids, finish_reason FROM answers WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None:
+                found[key] = Answer(row[0], json.loads(row[1]), row[2], cached=True)
+        return found
+
+    def put_many(self, answers: dict[str, Answer]) -> None:
+        """Store answers (replacing any with the same key)."""
+        if self._db is None or not answers:
+            return
+        self._db.executemany(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)",
+            [(k, a.text, json.dumps(a.token_ids), a.finish_reason) for k, a in answers.items()],
+        )
+        self._db.commit()
+
+    def get_values(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Cached JSON measurements among ``keys``."""
+        if self._db is None:
+            return {}
+        found = {}
+        for key in set(keys):
+            row = self._db.execute(
+                "SELECT value FROM measurements WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None:
+                found[key] = json.loads(row[0])
+        return found
+
+    def put_values(self, values: dict[str, Any]) -> None:
+        """Store JSON-serialisable measurements."""
+        if self._db is None or not values:
+            return
+        self._db.executemany("INSERT OR REPLACE INTO measurements VALUES (?, ?)",
+                             [(k, json.dumps(v)) for k, v in values.items()])
+        self._db.commit()
+
+    def __len__(self) -> int:
+        if self._db is None:
+            return 0
+        return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the database."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -1,0 +1,164 @@
+"""Evaluation reports: a JSON file with everything, a Markdown summary, a console table."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from guardrail.evaluation.kl import KLResult
+from guardrail.evaluation.metrics import Rate
+from guardrail.evaluation.runner import Contender, SuiteResult
+
+FORMAT = "guardrail-eval/1"
+
+
+def build_report(
+    results: Sequence[SuiteResult],
+    contenders: Sequence[Contender],
+    *,
+    settings: dict[str, Any],
+    command: str | None = None,
+    kl: dict[str, KLResult] | None = None,
+) -> dict[str, Any]:
+    """The JSON report: settings, contenders, per-suite scores and the KL capability guard."""
+    return {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "settings": settings,
+        "contenders": [
+            {"label": c.label, "policy": c.policy, "steered": c.steer, "model": c.guard.loaded.name,
+             "path": str(c.guard.policy.path) if c.guard.policy.path else None,
+             "rails": [r.model_dump(mode="json") for r in c.guard.policy.rails if r.enabled]
+             if c.steer else []}
+            for c in contenders
+        ],
+        "suites": [r.to_dict() for r in results],
+        "kl": {label: value.to_dict() for label, value in (kl or {}).items()} or None,
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; return both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md_path = out / "report.md"
+    md_path.write_text(markdown(report), encoding="utf-8")
+    return json_path, md_path
+
+
+def write_generations(results: Sequence[SuiteResult], out_dir: str | Path) -> list[Path]:
+    """One JSONL file per suite and contender with every prompt/answer pair and its verdict."""
+    paths = []
+    for result in results:
+        for row in result.rows:
+            folder = Path(out_dir) / "generations" / _slug(result.suite.name)
+            path = folder / f"{_slug(row.label)}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as handle:
+                for record in row.records:
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            paths.append(path)
+    return paths
+
+
+def _rate(data: dict[str, Any]) -> Rate:
+    return Rate(**{k: data[k] for k in ("k", "n", "rate", "low", "high")})
+
+
+def _cell(data: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    rate = _rate(data)
+    if rate.rate is None:
+        return "–"
+    text = f"**{rate.rate:.2f}** [{rate.low:.2f}, {rate.high:.2f}] {rate.k}/{rate.n}"
+    if base is not None and base["rate"] is not None and base is not data:
+        text += f" ({rate.rate - base['rate']:+.2f})"
+    return text
+
+
+def suite_table(suite: dict[str, Any]) -> list[str]:
+    """Markdown table of one suite: every contender side by side, differences against the base."""
+    rows = suite["rows"]
+    base = next((r for r in rows if not r["steered"]), None)
+    lines = [
+        "| policy | benign compliance ↑ | clean compliance ↑ | harmful refusal ↑ "
+        "| empty | degenerate | cut off |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        q = row["quality"]
+        lines.append(
+            f"| {row['label']} | {_cell(row['compliance'], base and base['compliance'])} "
+            f"| {_cell(row['clean_compliance'], base and base['clean_compliance'])} "
+            f"| {_cell(row['refusal'], base and base['refusal'])} "
+            f"| {q['empty']} | {q['degenerate']} | {q['cut_off']} |"
+        )
+    return lines
+
+
+def kl_table(kl: dict[str, Any]) -> list[str]:
+    """Markdown table of the capability guard."""
+    lines = ["| policy | mean KL (nats/token) | worst prompt | prompts | tokens |",
+             "|---|---|---|---|---|"]
+    for label, value in kl.items():
+        lines.append(f"| {label} | {value['mean_kl_per_token']:.4f} | {value['max_prompt_kl']:.4f} "
+                     f"| {value['prompts']} | {value['tokens']} |")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The Markdown summary of a JSON report."""
+    s = report["settings"]
+    lines = ["# Evaluation report", ""]
+    if report.get("command"):
+        lines += ["```", report["command"], "```", ""]
+    lines += [
+        f"Created {report['created']}. Generation: max_new_tokens={s.get('max_new_tokens')}, "
+        f"{'sampling' if s.get('do_sample') else 'greedy'}; classifier: {s.get('classifier')}; "
+        f"limit per suite: {s.get('limit') or 'all'} (seed {s.get('seed')}).",
+        "Rates with 95% Wilson intervals and counts; (±x.xx) is the difference to the base model. "
+        "Clean compliance also requires the answer to be neither empty nor degenerate; "
+        "'cut off' answers hit max_new_tokens (expected for long answers).",
+        "",
+    ]
+    for suite in report["suites"]:
+        lines += [f"## {suite['name']}", "",
+                  f"{suite['items']} of {suite['total']} items: {suite['benign']} benign, "
+                  f"{suite['harmful']} harmful.", ""]
+        lines += suite_table(suite) + [""]
+    if report.get("kl"):
+        lines += ["## Capability guard: KL(base ‖ steered) on benign answers", ""]
+        lines += kl_table(report["kl"]) + [""]
+    return "\n".join(lines)
+
+
+def console(report: dict[str, Any]) -> str:
+    """A plain-text side-by-side table per suite for the terminal."""
+    out = []
+    for suite in report["suites"]:
+        out.append(f"{suite['name']}  ({suite['benign']} benign, {suite['harmful']} harmful)")
+        width = max(len("policy"), *(len(r["label"]) for r in suite["rows"])) + 2
+        header = f"  {'policy':<{width}}{'benign compliance':<36}{'harmful refusal':<36}bad answers"
+        out.append(header)
+        for row in suite["rows"]:
+            q = row["quality"]
+            bad = f"empty {q['empty']}, degenerate {q['degenerate']}, cut off {q['cut_off']}"
+            out.append(f"  {row['label']:<{width}}{str(_rate(row['compliance'])):<36}"
+                       f"{str(_rate(row['refusal'])):<36}{bad}")
+        out.append("")
+    if report.get("kl"):
+        out.append("capability guard: mean KL(base || steered) on benign answers, nats/token")
+        for label, value in report["kl"].items():
+            out.append(f"  {label}: {value['mean_kl_per_token']:.4f} "
+                       f"(worst prompt {value['max_prompt_kl']:.4f}, {value['tokens']} tokens)")
+    return "\n".join(out)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "unnamed"

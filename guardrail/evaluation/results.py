@@ -1,0 +1,296 @@
+"""The results page: one config file in, ``docs/results.md`` plus figures and JSON out.
+
+``guardrail report --config bench/results.yaml`` evaluates the listed policies against the
+base model, measures the KL capability guard, runs the sweep, and writes a page that states
+its settings and the ``guardrail eval``/``guardrail sweep`` commands giving the same numbers.
+Answers come from the generation cache, so regenerating the page re-uses earlier runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from guardrail.components import RefusalClassifier
+from guardrail.errors import PolicyError
+from guardrail.evaluation.cache import GenerationCache, default_cache_path
+from guardrail.evaluation.kl import capability_guard
+from guardrail.evaluation.report import build_report, kl_table, suite_table, write_report
+from guardrail.evaluation.runner import contenders_for, evaluate, load_guards
+from guardrail.evaluation.suites import SuiteSpec, load_suite, resolve_data_dir
+from guardrail.evaluation.sweep import run_sweep, sweep_table, write_sweep
+from guardrail.evaluation.targets import Target, target_table
+from guardrail.plugins import Registry, get_plugin_manager
+from guardrail.policy import format_validation_error, load_policy, missing_artifacts
+
+log = structlog.get_logger("guardrail.evaluation")
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KLConfig(Strict):
+    """The capability guard: how many harmless-val prompts, how long the base answers."""
+
+    prompts: int = Field(64, ge=0)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class SweepConfig(Strict):
+    """The trade-off sweep: which policies (default: all), suites, size and grid."""
+
+    policies: list[str] | None = None
+    suites: list[str] = Field(default_factory=lambda: ["orbench-val", "harmful-val"])
+    limit: int | None = None
+    eta: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0])
+    steps: list[int] = Field(default_factory=lambda: [1, 3, 6])
+
+
+class ResultsConfig(Strict):
+    """A results page: paths are relative to the config file."""
+
+    title: str = "Results"
+    output: str = "../docs/results.md"
+    assets: str = "../docs/results"
+    policies: list[str]
+    suites: list[str] = Field(default_factory=lambda: ["xstest", "orbench-val", "harmful-val"])
+    limit: int | None = None
+    seed: int = 0
+    max_new_tokens: int = 48
+    batch_size: int | None = None
+    classifier: str | None = None
+    data_dir: str | None = None
+    kl: KLConfig = Field(default_factory=KLConfig)
+    sweep: SweepConfig | None = None
+    targets: list[Target] = Field(default_factory=list)
+    prepare: list[str] = Field(default_factory=list, description="Commands that build artifacts.")
+    notes: list[str] = Field(default_factory=list)
+
+
+def load_config(path: str | Path) -> ResultsConfig:
+    """Read and validate a results config; errors name the key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(str(path), ["file not found"])
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        return ResultsConfig.model_validate(data or {})
+    except ValidationError as exc:
+        raise PolicyError(str(path), format_validation_error(exc)) from None
+
+
+def build_results(config_path: str | Path, *, limit: int | None = None,
+                  kl_prompts: int | None = None, progress: bool = False) -> Path:
+    """Run everything the config asks for and write the page; returns its path."""
+    config_path = Path(config_path).resolve()
+    cfg = load_config(config_path)
+    if limit is not None:
+        cfg.limit = limit
+        if cfg.sweep is not None:
+            cfg.sweep.limit = limit
+    if kl_prompts is not None:
+        cfg.kl.prompts = kl_prompts
+    here = config_path.parent
+    page = (here / cfg.output).resolve()
+    assets = (here / cfg.assets).resolve()
+    registry = Registry.from_plugin_manager(get_plugin_manager())
+    data_dir = resolve_data_dir(here / cfg.data_dir if cfg.data_dir else None)
+    ready: list[tuple[Path, list[str]]] = []
+    skipped: list[tuple[Path, list[str]]] = []
+    for item in cfg.policies:
+        path = (here / item).resolve()
+        notes = missing_artifacts(load_policy(path))
+        (skipped if notes else ready).append((path, notes))
+    if not ready:
+        raise PolicyError(str(config_path), ["policies: no policy has its artifacts built yet"] +
+                          [n for _, notes in skipped for n in notes])
+    suites = [load_suite(_spec(s, here), registry, data_dir=data_dir, limit=cfg.limit,
+                         seed=cfg.seed) for s in cfg.suites]
+    guards = load_guards([p for p, _ in ready])
+    updates: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
+    if cfg.batch_size:
+        updates["batch_size"] = cfg.batch_size
+    settings = guards[0].policy.generation.model_copy(update=updates)
+    cache = GenerationCache(default_cache_path())
+    classifier: RefusalClassifier | None = None
+    if cfg.classifier:
+        created = registry.create("refusal_classifier", cfg.classifier, {})
+        assert isinstance(created, RefusalClassifier)
+        classifier = created
+    contenders = contenders_for(guards)
+    results = evaluate(contenders, suites, settings, cache, classifier=classifier,
+                       progress=progress)
+    kl = None
+    if cfg.kl.prompts:
+        harmless = load_suite("harmless-val", registry, data_dir=data_dir, limit=cfg.kl.prompts,
+                              seed=cfg.seed)
+        kl = capability_guard(contenders, [i.prompt for i in harmless.items],
+                              settings.model_copy(update={"max_new_tokens": cfg.kl.max_new_tokens}),
+                              cache, progress=progress)
+    commands = _commands(cfg, [p for p, _ in ready], data_dir, here)
+    report = build_report(results, contenders, command=commands["eval"], kl=kl, settings={
+        **settings.model_dump(), "limit": cfg.limit, "seed": cfg.seed, "data_dir": str(data_dir),
+        "classifier": cfg.classifier or guards[0].policy.classifier.plugin})
+    write_report(report, assets)
+    figures: dict[str, Path] = {}
+    if kl:
+        from guardrail.evaluation.plots import plot_kl
+
+        figures["kl"] = plot_kl(kl, assets / "kl.png")
+    sweep_md = None
+    if cfg.sweep is not None:
+        chosen = [g for g in guards if cfg.sweep.policies is None or g.policy.name in
+                  cfg.sweep.policies or str(g.policy.path) in
+                  {str((here / p).resolve()) for p in cfg.sweep.policies}]
+        sweep_suites = [load_suite(_spec(s, here), registry, data_dir=data_dir,
+                                   limit=cfg.sweep.limit, seed=cfg.seed) for s in cfg.sweep.suites]
+        points, _ = run_sweep(chosen, sweep_suites, settings, cache, etas=cfg.sweep.eta,
+                              steps=cfg.sweep.steps, progress=progress)
+        figures["sweep"] = write_sweep(points, assets)["plot"]
+        sweep_md = sweep_table(points)
+        commands["sweep"] = _sweep_command(cfg, [g.policy.path for g in chosen], data_dir, here)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    text = _page(cfg, config_path, page, assets, report, skipped, figures, sweep_md, commands)
+    page.write_text(text, encoding="utf-8")
+    log.info("results.written", page=str(page), assets=str(assets))
+    return page
+
+
+def _spec(text: str, here: Path) -> SuiteSpec:
+    """A suite name, or a user file resolved against the config's folder."""
+    spec = SuiteSpec.parse(text)
+    if spec.plugin == "file":
+        spec.params["path"] = str((here / spec.params["path"]).resolve())
+    return spec
+
+
+def _suite_arg(text: str, here: Path) -> str:
+    """The ``--suite`` value that names the same suite from the current directory."""
+    spec = _spec(text, here)
+    if spec.plugin != "file":
+        return text
+    label = spec.params.get("label")
+    return _rel(spec.params["path"], Path.cwd()) + (f":{label}" if label else "")
+
+
+def _rel(path: Path | str, start: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), start)
+
+
+def _commands(cfg: ResultsConfig, policies: list[Path], data_dir: Path, here: Path
+              ) -> dict[str, str]:
+    root = Path.cwd()
+    args = ["guardrail", "eval"]
+    for p in policies:
+        args += ["--policy", _rel(p, root)]
+    for s in cfg.suites:
+        args += ["--suite", _suite_arg(s, here)]
+    if cfg.limit:
+        args += ["--limit", str(cfg.limit)]
+    args += ["--seed", str(cfg.seed), "--max-new-tokens", str(cfg.max_new_tokens)]
+    if cfg.batch_size:
+        args += ["--batch-size", str(cfg.batch_size)]
+    if cfg.classifier:
+        args += ["--classifier", cfg.classifier]
+    if cfg.kl.prompts:
+        args += ["--kl-prompts", str(cfg.kl.prompts), "--kl-max-new-tokens",
+                 str(cfg.kl.max_new_tokens)]
+    if cfg.data_dir:  # otherwise the default ($GUARDRAIL_DATA or ../shared/data) applies
+        args += ["--data-dir", _rel(data_dir, root)]
+    args += ["--save-generations"]
+    return {"eval": shlex.join(args)}
+
+
+def _sweep_command(cfg: ResultsConfig, policies: list[Path | None], data_dir: Path, here: Path
+                   ) -> str:
+    assert cfg.sweep is not None
+    root = Path.cwd()
+    args = ["guardrail", "sweep"]
+    for p in policies:
+        args += ["--policy", _rel(p or "?", root)]
+    for s in cfg.sweep.suites:
+        args += ["--suite", _suite_arg(s, here)]
+    if cfg.sweep.limit:
+        args += ["--limit", str(cfg.sweep.limit)]
+    args += ["--seed", str(cfg.seed), "--max-new-tokens", str(cfg.max_new_tokens),
+             "--eta", ",".join(f"{e:g}" for e in cfg.sweep.eta),
+             "--steps", ",".join(str(k) for k in cfg.sweep.steps)]
+    if cfg.data_dir:
+        args += ["--data-dir", _rel(data_dir, root)]
+    if cfg.batch_size:
+        args += ["--batch-size", str(cfg.batch_size)]
+    return shlex.join(args)
+
+
+def _page(cfg: ResultsConfig, config_path: Path, page: Path, assets: Path, report: dict[str, Any],
+          skipped: list[tuple[Path, list[str]]], figures: dict[str, Path], sweep_md: str | None,
+          commands: dict[str, str]) -> str:
+    s = report["settings"]
+    root = Path.cwd()
+    lines = [f"# {cfg.title}", "",
+             f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by "
+             f"`guardrail report --config {_rel(config_path, root)}` (run from `{root.name}/`); "
+             "do not edit by hand.", ""]
+    if cfg.limit:
+        lines += [f"> **Small run:** each suite is a seeded sample of at most {cfg.limit} items. "
+                  "Wide intervals; rerun without `limit` for the headline numbers.", ""]
+    lines += ["## Settings", "",
+              f"- model: `{report['contenders'][0]['model']}`; base = first policy, unsteered",
+              f"- generation: {'sampling' if s['do_sample'] else 'greedy'}, "
+              f"max_new_tokens={s['max_new_tokens']}, batch_size={s['batch_size']}",
+              f"- refusal classifier: `{s['classifier']}`; rates with 95% Wilson intervals",
+              f"- data: `{_rel(s['data_dir'], root)}`, seed {s['seed']}, limit "
+              f"{s['limit'] or 'none (full suites)'}", ""]
+    lines += ["| policy | rails |", "|---|---|"]
+    for c in report["contenders"]:
+        rails = "; ".join(
+            f"{r['name']}: {r['steerer']['plugin']} {r['steerer']['params'] or ''} at layers "
+            f"{r['layers']}" + (f", {r['energy_model']['plugin']} energy"
+                                if r.get("energy_model") else "")
+            for r in c["rails"]) or "unsteered"
+        lines.append(f"| {c['label']} | {rails} |")
+    for path, notes in skipped:
+        lines.append(f"| {path.stem} | *skipped: {'; '.join(notes)}* |")
+    lines.append("")
+    if cfg.targets:
+        lines += ["## Targets", "", "Each steered policy against the project's goals "
+                  "(base = the unsteered model on the same items).", ""]
+        lines += target_table(cfg.targets, report) + [""]
+    for suite in report["suites"]:
+        lines += [f"## {suite['name']}", "",
+                  f"{suite['items']} of {suite['total']} items ({suite['benign']} benign, "
+                  f"{suite['harmful']} harmful).", ""]
+        lines += suite_table(suite) + [""]
+    if report.get("kl"):
+        lines += ["## Capability guard", "",
+                  "Mean KL(base ‖ steered) of the next-token distribution over the base model's "
+                  f"greedy answers ({cfg.kl.max_new_tokens} tokens at most) to {cfg.kl.prompts} "
+                  "harmless-val prompts, teacher-forced with the steering hooks on and off.", ""]
+        lines += kl_table(report["kl"]) + [""]
+        if "kl" in figures:
+            lines += [f"![KL per answer position]({_rel(figures['kl'], page.parent)})", ""]
+    lines += ["Multiple-choice accuracy is not reported: no freely usable multiple-choice set "
+              "is available offline on this project's machines.", ""]
+    if sweep_md:
+        lines += ["## Trade-off sweep", "", sweep_md, ""]
+        if "sweep" in figures:
+            lines += [f"![trade-off]({_rel(figures['sweep'], page.parent)})", ""]
+    lines += ["## Reproduce", "", "```sh"]
+    lines += [*cfg.prepare, commands["eval"]]
+    if "sweep" in commands:
+        lines.append(commands["sweep"])
+    lines += ["```", "", f"Raw numbers: `{_rel(assets / 'report.json', page.parent)}` "
+              "(every rate, interval and count).", ""]
+    if cfg.notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in cfg.notes], ""]
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""Running policies over suites: one model load per model, cached answers, scored side by side."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from guardrail.components import RefusalClassifier, Verdict
+from guardrail.evaluation.cache import Answer, GenerationCache, digest
+from guardrail.evaluation.metrics import Score, score
+from guardrail.evaluation.quality import assess
+from guardrail.evaluation.suites import LoadedSuite
+from guardrail.guard import Guardrail
+from guardrail.models import file_sha256, model_fingerprint
+from guardrail.policy import GenerationSection, Policy, load_policy
+
+log = structlog.get_logger("guardrail.evaluation")
+
+
+@dataclass
+class Contender:
+    """One column of the comparison: a guardrail run steered, or unsteered as the base."""
+
+    label: str
+    guard: Guardrail
+    steer: bool
+
+    @property
+    def policy(self) -> str:
+        """The policy name."""
+        return self.guard.policy.name
+
+
+def load_guards(policies: Sequence[Policy | str | Path], *, device: str | None = None,
+                plugin_manager: Any = None) -> list[Guardrail]:
+    """Load each policy; policies naming the same model (source, device, dtype) share one load."""
+    from guardrail.models import load_model
+
+    loaded: dict[tuple[str, str, str], Any] = {}
+    guards = []
+    for item in policies:
+        policy = item if isinstance(item, Policy) else load_policy(item)
+        key = (policy.model.source, device or policy.model.device, policy.model.dtype)
+        if key not in loaded:
+            loaded[key] = load_model(key[0], device=key[1], dtype=key[2])
+        guards.append(Guardrail.from_policy(policy, loaded=loaded[key],
+                                            plugin_manager=plugin_manager))
+    return guards
+
+
+def contenders_for(guards: Sequence[Guardrail], *, base: bool = True) -> list[Contender]:
+    """The base model (the first policy on each model, unsteered), then every policy steered."""
+    out: list[Contender] = []
+    if base:
+        seen: dict[int, Guardrail] = {}
+        for guard in guards:
+            seen.setdefault(id(guard.model), guard)
+        for guard in seen.values():
+            label = "base" if len(seen) == 1 else f"base:{guard.loaded.name}"
+            out.append(Contender(label=label, guard=guard, steer=False))
+    labels = [g.policy.name for g in guards]
+    for i, guard in enumerate(guards):
+        name = guard.policy.name
+        label = name if labels.count(name) == 1 else f"{name}#{i}"
+        out.append(Contender(label=label, guard=guard, steer=True))
+    return out
+
+
+def rails_key(guard: Guardrail) -> str:
+    """Hash of the enabled rails' specs and artifact contents (what steering depends on)."""
+    rails = []
+    for spec in guard.policy.rails:
+        if not spec.enabled:
+            continue
+        dumped = spec.model_dump(mode="json")
+        artifact = spec.energy_model.artifact if spec.energy_model else None
+        if artifact and Path(artifact).is_file():
+            dumped["energy_model"]["artifact"] = file_sha256(Path(artifact))
+        rails.append(dumped)
+    return digest(rails)
+
+
+class Answerer:
+    """Generates (or fetches from the cache) answers of one guardrail with fixed settings."""
+
+    def __init__(self, guard: Guardrail, settings: GenerationSection, cache: GenerationCache
+                 ) -> None:
+        self.guard = guard
+        self.settings = settings
+        self.cache = cache
+        self._model_key = digest(model_fingerprint(guard.model, guard.loaded.name))
+        self._rails_key = rails_key(guard)
+        # batch_size changes nothing about greedy answers beyond padding noise; leave it out.
+        self._settings_key = settings.model_dump(exclude={"batch_size"})
+
+    def key(self, rendered: str, steer: bool) -> str:
+        """Cache key of one rendered prompt."""
+        # A policy without enabled rails steers nothing: its answers are the base model's.
+        rails = self._rails_key if steer and self.guard.rails else None
+        return digest({"model": self._model_key, "rails": rails,
+                       "prompt": rendered, "generation": self._settings_key})
+
+    def answer(self, prompts: Sequence[str], *, steer: bool, progress: bool = False
+               ) -> list[Answer]:
+        """One answer per user prompt; only cache misses reach the model."""
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        keys = [self.key(text, steer) for text in self.guard.render(conversations, steer=steer)]
+        found = self.cache.get_many(keys)
+        unique: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in found:
+                unique.setdefault(k, i)
+        if unique:
+            started = time.perf_counter()
+            todo = list(unique.values())
+            results = self.guard.generate([conversations[i] for i in todo], steer=steer,
+                                          progress=progress, **self.settings.model_dump())
+            fresh = {keys[i]: Answer(r.text, r.token_ids, r.finish_reason)
+                     for i, r in zip(todo, results, strict=True)}
+            self.cache.put_many(fresh)
+            found.update(fresh)
+            log.info("eval.generated", policy=self.guard.policy.name, steer=steer,
+                     prompts=len(todo), seconds=round(time.perf_counter() - started, 1))
+        return [found[k] for k in keys]
+
+
+@dataclass
+class Row:
+    """One contender's score on one suite, and its per-item records."""
+
+    label: str
+    policy: str
+    steered: bool
+    score: Score
+    generated: int
+    cached: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self, *, records: bool = False) -> dict[str, Any]:
+        """JSON-serialisable form (per-item records only when asked)."""
+        out = {"label": self.label, "policy": self.policy, "steered": self.steered,
+               **self.score.to_dict(), "generated": self.generated, "cached": self.cached}
+        if records:
+            out["records"] = self.records
+        return out
+
+
+@dataclass
+class SuiteResult:
+    """Every contender on one suite."""
+
+    suite: LoadedSuite
+    rows: list[Row]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        s = self.suite
+        return {"name": s.name, "plugin": s.plugin, "items": len(s.items), "total": s.total,
+                "benign": s.benign, "harmful": s.harmful, "rows": [r.to_dict() for r in self.rows]}
+
+
+def evaluate(
+    contenders: Sequence[Contender],
+    suites: Sequence[LoadedSuite],
+    settings: GenerationSection,
+    cache: GenerationCache,
+    *,
+    classifier: RefusalClassifier | None = None,
+    progress: bool = False,
+) -> list[SuiteResult]:
+    """Answer every suite with every contender and score it with its (or the given) classifier."""
+    answerers = {id(c.guard): Answerer(c.guard, settings, cache) for c in contenders}
+    # All suites in one call per contender: fuller batches, and shared prompts generated once.
+    everything = [item.prompt for suite in suites for item in suite.items]
+    answered = [answerers[id(c.guard)].answer(everything, steer=c.steer, progress=progress)
+                for c in contenders]
+    results = []
+    offset = 0
+    for suite in suites:
+        prompts = [item.prompt for item in suite.items]
+        span = slice(offset, offset + len(prompts))
+        offset += len(prompts)
+        rows = []
+        for contender, all_answers in zip(contenders, answered, strict=True):
+            answers = all_answers[span]
+            texts = [a.text for a in answers]
+            verdicts = (classifier.classify(prompts, texts) if classifier is not None
+                        else contender.guard.classify(prompts, texts))
+            qualities = [assess(a.text, a.finish_reason) for a in answers]
+            rows.append(Row(
+                label=contender.label, policy=contender.policy, steered=contender.steer,
+                score=score(suite.items, verdicts, qualities),
+                generated=sum(not a.cached for a in answers), cached=sum(a.cached for a in answers),
+                records=[_record(item, answer, verdict, quality)
+                         for item, answer, verdict, quality
+                         in zip(suite.items, answers, verdicts, qualities, strict=True)],
+            ))
+        results.append(SuiteResult(suite=suite, rows=rows))
+        log.info("eval.suite_done", suite=suite.name,
+                 **{r.label: _short(r.score) for r in rows})
+    return results
+
+
+def _record(item: Any, answer: Answer, verdict: Verdict, quality: Any) -> dict[str, Any]:
+    return {"prompt": item.prompt, "harmful": item.harmful, "category": item.category,
+            "answer": answer.text, "finish_reason": answer.finish_reason,
+            "refused": verdict.refused, "verdict_score": verdict.score,
+            "verdict_reason": verdict.reason, "empty": quality.empty,
+            "degenerate": quality.degenerate, "cut_off": quality.cut_off, **item.meta}
+
+
+def _short(s: Score) -> str:
+    parts = []
+    if s.compliance.n:
+        parts.append(f"comply={s.compliance.rate:.2f}")
+    if s.refusal.n:
+        parts.append(f"refuse={s.refusal.rate:.2f}")
+    return " ".join(parts)

@@ -1,0 +1,121 @@
+"""The ``training:`` section of a policy file (pydantic v2, unknown keys rejected).
+
+Kept free of heavy imports: :mod:`guardrail.policy` imports it to validate policy files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Context = Literal["benign", "harmful"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptSource(_Section):
+    """One prompt file tagged with its context: in a benign context complying is desirable,
+    in a harmful one refusing is."""
+
+    path: str = Field(description="JSON, JSONL, CSV/TSV or TXT file; relative to the policy file.")
+    context: Context = Field(description="benign (complying is right) or harmful (refusing is).")
+    field: str = Field("instruction", description="Column holding the prompt text.")
+    filter: dict[str, Any] | None = Field(
+        None, description="Keep rows whose columns match: {column: value | [values] | {not|prefix|"
+        "not_prefix: value}}."
+    )
+    sample: int | None = Field(None, ge=1, description="Rows to take (seeded); all if unset.")
+    name: str | None = Field(None, description="Label in reports (default: the file name).")
+
+    @property
+    def label(self) -> str:
+        """The name reports use for this source."""
+        return self.name or self.path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+class LabelSettings(_Section):
+    """Greedy generation with the frozen model, labelled by the policy's refusal classifier."""
+
+    max_new_tokens: int = Field(16, ge=1, le=512, description="Refusals show in the first tokens.")
+    batch_size: int = Field(16, ge=1, le=1024)
+
+
+class CaptureSettings(_Section):
+    """Which prompt positions' states are kept, and where the state cache lives."""
+
+    positions: Literal["last", "mean"] = Field(
+        "last", description="last prompt token (what the steerer steers) or the prompt mean."
+    )
+    cache_dir: str | None = Field(
+        None, description="State cache (default: <guardrail cache root>/states)"
+    )
+
+
+class TrainerSettings(_Section):
+    """InfoNCE training of one energy model per layer, all layers at once."""
+
+    epochs: int = Field(60, ge=1, le=10000)
+    batch_size: int = Field(64, ge=4, description="Balanced across the four label cells.")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature tau.")
+    anchor_weight: float = Field(
+        0.1, ge=0, description="Weight of the logistic term that makes E=0 the decision boundary."
+    )
+    patience: int = Field(10, ge=1, description="Epochs without validation gain before stopping.")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Held out from the sources when `validation` is empty."
+    )
+
+
+class SelectionSettings(_Section):
+    """Which layers the artifact keeps."""
+
+    top_k: int = Field(12, ge=1)
+    metric: Literal["balanced_auroc", "auroc", "accuracy"] = Field(
+        "balanced_auroc",
+        description="Validation metric layers are ranked by; balanced_auroc averages the AUROC "
+        "within benign and within harmful prompts.",
+    )
+    layers: list[int] | None = Field(None, description="Candidate layers (default: every layer).")
+
+
+class DemoSettings(_Section):
+    """The subset `guardrail demo` trains on (the full mix takes too long for a first look)."""
+
+    prompts: int = Field(400, ge=8, description="Training prompts, split over sources pro rata.")
+    validation_prompts: int = Field(120, ge=4)
+    top_k: int | None = Field(None, ge=1, description="Layers kept (default: selection.top_k).")
+
+
+class TrainingSection(_Section):
+    """What ``guardrail train`` trains on and how (see docs/training.md)."""
+
+    rail: str | None = Field(None, description="Rail whose artifact to write (default: the first "
+                             "rail with an energy model).")
+    seed: int = 0
+    sources: list[PromptSource] = Field(min_length=1)
+    validation: list[PromptSource] = Field(
+        default_factory=list,
+        description="Validation prompts; if empty, trainer.val_fraction is held out.",
+    )
+    labels: LabelSettings = Field(default_factory=LabelSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+
+    @field_validator("sources")
+    @classmethod
+    def _both_contexts(cls, sources: list[PromptSource]) -> list[PromptSource]:
+        contexts = {source.context for source in sources}
+        if contexts != {"benign", "harmful"}:
+            missing = ({"benign", "harmful"} - contexts).pop()
+            raise ValueError(
+                f"sources with a {missing!r} context (there are none); the energy model needs "
+                "benign and harmful prompts to tell unjustified refusals from justified ones"
+            )
+        return sources

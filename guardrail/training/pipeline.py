@@ -1,0 +1,268 @@
+"""``guardrail train`` end to end: prompts -> labels and states -> per-layer models -> artifact.
+
+Stages (each with a progress bar): load the prompt sets; generate, label and capture states
+(cached per batch, so an interrupted run resumes); train an energy model per layer; rank
+layers on validation and write the top k into the rail's artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from guardrail.components import ActivationSource, EnergyModel
+from guardrail.errors import PolicyError
+from guardrail.policy import Policy, RailSpec
+from guardrail.training.cache import StateCache, weights_digest
+from guardrail.training.config import TrainingSection
+from guardrail.training.labelling import (
+    CaptureStats,
+    LabelledSet,
+    check_cells,
+    generate_and_capture,
+    label,
+)
+from guardrail.training.selection import select_layers, write_artifact
+from guardrail.training.sources import PromptSets, load_prompt_sets
+from guardrail.training.trainer import train_layers
+
+log = structlog.get_logger("guardrail.training")
+
+
+@dataclass
+class TrainOptions:
+    """Run-time choices that are not part of the policy."""
+
+    output: str | Path | None = None
+    cache_dir: str | Path | None = None
+    device: str | None = None
+    progress: bool = True
+    train_total: int | None = None
+    val_total: int | None = None
+    top_k: int | None = None
+    threads: int | None = 1
+
+
+@dataclass
+class TrainReport:
+    """What a training run did: data, labels, per-layer metrics, selection, artifact."""
+
+    policy: str
+    rail: str
+    model: str
+    artifact: Path | None
+    prompts: dict[str, dict[str, int]]
+    cells: dict[str, dict[str, int]]
+    capture: CaptureStats
+    layers: list[Any] = field(default_factory=list)
+    selected: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def training_section(policy: Policy) -> TrainingSection:
+    """The policy's ``training:`` section, or an error saying how to add one."""
+    if policy.training is None:
+        raise PolicyError(str(policy.path or policy.name), [
+            "training: missing; `guardrail train` needs a training section naming prompt sources, "
+            "e.g. training: {sources: [{path: benign.jsonl, context: benign}, "
+            "{path: harmful.jsonl, context: harmful}]} (see docs/training.md)"
+        ])
+    return policy.training
+
+
+def pick_rail(policy: Policy, name: str | None) -> tuple[int, RailSpec]:
+    """The rail to train: ``name``, else the first rail with an energy model."""
+    where = str(policy.path or policy.name)
+    for index, rail in enumerate(policy.rails):
+        if rail.energy_model is not None and (name is None or rail.name == name):
+            if rail.energy_model.artifact is None:
+                raise PolicyError(where, [f"rails[{index}].energy_model.artifact: missing; "
+                                          "name the file `guardrail train` should write"])
+            return index, rail
+    names = [r.name for r in policy.rails if r.energy_model is not None]
+    if name is None:
+        raise PolicyError(where, ["rails: no rail has an energy_model to train"])
+    raise PolicyError(where, [f"training.rail: got {name!r}; expected one of {names} "
+                              "(rails with an energy_model)"])
+
+
+def state_cache_root(section: TrainingSection, override: str | Path | None) -> Path:
+    """``override``, else ``training.capture.cache_dir``, else ``<guardrail cache>/states``."""
+    from guardrail.models import cache_root
+
+    if override is not None:
+        return Path(override).expanduser()
+    if section.capture.cache_dir is not None:
+        return Path(section.capture.cache_dir).expanduser()
+    return cache_root() / "states"
+
+
+class Session:
+    """A policy's model loaded for training, with its activation source and state cache."""
+
+    def __init__(self, policy: Policy, rail: RailSpec, *, loaded: Any = None,
+                 options: TrainOptions | None = None) -> None:
+        from guardrail.guard import Guardrail
+        from guardrail.models import model_fingerprint
+
+        options = options or TrainOptions()
+        section = training_section(policy)
+        # The artifact does not exist yet: load the model and classifier without rails.
+        bare = policy.model_copy(update={"rails": []})
+        self.guard = Guardrail.from_policy(bare, loaded=loaded, device=options.device)
+        source = self.guard.registry.create(
+            "activation_source", rail.activation_source.plugin, rail.activation_source.params
+        )
+        assert isinstance(source, ActivationSource)
+        self.source = source
+        self.fingerprint = model_fingerprint(self.guard.model, self.guard.loaded.name)
+        self.cache = StateCache(
+            state_cache_root(section, options.cache_dir), self.fingerprint,
+            weights_digest(self.guard.model), positions=section.capture.positions,
+            max_new_tokens=section.labels.max_new_tokens,
+        )
+        self.section = section
+
+    def capture(self, sets: PromptSets, progress: bool) -> CaptureStats:
+        """Generate, label-ready responses and states for every prompt not yet cached."""
+        prompts = [*sets.train, *sets.val]
+        bar = _bar(len(prompts), progress, "1/3 label + capture", "prompt")
+        try:
+            return generate_and_capture(
+                self.guard, self.source, prompts, self.cache, self.section.labels,
+                positions=self.section.capture.positions, progress=bar,
+            )
+        finally:
+            bar.close()
+
+    def label(self, sets: PromptSets) -> tuple[LabelledSet, LabelledSet, list[str]]:
+        """Classify cached responses into cells; raises when a side is empty."""
+        train = label(self.guard, sets.train, self.cache)
+        val = label(self.guard, sets.val, self.cache)
+        warnings = check_cells(train, "training.sources") + check_cells(val, "training.validation")
+        for warning in warnings:
+            log.warning("train.cell_empty", detail=warning)
+        return train, val, warnings
+
+
+def _bar(total: int, enabled: bool, desc: str, unit: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+def load_sets(section: TrainingSection, options: TrainOptions) -> PromptSets:
+    """The prompt sets of a run (demo runs pass smaller totals)."""
+    started = time.perf_counter()
+    sets = load_prompt_sets(section, train_total=options.train_total, val_total=options.val_total)
+    log.info("train.prompts_loaded", train=len(sets.train), val=len(sets.val),
+             seconds=round(time.perf_counter() - started, 2))
+    return sets
+
+
+def train_policy(
+    policy: Policy, *, rail: str | None = None, loaded: Any = None,
+    options: TrainOptions | None = None,
+) -> TrainReport:
+    """Run every stage for ``policy`` and write the artifact; returns what happened."""
+    from guardrail import __version__
+
+    options = options or TrainOptions()
+    section = training_section(policy)
+    index, spec = pick_rail(policy, rail or section.rail)
+    assert spec.energy_model is not None and spec.energy_model.artifact is not None
+    where = str(policy.path or policy.name)
+    clock = _Clock()
+    sets = load_sets(section, options)
+    clock.lap("prompts")
+    session = Session(policy, spec, loaded=loaded, options=options)
+    clock.lap("model")
+    stats = session.capture(sets, options.progress)
+    clock.lap("capture")
+    train, val, warnings = session.label(sets)
+    clock.lap("label")
+
+    registry = session.guard.registry
+    plugin = spec.energy_model.plugin
+    model_cls = registry.get("energy_model", plugin).cls
+    assert issubclass(model_cls, EnergyModel)
+    params = registry.params("energy_model", plugin, spec.energy_model.params)
+    num_layers, hidden = int(train.states.shape[1]), int(train.states.shape[2])
+    candidates = _candidate_layers(section, num_layers, where)
+    bar = _bar(section.trainer.epochs, options.progress, "2/3 train all layers", "epoch")
+    try:
+        trained = train_layers(
+            train.states, train.cells, val.states, val.cells, candidates,
+            lambda: model_cls.build(hidden, params), section.trainer, seed=section.seed,
+            progress=bar, threads=options.threads,
+        )
+    finally:
+        bar.close()
+    top_k = min(options.top_k or section.selection.top_k, len(candidates))
+    selected = select_layers(trained.metrics, section.selection.metric, top_k)
+    output = Path(options.output or spec.energy_model.artifact)
+    clock.lap("train")
+    seconds = clock.laps
+    report = TrainReport(
+        policy=policy.name, rail=spec.name, model=session.guard.loaded.name, artifact=output,
+        prompts=sets.summary(), cells={"train": train.counts(), "val": val.counts()},
+        capture=stats, layers=[trained.metrics[layer] for layer in candidates],
+        selected=selected, warnings=warnings, seconds=seconds,
+    )
+    bar = _bar(1, options.progress, "3/3 select + save", "artifact")
+    metadata = {
+        "guardrail_version": __version__,
+        "policy": policy.name,
+        "rail": spec.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data": {"prompts": report.prompts, "cells": report.cells,
+                 "sources": [s.model_dump() for s in section.sources],
+                 "validation": [s.model_dump() for s in section.validation]},
+        "labels": section.labels.model_dump(),
+        "capture": {"positions": section.capture.positions},
+        "trainer": section.trainer.model_dump(),
+        "seed": section.seed,
+        "selection": {**section.selection.model_dump(), "top_k": top_k, "selected": selected},
+        "metrics": {str(m.layer): m.to_dict() for m in report.layers},
+        "seconds": seconds,
+    }
+    write_artifact(output, plugin=plugin, fingerprint=session.fingerprint,
+                   models=trained.models, selected=selected, metadata=metadata)
+    bar.update(1)
+    bar.close()
+    clock.lap("save")
+    seconds["total"] = round(sum(seconds.values()), 1)
+    log.info("train.artifact_written", path=str(output), layers=selected, rail=spec.name,
+             seconds=seconds["total"])
+    return report
+
+
+class _Clock:
+    """Seconds per stage, in order."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 1)
+        self._last = now
+
+
+def _candidate_layers(section: TrainingSection, num_layers: int, where: str) -> list[int]:
+    layers = section.selection.layers
+    if layers is None:
+        return list(range(num_layers))
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad or not layers:
+        raise PolicyError(where, [
+            f"training.selection.layers: got {layers!r}; expected indices in 0..{num_layers - 1} "
+            f"(the model has {num_layers} layers)"
+        ])
+    return sorted(set(layers))

@@ -1,0 +1,48 @@
+"""Rank layers on validation and write the best ones into one energy-model artifact."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from guardrail.components import EnergyModel
+from guardrail.energy import EnergyArtifact
+from guardrail.training.metrics import LayerMetrics
+
+
+def rank_layers(metrics: Mapping[int, LayerMetrics], metric: str) -> list[int]:
+    """Layers best first: by ``metric``, then by energy gap, then by the lower index."""
+
+    def key(layer: int) -> tuple[float, float, int]:
+        value = metrics[layer].score(metric)
+        gap = metrics[layer].energy_gap
+        return (-value if math.isfinite(value) else math.inf,
+                -gap if math.isfinite(gap) else math.inf, layer)
+
+    return sorted(metrics, key=key)
+
+
+def select_layers(metrics: Mapping[int, LayerMetrics], metric: str, top_k: int) -> list[int]:
+    """The ``top_k`` best layers, ascending."""
+    return sorted(rank_layers(metrics, metric)[:top_k])
+
+
+def write_artifact(
+    path: str | Path,
+    *,
+    plugin: str,
+    fingerprint: dict[str, Any],
+    models: Mapping[int, EnergyModel],
+    selected: list[int],
+    metadata: dict[str, Any],
+) -> Path:
+    """Save the selected layers' models with the run's metadata; returns the path."""
+    artifact = EnergyArtifact(
+        plugin=plugin,
+        fingerprint=fingerprint,
+        models={layer: models[layer] for layer in selected},
+        metadata=metadata,
+    )
+    return artifact.save(path)
