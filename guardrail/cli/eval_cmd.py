@@ -40,6 +40,8 @@ def add_parser(subparsers: Any) -> None:
     rep.add_argument("--config", required=True, help="YAML config, e.g. bench/results.yaml")
     rep.add_argument("--limit", type=int, help="override the config's per-suite limit")
     rep.add_argument("--kl-prompts", type=int, help="override the config's KL prompt count")
+    rep.add_argument("--eta", type=_floats, help="override the sweep step sizes, e.g. 0.1,1")
+    rep.add_argument("--steps", type=_ints, help="override the sweep step counts, e.g. 1,3")
     rep.add_argument("--progress", action="store_true", help="show progress bars")
     rep.set_defaults(func=run_report)
 
@@ -191,6 +193,7 @@ def run_report(args: argparse.Namespace) -> int:
     from guardrail.evaluation.results import build_results
 
     page = build_results(args.config, limit=args.limit, kl_prompts=args.kl_prompts,
+                         sweep_eta=args.eta, sweep_steps=args.steps, invocation=_command(),
                          progress=args.progress)
     print(f"wrote {page}")
     return 0

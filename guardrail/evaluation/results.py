@@ -89,8 +89,16 @@ def load_config(path: str | Path) -> ResultsConfig:
         raise PolicyError(str(path), format_validation_error(exc)) from None
 
 
-def build_results(config_path: str | Path, *, limit: int | None = None,
-                  kl_prompts: int | None = None, progress: bool = False) -> Path:
+def build_results(
+    config_path: str | Path,
+    *,
+    limit: int | None = None,
+    kl_prompts: int | None = None,
+    sweep_eta: list[float] | None = None,
+    sweep_steps: list[int] | None = None,
+    invocation: str | None = None,
+    progress: bool = False,
+) -> Path:
     """Run everything the config asks for and write the page; returns its path."""
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path)
@@ -100,6 +108,11 @@ def build_results(config_path: str | Path, *, limit: int | None = None,
             cfg.sweep.limit = limit
     if kl_prompts is not None:
         cfg.kl.prompts = kl_prompts
+    if cfg.sweep is not None and sweep_eta:
+        cfg.sweep.eta = sweep_eta
+    if cfg.sweep is not None and sweep_steps:
+        cfg.sweep.steps = sweep_steps
+    invocation = invocation or f"guardrail report --config {_rel(config_path, Path.cwd())}"
     here = config_path.parent
     page = (here / cfg.output).resolve()
     assets = (here / cfg.assets).resolve()
@@ -160,7 +173,7 @@ def build_results(config_path: str | Path, *, limit: int | None = None,
         sweep_md = sweep_table(points)
         commands["sweep"] = _sweep_command(cfg, [g.policy.path for g in chosen], data_dir, here)
     page.parent.mkdir(parents=True, exist_ok=True)
-    text = _page(cfg, config_path, page, assets, report, skipped, figures, sweep_md, commands)
+    text = _page(cfg, invocation, page, assets, report, skipped, figures, sweep_md, commands)
     page.write_text(text, encoding="utf-8")
     log.info("results.written", page=str(page), assets=str(assets))
     return page
@@ -232,14 +245,14 @@ def _sweep_command(cfg: ResultsConfig, policies: list[Path | None], data_dir: Pa
     return shlex.join(args)
 
 
-def _page(cfg: ResultsConfig, config_path: Path, page: Path, assets: Path, report: dict[str, Any],
+def _page(cfg: ResultsConfig, invocation: str, page: Path, assets: Path, report: dict[str, Any],
           skipped: list[tuple[Path, list[str]]], figures: dict[str, Path], sweep_md: str | None,
           commands: dict[str, str]) -> str:
     s = report["settings"]
     root = Path.cwd()
     lines = [f"# {cfg.title}", "",
              f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by "
-             f"`guardrail report --config {_rel(config_path, root)}` (run from `{root.name}/`); "
+             f"`{invocation}` (run from the project root); "
              "do not edit by hand.", ""]
     if cfg.limit:
         lines += [f"> **Small run:** each suite is a seeded sample of at most {cfg.limit} items. "
