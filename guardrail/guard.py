@@ -260,7 +260,7 @@ class Guardrail:
             kwargs["stopping_criteria"] = stopping_criteria
         with self.session(steer=steer) as session, torch.no_grad():
             output = self.model.generate(**enc, **kwargs)
-        eos = _eos_ids(self.model, self.tokenizer)
+        eos = eos_ids(self.model, self.tokenizer)
         results = []
         lengths = []
         for row in output[:, prompt_len:].tolist():
@@ -395,7 +395,8 @@ def build_rail(
     return rail
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end an answer (the generation config's and the tokenizer's)."""
     ids: set[int] = set()
     for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(value, int):

@@ -20,6 +20,7 @@ import torch
 
 from guardrail.components import ActivationSource
 from guardrail.errors import DataError
+from guardrail.guard import eos_ids
 from guardrail.training.cache import StateCache, prompt_key
 from guardrail.training.capture import capture_prefill
 from guardrail.training.config import LabelSettings
@@ -135,7 +136,7 @@ def _label_batch(
             **enc, max_new_tokens=settings.max_new_tokens, do_sample=False,
             temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
         )
-    eos = _eos_ids(guard.model, tokenizer)
+    eos = eos_ids(guard.model, tokenizer)
     responses = []
     for row in output[:, prompt_len:].tolist():
         ids = []
@@ -179,13 +180,3 @@ def check_cells(labelled: LabelledSet, where: str) -> list[str]:
         )
     return [f"{where}: no {name} examples; the energy model learns nothing about them"
             for name, n in counts.items() if n == 0]
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(value)
-    return ids
