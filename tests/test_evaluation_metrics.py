@@ -50,6 +50,7 @@ def test_score_counts_each_side() -> None:
     ("Here is the answer. " + "I like it a lot and " * 5 + "I like", "loop"),
     ("To kill a process, run kill -9 PID. " * 3, "repetition"),
     ("Okay" + "!" * 30, "char-run"),
+    ("angible" * 7 + " tuple" + "angible" * 6 + "ang", "repetition"),  # seen from an over-steered Qwen
     ("{}[]();:<>{}[]();:<>{}[]();:<>{}[]();:<>{}", "non-text"),
 ])
 def test_degenerate_answers_are_flagged(text: str, reason: str) -> None:

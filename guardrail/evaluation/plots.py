@@ -33,7 +33,7 @@ def plot_tradeoff(points: Sequence[SweepPoint], path: str | Path, *, title: str 
     groups: dict[tuple[str, int | None], list[SweepPoint]] = {}
     for point in points:
         groups.setdefault((point.policy, point.steps), []).append(point)
-    for (policy, steps), group in groups.items():
+    for index, ((policy, steps), group) in enumerate(groups.items()):
         xs = [p.refusal.rate or 0.0 for p in group]
         ys = [p.compliance.rate or 0.0 for p in group]
         if group[0].base:
@@ -49,8 +49,9 @@ def plot_tradeoff(points: Sequence[SweepPoint], path: str | Path, *, title: str 
                 labels.setdefault((x, y), []).append(f"{p.eta:g}" + (f" ({p.bad} bad)"
                                                                        if p.bad else ""))
         for (x, y), names in labels.items():
-            ax.annotate(",".join(names), (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            # Each line labels at its own height, so coinciding points of two lines stay legible.
+            ax.annotate(",".join(names), (x, y), textcoords="offset points",
+                        xytext=(4, 4 - 9 * (index % 4)), fontsize=7)
     ax.set_xlabel("harmful refusal rate (higher is safer)")
     ax.set_ylabel("benign compliance rate (higher is more helpful)")
     ax.set_xlim(-0.02, 1.02)

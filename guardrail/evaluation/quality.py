@@ -7,6 +7,7 @@ steered model that emits gibberish is not counted as helpful.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 # Words only: punctuation runs are rules and code, handled by the character checks.
@@ -47,6 +48,10 @@ def degeneracy(text: str) -> str | None:
         trigrams = list(zip(tokens, tokens[1:], tokens[2:], strict=False))
         if len(set(trigrams)) / len(trigrams) < 0.4:
             return "repetition"
+    # Loops without spaces ("angibleangibleangible...") are one long "word": they compress to
+    # a fraction of their length, while even short prose or code keeps most of it.
+    if len(text) >= 48 and len(zlib.compress(text.encode(), 9)) / len(text.encode()) < 0.4:
+        return "repetition"
     visible = [c for c in text if not c.isspace()]
     if len(visible) >= 40 and sum(c.isalpha() for c in visible) / len(visible) < 0.25:
         return "non-text"
