@@ -258,15 +258,26 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
 
 
 def missing_artifacts(policy: Policy) -> list[str]:
-    """Artifacts a policy names that do not exist yet (``guardrail train`` writes them)."""
+    """Artifacts a policy names that do not exist yet, each with the command that writes it.
+
+    Energy models come from ``guardrail train`` (the policy's ``training:`` section); the
+    difference-of-means directions of the linear baselines from ``guardrail baseline
+    directions``.
+    """
+    where = policy.path or "<policy>"
     notes = []
     for i, rail in enumerate(policy.rails):
         artifact = rail.energy_model.artifact if rail.energy_model else None
-        if artifact is not None and not Path(artifact).is_file():
-            notes.append(
-                f"rails[{i}].energy_model.artifact: {artifact} does not exist yet; "
-                f"train it with `guardrail train --policy {policy.path or '<policy>'}`"
-            )
+        if artifact is None or Path(artifact).is_file():
+            continue
+        assert rail.energy_model is not None
+        if rail.energy_model.plugin in ("linear", "difference-of-means"):
+            how = f"compute it with `guardrail baseline directions --policy {where}`"
+        elif policy.training is None:
+            how = "train it with `guardrail train` from a policy with a `training:` section"
+        else:
+            how = f"train it with `guardrail train --policy {where}`"
+        notes.append(f"rails[{i}].energy_model.artifact: {artifact} does not exist yet; {how}")
     return notes
 
 

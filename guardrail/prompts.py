@@ -6,7 +6,8 @@ column, all conditions must hold::
 
     {"category": "illegal"}                     # equal
     {"category": ["illegal", "privacy"]}        # any of
-    {"type": {"not_prefix": "contrast_"}}       # operators: not, prefix, not_prefix
+    {"type": {"not_prefix": "contrast_"}}       # operators: not, prefix, not_prefix, regex
+    {"instruction": {"regex": "(?i)\\bkill"}}   # re.search; a list means any of them
     {"category": null}                          # missing, null or empty
 
 Every problem raises :class:`~guardrail.errors.DataError` naming the file, the key (field,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ log = structlog.get_logger("guardrail.prompts")
 
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
            ".txt": "text"}
-FILTER_OPERATORS = ("not", "prefix", "not_prefix")
+FILTER_OPERATORS = ("not", "prefix", "not_prefix", "regex")
 
 Filter = Mapping[str, Any]
 
@@ -130,6 +132,8 @@ def matches(row: Mapping[str, Any], filter: Filter) -> bool:  # noqa: A002
                     return False
                 if op == "not_prefix" and any(str(value or "").startswith(str(o)) for o in options):
                     return False
+                if op == "regex" and not any(re.search(str(o), str(value or "")) for o in options):
+                    return False
         elif not any(_same(value, o) for o in _as_list(condition)):
             return False
     return True
@@ -198,6 +202,14 @@ def _check_filter(path: Path, rows: Sequence[Mapping[str, Any]], filter: Filter)
                     f"{path}: filter.{column}: unknown operator {bad[0]!r}; "
                     f"expected a value, a list of values, or one of {list(FILTER_OPERATORS)}"
                 )
+            for pattern in _as_list(condition.get("regex", [])):
+                try:
+                    re.compile(str(pattern))
+                except re.error as exc:
+                    raise DataError(
+                        f"{path}: filter.{column}.regex: {pattern!r} is not a regular "
+                        f"expression ({exc})"
+                    ) from exc
 
 
 def _filter_hint(rows: Sequence[Mapping[str, Any]], filter: Filter) -> str:  # noqa: A002

@@ -134,7 +134,8 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 
 def _smollm2_available() -> bool:
-    from guardrail.models import is_cached, is_installed, packaged_cache_path
+    from guardrail.model_cache import is_cached
+    from guardrail.models import is_installed, packaged_cache_path
 
     return is_installed(SMOLLM2) or is_cached(packaged_cache_path(SMOLLM2))
 

@@ -26,11 +26,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from guardrail import models
 from guardrail.cli import models_cmd
 from guardrail.errors import GuardrailError, ModelNotFoundError
+from guardrail.model_cache import CACHE_MANIFEST, cache_entry_path, cache_root, is_cached
 from guardrail.models import (
-    CACHE_MANIFEST,
     PACKAGED_MODELS,
     PackagedModel,
-    cache_entry_path,
     fetch_packaged,
     file_sha256,
     load_model,
@@ -418,10 +417,10 @@ def test_cache_dir_comes_from_the_environment(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GUARDRAIL_CACHE_DIR", str(tmp_path / "env-cache"))
-    assert models.cache_root() == tmp_path / "env-cache"
-    assert models.cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert cache_root() == tmp_path / "env-cache"
+    assert cache_root(tmp_path / "explicit") == tmp_path / "explicit"
     monkeypatch.delenv("GUARDRAIL_CACHE_DIR")
-    assert models.cache_root() == Path.home() / ".cache" / "guardrail"
+    assert cache_root() == Path.home() / ".cache" / "guardrail"
 
 
 # --- packaged checkpoints (a tiny fake one) -------------------------------------------------
@@ -435,7 +434,7 @@ def test_split_packaged_gguf_is_assembled_verified_and_not_kept(
     assert loaded.name == "tiny-packaged"
     entry = models.packaged_cache_path("tiny-packaged", cache)
     assert entry.name == f"tiny-packaged-{fake_packaged.sha256[:16]}"
-    assert models.is_cached(entry)
+    assert is_cached(entry)
     # The assembled GGUF lived in a temp dir next to the entry and is gone now.
     [dequantise] = _events(logs, "model.dequantise")
     assert dequantise["path"].endswith("tiny-packaged.gguf")
@@ -532,7 +531,7 @@ def test_cli_prepare_fills_the_cache(
         assert args.func(args) == 0
         first = json.loads(capsys.readouterr().out)
         assert first["was_cached"] is False
-        assert models.is_cached(Path(first["cache_path"]))
+        assert is_cached(Path(first["cache_path"]))
         assert args.func(args) == 0
         assert json.loads(capsys.readouterr().out)["was_cached"] is True
 

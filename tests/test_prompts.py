@@ -51,6 +51,8 @@ def test_filter_by_value_list_and_operators(files: dict[str, Path]) -> None:
     assert texts(filter={"type": {"prefix": "contrast_"}}) == [ROWS[2]["instruction"]]
     assert texts(filter={"type": None}) == [ROWS[3]["instruction"]]  # empty CSV cell
     assert texts(filter={"id": 1}) == [ROWS[1]["instruction"]]  # a number matches CSV text
+    scary = {"prompt": {"regex": [r"(?i)\bkill", r"\bbomb\b"]}, "type": {"not_prefix": "contrast_"}}
+    assert texts(filter=scary) == [ROWS[0]["instruction"]]
 
 
 def test_category_is_kept_and_null_is_none(files: dict[str, Path]) -> None:
@@ -76,6 +78,7 @@ def test_sample_is_seeded_keeps_file_order_and_caps_at_available(files: dict[str
         ({"filter": {"kind": "x"}}, ["p.json", "filter key 'kind'", "category"]),
         ({"filter": {"category": "nope"}}, ["p.json", "'nope'", "'homonyms'"]),
         ({"filter": {"category": {"startswith": "x"}}}, ["p.json", "'startswith'", "not_prefix"]),
+        ({"filter": {"instruction": {"regex": "(kill"}}}, ["p.json", "instruction.regex", "'(kill'"]),
     ],
 )
 def test_errors_name_file_key_and_value(

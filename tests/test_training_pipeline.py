@@ -221,3 +221,22 @@ def test_demo_trains_a_subset_and_prints_base_vs_steered(
     assert main(["demo", "--policy", str(policy_path), "--max-new-tokens", "2",
                  "--no-progress"]) == 0
     assert "using the trained artifact" in capsys.readouterr().out
+
+
+def test_demo_tallies_refusals_on_a_sample_of_the_validation_prompts(
+    tmp_path: Path, tiny_model_dir: Path, keyword_classifier: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_jsonl(tmp_path / "benign-val.jsonl", [f"{p}, please" for p in BENIGN])
+    write_jsonl(tmp_path / "harmful-val.jsonl", [f"{p}, please" for p in HARMFUL])
+    validation = [{"path": "benign-val.jsonl", "context": "benign", "field": "text", "name": "b"},
+                  {"path": "harmful-val.jsonl", "context": "harmful", "field": "text", "name": "h"}]
+    policy_path = tiny_training_policy(tmp_path, tiny_model_dir, validation=validation)
+    code = main(["demo", "--policy", str(policy_path), "--max-new-tokens", "2", "--no-progress",
+                 "--tally", "6"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "validation sample (6 prompts, seeded), refusals base -> steered:" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ") and " of " in line]
+    assert {row[1] for row in rows} <= {"benign", "harmful"} and rows
+    assert sum(int(row[6]) for row in rows) == 6  # every sampled prompt is counted once

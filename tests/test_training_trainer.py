@@ -126,6 +126,22 @@ def test_infonce_ignores_shifts_and_the_anchor_does_not() -> None:
     assert bool((energy_loss(better, cells, 0.1, 0.1) < anchored).all())
 
 
+def test_context_contrast_only_compares_answers_within_a_context() -> None:
+    cells = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    energies = torch.randn(1, 8)
+    harmful = ((cells == 2) | (cells == 3)).float()
+    # Raising every harmful prompt's energy (the "looks harmful" feature) leaves the in-context
+    # objective unchanged; the paper's objective rewards it as separating desirable from not.
+    shifted = energies + 3.0 * harmful
+    context = energy_loss(energies, cells, 0.1, 0.0, "context")
+    assert torch.allclose(context, energy_loss(shifted, cells, 0.1, 0.0, "context"), atol=1e-5)
+    assert not torch.allclose(energy_loss(energies, cells, 0.1, 0.0, "all"),
+                              energy_loss(shifted, cells, 0.1, 0.0, "all"))
+    # Within a context, ranking the right answer lower still lowers the loss.
+    better = energies - 1.0 * (cells == 2).float()
+    assert bool((energy_loss(better, cells, 0.1, 0.0, "context") < context).all())
+
+
 def test_auroc_and_youden_threshold() -> None:
     high = torch.tensor([2.0, 3.0, 4.0])
     low = torch.tensor([-1.0, 0.0, 1.0, 2.5])

@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from guardrail.errors import ModelNotFoundError
+from guardrail.model_cache import is_cached
 from guardrail.models import (
     PACKAGED_MODELS,
     fetch_packaged,
-    is_cached,
     is_installed,
     load_model,
     packaged_cache_path,

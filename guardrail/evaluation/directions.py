@@ -22,7 +22,8 @@ from guardrail.energy import EnergyArtifact
 from guardrail.errors import DataError, PluginError
 from guardrail.evaluation.cache import digest
 from guardrail.guard import Guardrail
-from guardrail.models import cache_root, model_fingerprint
+from guardrail.model_cache import cache_root
+from guardrail.models import model_fingerprint
 from guardrail.plugins import Registry
 
 log = structlog.get_logger("guardrail.evaluation")

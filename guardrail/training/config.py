@@ -25,7 +25,7 @@ class PromptSource(_Section):
     field: str = Field("instruction", description="Column holding the prompt text.")
     filter: dict[str, Any] | None = Field(
         None, description="Keep rows whose columns match: {column: value | [values] | {not|prefix|"
-        "not_prefix: value}}."
+        "not_prefix|regex: value}}."
     )
     sample: int | None = Field(None, ge=1, description="Rows to take (seeded); all if unset.")
     name: str | None = Field(None, description="Label in reports (default: the file name).")
@@ -64,6 +64,10 @@ class TrainerSettings(_Section):
     temperature: float = Field(0.1, gt=0, description="InfoNCE temperature tau.")
     anchor_weight: float = Field(
         0.1, ge=0, description="Weight of the logistic term that makes E=0 the decision boundary."
+    )
+    contrast: Literal["all", "context"] = Field(
+        "all", description="InfoNCE negatives: from both contexts (the paper's objective) or only "
+        "from the row's own context (benign refusals vs benign answers, harmful vs harmful)."
     )
     patience: int = Field(10, ge=1, description="Epochs without validation gain before stopping.")
     val_fraction: float = Field(

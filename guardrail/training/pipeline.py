@@ -93,7 +93,7 @@ def pick_rail(policy: Policy, name: str | None) -> tuple[int, RailSpec]:
 
 def state_cache_root(section: TrainingSection, override: str | Path | None) -> Path:
     """``override``, else ``training.capture.cache_dir``, else ``<guardrail cache>/states``."""
-    from guardrail.models import cache_root
+    from guardrail.model_cache import cache_root
 
     if override is not None:
         return Path(override).expanduser()

@@ -102,21 +102,21 @@ def _train(
                 rows = sampler.sample()
                 energies = stack.energies(xs[:, rows])
                 loss = energy_loss(energies, train_cells[rows], settings.temperature,
-                                   settings.anchor_weight).sum()
+                                   settings.anchor_weight, settings.contrast).sum()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
             stack.train(False)
             with torch.no_grad():
                 val_loss = energy_loss(stack.energies(xv), val_cells, settings.temperature,
-                                       settings.anchor_weight)
+                                       settings.anchor_weight, settings.contrast)
             improved = val_loss < best_loss - 1e-4
             stack.snapshot(improved)
             best_loss = torch.where(improved, val_loss, best_loss)
             best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
             if progress is not None:
+                progress.set_postfix(val_loss=f"{float(best_loss.mean()):.3f}", refresh=False)
                 progress.update(1)
-                progress.set_postfix(val_loss=f"{float(best_loss.mean()):.3f}")
             if bool(((epoch - best_epoch) >= settings.patience).all()):
                 break
         if progress is not None and progress.total is not None:
@@ -152,27 +152,49 @@ def cell_weights(cells: torch.Tensor) -> torch.Tensor:
 
 
 def energy_loss(
-    energies: torch.Tensor, cells: torch.Tensor, temperature: float, anchor_weight: float
+    energies: torch.Tensor,
+    cells: torch.Tensor,
+    temperature: float,
+    anchor_weight: float,
+    contrast: str = "all",
 ) -> torch.Tensor:
     """Cell-balanced InfoNCE plus the sign anchor, per layer: ``[G, n]`` energies -> ``[G]``.
 
     Each desirable row i contributes softplus(logsumexp_j(-E_j/tau) - (-E_i/tau)) over the
     undesirable rows j, i.e. -log of the softmax probability of picking i among them.
+    ``contrast="all"`` takes the negatives from both contexts (the paper's objective);
+    ``"context"`` only from the row's own context (benign+comply against benign+refuse,
+    harmful+refuse against harmful+comply), so the energy cannot lower itself by making a
+    prompt look benign: it has to learn which *response* fits the context.
     """
     weights = cell_weights(cells).to(energies.device)
     desirable = (cells == DESIRABLE[0]) | (cells == DESIRABLE[1])
-    undesirable = ~desirable
     logits = -energies / temperature
-    n_u = int(undesirable.sum())
-    # log(w_j * n_u) re-weights the negatives so each cell counts the same; 0 when balanced.
-    lse_u = torch.logsumexp(logits[:, undesirable] + torch.log(weights[undesirable] * n_u), dim=1)
-    w_d = weights[desirable]
-    infonce = (torch.nn.functional.softplus(lse_u[:, None] - logits[:, desirable]) * w_d).sum(1)
+    if contrast == "all":
+        infonce = _infonce(logits, weights, desirable, ~desirable)
+    else:
+        parts = [
+            _infonce(logits, weights, cells == good, cells == bad)
+            for good, bad in zip(DESIRABLE, UNDESIRABLE, strict=True)
+            if bool((cells == good).any()) and bool((cells == bad).any())
+        ]
+        infonce = torch.stack(parts).mean(0) if parts else logits.new_zeros(logits.shape[0])
     # Logistic loss on the same logits: P(desirable) = sigmoid(-E/tau), so E = 0 is the boundary.
-    anchor = (torch.nn.functional.softplus(-logits[:, desirable]) * w_d).sum(1) + (
-        torch.nn.functional.softplus(logits[:, undesirable]) * weights[undesirable]
+    anchor = (torch.nn.functional.softplus(-logits[:, desirable]) * weights[desirable]).sum(1) + (
+        torch.nn.functional.softplus(logits[:, ~desirable]) * weights[~desirable]
     ).sum(1)
     return infonce + anchor_weight * anchor
+
+
+def _infonce(
+    logits: torch.Tensor, weights: torch.Tensor, good: torch.Tensor, bad: torch.Tensor
+) -> torch.Tensor:
+    """-log softmax of each ``good`` row against the ``bad`` rows, cell-weighted: ``[G]``."""
+    w_bad = weights[bad] / weights[bad].sum()
+    # log(w_j * n_bad) re-weights the negatives so each cell counts the same; 0 when balanced.
+    lse = torch.logsumexp(logits[:, bad] + torch.log(w_bad * int(bad.sum())), dim=1)
+    w_good = weights[good] / weights[good].sum()
+    return (torch.nn.functional.softplus(lse[:, None] - logits[:, good]) * w_good).sum(1)
 
 
 class CellSampler:
