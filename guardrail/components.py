@@ -60,6 +60,10 @@ class ActivationSource(Component):
 class EnergyModel(Component, nn.Module):
     """E(h): low for desirable hidden states, high for undesirable ones. One instance per layer."""
 
+    #: The command that writes this model's artifact, ``{policy}`` standing for the policy
+    #: file; None: ``guardrail train`` from the policy's ``training:`` section.
+    artifact_command: ClassVar[str | None] = None
+
     def __init__(self, params: BaseModel | None = None) -> None:
         Component.__init__(self, params)
         nn.Module.__init__(self)

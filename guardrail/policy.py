@@ -257,28 +257,38 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
     return problems
 
 
-def missing_artifacts(policy: Policy) -> list[str]:
+def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
     """Artifacts a policy names that do not exist yet, each with the command that writes it.
 
-    Energy models come from ``guardrail train`` (the policy's ``training:`` section); the
-    difference-of-means directions of the linear baselines from ``guardrail baseline
-    directions``.
+    The command is the energy model's ``artifact_command`` (looked up in ``registry``), else
+    ``guardrail train`` from the policy's ``training:`` section.
     """
     where = policy.path or "<policy>"
     notes = []
     for i, rail in enumerate(policy.rails):
-        artifact = rail.energy_model.artifact if rail.energy_model else None
-        if artifact is None or Path(artifact).is_file():
+        energy = rail.energy_model
+        if energy is None or energy.artifact is None or Path(energy.artifact).is_file():
             continue
-        assert rail.energy_model is not None
-        if rail.energy_model.plugin in ("linear", "difference-of-means"):
-            how = f"compute it with `guardrail baseline directions --policy {where}`"
+        artifact = energy.artifact
+        command = _artifact_command(registry, energy.plugin)
+        if command is not None:
+            how = f"compute it with `{command.format(policy=where)}`"
         elif policy.training is None:
             how = "train it with `guardrail train` from a policy with a `training:` section"
         else:
             how = f"train it with `guardrail train --policy {where}`"
         notes.append(f"rails[{i}].energy_model.artifact: {artifact} does not exist yet; {how}")
     return notes
+
+
+def _artifact_command(registry: Any, plugin: str) -> str | None:
+    if registry is None:
+        return None
+    try:
+        command: str | None = registry.get("energy_model", plugin).cls.artifact_command
+    except PluginError:
+        return None  # validation reports the unknown plugin
+    return command
 
 
 def _is_registered(registry: Any, rail: RailSpec) -> bool:

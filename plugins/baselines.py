@@ -42,6 +42,7 @@ class LinearEnergyModel(EnergyModel):
 
     name = "linear"
     Params = LinearEnergyParams
+    artifact_command = "guardrail baseline directions --policy {policy}"
     direction: torch.Tensor
     mean: torch.Tensor
 

@@ -84,14 +84,14 @@ def test_every_error_reported_with_key_path_and_value(tmp_path: Path, registry) 
     ]
 
 
-def test_missing_artifacts_name_the_command_that_writes_them(tmp_path: Path) -> None:
+def test_missing_artifacts_name_the_command_that_writes_them(tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
     shipped = load_policy(ROOT / "policies" / "eds-qwen2.5-coder-0.5b.yaml")
     caa = load_policy(ROOT / "policies" / "caa-qwen2.5-coder-0.5b.yaml")
     for policy, command in ((shipped, "guardrail train --policy"),
                             (caa, "guardrail baseline directions --policy")):
         rails = [r.model_copy(update={"energy_model": r.energy_model.model_copy(
             update={"artifact": str(tmp_path / "gone.safetensors")})}) for r in policy.rails]
-        notes = missing_artifacts(policy.model_copy(update={"rails": rails}))
+        notes = missing_artifacts(policy.model_copy(update={"rails": rails}), registry)
         assert len(notes) == 1 and f"`{command} {policy.path}`" in notes[0], notes
 
 

@@ -93,14 +93,9 @@ def run(args: argparse.Namespace) -> int:
     benign = args.benign or list(BENIGN_BUT_SCARY)
     harmful = args.harmful or list(HARMFUL)
     prompts = [*benign, *harmful]
-    conversations = [[{"role": "user", "content": p}] for p in prompts]
     _say(f"answering {len(prompts)} prompts, base then steered ({args.max_new_tokens} tokens) ...")
-    base = guard.generate(conversations, steer=False, max_new_tokens=args.max_new_tokens,
-                          progress=not args.no_progress)
-    steered = guard.generate(conversations, steer=True, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress)
-    base_refused = [v.refused for v in guard.classify(prompts, [r.text for r in base])]
-    steered_refused = [v.refused for v in guard.classify(prompts, [r.text for r in steered])]
+    base, base_refused = _answer(guard, prompts, False, args.max_new_tokens, args)
+    steered, steered_refused = _answer(guard, prompts, True, args.max_new_tokens, args)
     _print_answers(prompts, len(benign), base, steered, base_refused, steered_refused)
     n = len(benign)
     print("=" * 100)
@@ -126,13 +121,8 @@ def _tally(guard: Any, section: Any, args: argparse.Namespace) -> None:
                                             where="training.validation") for p in ps]
     prompts = random.Random(section.seed).sample(prompts, min(args.tally, len(prompts)))
     texts = [p.text for p in prompts]
-    conversations = [[{"role": "user", "content": t}] for t in texts]
     _say(f"tally: {len(texts)} validation prompts, base then steered (16 tokens) ...")
-    refused = {}
-    for steer in (False, True):
-        answers = guard.generate(conversations, steer=steer, max_new_tokens=16,
-                                 progress=not args.no_progress)
-        refused[steer] = [v.refused for v in guard.classify(texts, [a.text for a in answers])]
+    refused = {steer: _answer(guard, texts, steer, 16, args)[1] for steer in (False, True)}
     print(f"validation sample ({len(texts)} prompts, seeded), refusals base -> steered:")
     for source in sorted({p.source for p in prompts}):
         rows = [i for i, p in enumerate(prompts) if p.source == source]
@@ -140,6 +130,15 @@ def _tally(guard: Any, section: Any, args: argparse.Namespace) -> None:
         goal = "fewer is better" if context == "benign" else "more is better"
         print(f"  {source:<28} {context:<8} {sum(refused[False][i] for i in rows):>3} -> "
               f"{sum(refused[True][i] for i in rows):>3} of {len(rows):<3} ({goal})")
+
+
+def _answer(guard: Any, prompts: list[str], steer: bool, max_new_tokens: int,
+            args: argparse.Namespace) -> tuple[list[Any], list[bool]]:
+    """Answers to single-turn ``prompts`` and whether the policy's classifier calls each a
+    refusal."""
+    answers = guard.generate([[{"role": "user", "content": p}] for p in prompts], steer=steer,
+                             max_new_tokens=max_new_tokens, progress=not args.no_progress)
+    return answers, [v.refused for v in guard.classify(prompts, [a.text for a in answers])]
 
 
 def _print_answers(prompts: list[str], n_benign: int, base: list[Any], steered: list[Any],

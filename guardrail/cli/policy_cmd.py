@@ -35,7 +35,7 @@ def run_validate(args: argparse.Namespace) -> int:
             continue
         rails = ", ".join(r.name for r in policy.rails) or "none"
         print(f"ok {path}: policy {policy.name!r}, model {policy.model.source!r}, rails: {rails}")
-        for note in missing_artifacts(policy):
+        for note in missing_artifacts(policy, registry):
             print(f"   note: {note}")
     return 1 if failed else 0
 

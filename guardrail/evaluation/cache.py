@@ -60,18 +60,22 @@ class GenerationCache:
                 self._db.execute(statement)
             self._db.commit()
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, Answer]:
-        """The cached answers among ``keys``."""
+    def _lookup(self, query: str, keys: Iterable[str]) -> dict[str, tuple[Any, ...]]:
+        """The row ``query`` (one ``?``, the key) finds for each of ``keys`` that has one."""
         if self._db is None:
             return {}
         found = {}
         for key in set(keys):
-            row = self._db.execute(
-                "SELECT text, token_ids, finish_reason FROM answers WHERE key = ?", (key,)
-            ).fetchone()
+            row = self._db.execute(query, (key,)).fetchone()
             if row is not None:
-                found[key] = Answer(row[0], json.loads(row[1]), row[2], cached=True)
+                found[key] = row
         return found
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Answer]:
+        """The cached answers among ``keys``."""
+        rows = self._lookup("SELECT text, token_ids, finish_reason FROM answers WHERE key = ?",
+                            keys)
+        return {k: Answer(r[0], json.loads(r[1]), r[2], cached=True) for k, r in rows.items()}
 
     def put_many(self, answers: dict[str, Answer]) -> None:
         """Store answers (replacing any with the same key)."""
@@ -85,16 +89,8 @@ class GenerationCache:
 
     def get_values(self, keys: Iterable[str]) -> dict[str, Any]:
         """Cached JSON measurements among ``keys``."""
-        if self._db is None:
-            return {}
-        found = {}
-        for key in set(keys):
-            row = self._db.execute(
-                "SELECT value FROM measurements WHERE key = ?", (key,)
-            ).fetchone()
-            if row is not None:
-                found[key] = json.loads(row[0])
-        return found
+        rows = self._lookup("SELECT value FROM measurements WHERE key = ?", keys)
+        return {k: json.loads(r[0]) for k, r in rows.items()}
 
     def put_values(self, values: dict[str, Any]) -> None:
         """Store JSON-serialisable measurements."""

@@ -82,6 +82,17 @@ def _cell(data: dict[str, Any], base: dict[str, Any] | None = None) -> str:
     return text
 
 
+def suite_sections(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: a heading, the item counts and the comparison table per suite."""
+    lines: list[str] = []
+    for suite in report["suites"]:
+        lines += [f"## {suite['name']}", "",
+                  f"{suite['items']} of {suite['total']} items ({suite['benign']} benign, "
+                  f"{suite['harmful']} harmful).", ""]
+        lines += suite_table(suite) + [""]
+    return lines
+
+
 def suite_table(suite: dict[str, Any]) -> list[str]:
     """Markdown table of one suite: every contender side by side, differences against the base."""
     rows = suite["rows"]
@@ -127,11 +138,7 @@ def markdown(report: dict[str, Any]) -> str:
         "'cut off' answers hit max_new_tokens (expected for long answers).",
         "",
     ]
-    for suite in report["suites"]:
-        lines += [f"## {suite['name']}", "",
-                  f"{suite['items']} of {suite['total']} items: {suite['benign']} benign, "
-                  f"{suite['harmful']} harmful.", ""]
-        lines += suite_table(suite) + [""]
+    lines += suite_sections(report)
     if report.get("kl"):
         lines += ["## Capability guard: KL(base ‖ steered) on benign answers", ""]
         lines += kl_table(report["kl"]) + [""]

@@ -22,7 +22,7 @@ from guardrail.components import RefusalClassifier
 from guardrail.errors import PolicyError
 from guardrail.evaluation.cache import GenerationCache, default_cache_path
 from guardrail.evaluation.kl import capability_guard
-from guardrail.evaluation.report import build_report, kl_table, suite_table, write_report
+from guardrail.evaluation.report import build_report, kl_table, suite_sections, write_report
 from guardrail.evaluation.runner import contenders_for, evaluate, load_guards
 from guardrail.evaluation.suites import SuiteSpec, load_suite, resolve_data_dir
 from guardrail.evaluation.sweep import run_sweep, sweep_table, write_sweep
@@ -122,7 +122,7 @@ def build_results(
     skipped: list[tuple[Path, list[str]]] = []
     for item in cfg.policies:
         path = (here / item).resolve()
-        notes = missing_artifacts(load_policy(path))
+        notes = missing_artifacts(load_policy(path), registry)
         (skipped if notes else ready).append((path, notes))
     if not ready:
         raise PolicyError(str(config_path), ["policies: no policy has its artifacts built yet"] +
@@ -279,11 +279,7 @@ def _page(cfg: ResultsConfig, invocation: str, page: Path, assets: Path, report:
         lines += ["## Targets", "", "Each steered policy against the project's goals "
                   "(base = the unsteered model on the same items).", ""]
         lines += target_table(cfg.targets, report) + [""]
-    for suite in report["suites"]:
-        lines += [f"## {suite['name']}", "",
-                  f"{suite['items']} of {suite['total']} items ({suite['benign']} benign, "
-                  f"{suite['harmful']} harmful).", ""]
-        lines += suite_table(suite) + [""]
+    lines += suite_sections(report)
     if report.get("kl"):
         lines += ["## Capability guard", "",
                   "Mean KL(base ‖ steered) of the next-token distribution over the base model's "
