@@ -68,6 +68,15 @@ def _remove_stale_tmp(parent: Path) -> None:
         log.info("model.cache_tmp_removed", path=str(tmp))
 
 
+def writer_dir(parent: Path, label: str) -> Path:
+    """A new private directory in ``parent`` for a writer's work in progress.
+
+    Its name carries this process's pid, so the next writer removes it if this one dies.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{label}-{os.getpid()}-", dir=parent))
+
+
 def fill_cache_entry(entry: Path, build: Callable[[Path], dict[str, Any]]) -> None:
     """Run ``build(tmp_dir)`` and move the result to ``entry`` in one rename.
 
@@ -76,9 +85,7 @@ def fill_cache_entry(entry: Path, build: Callable[[Path], dict[str, Any]]) -> No
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(entry.parent)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{entry.name}-{os.getpid()}-", dir=entry.parent)
-    )
+    tmp = writer_dir(entry.parent, entry.name)
     try:
         manifest = build(tmp)
         (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

