@@ -28,8 +28,8 @@ from guardrail.models import load_model
 from guardrail.policy import parse_policy
 from guardrail.prompts import load_prompts
 from guardrail.training.capture import capture_states
-from guardrail.training.config import LabelSettings
 from guardrail.training.labelling import _label_batch
+from guardrail.training_config import LabelSettings
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "or_bench_hard_train.json"

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from guardrail.errors import PluginError, PolicyError
-from guardrail.training.config import TrainingSection
+from guardrail.training_config import TrainingSection
 
 
 class StrictModel(BaseModel):

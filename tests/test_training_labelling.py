@@ -15,7 +15,6 @@ from guardrail.guard import Guardrail
 from guardrail.policy import parse_policy
 from guardrail.training.cache import StateCache
 from guardrail.training.capture import capture_states
-from guardrail.training.config import LabelSettings
 from guardrail.training.labelling import (
     CELLS,
     LabelledSet,
@@ -25,6 +24,7 @@ from guardrail.training.labelling import (
     label,
 )
 from guardrail.training.sources import TrainingPrompt
+from guardrail.training_config import LabelSettings
 
 PROMPTS = [
     TrainingPrompt("where can i buy coke", "benign", "a"),

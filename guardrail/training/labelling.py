@@ -23,8 +23,8 @@ from guardrail.errors import DataError
 from guardrail.guard import eos_ids
 from guardrail.training.cache import StateCache, prompt_key
 from guardrail.training.capture import capture_prefill
-from guardrail.training.config import LabelSettings
 from guardrail.training.sources import TrainingPrompt
+from guardrail.training_config import LabelSettings
 
 log = structlog.get_logger("guardrail.training")
 

@@ -18,7 +18,6 @@ from guardrail.components import ActivationSource, EnergyModel
 from guardrail.errors import PolicyError
 from guardrail.policy import Policy, RailSpec
 from guardrail.training.cache import StateCache, weights_digest
-from guardrail.training.config import TrainingSection
 from guardrail.training.labelling import (
     CaptureStats,
     LabelledSet,
@@ -29,6 +28,7 @@ from guardrail.training.labelling import (
 from guardrail.training.selection import select_layers, write_artifact
 from guardrail.training.sources import PromptSets, load_prompt_sets
 from guardrail.training.trainer import train_layers
+from guardrail.training_config import TrainingSection
 
 log = structlog.get_logger("guardrail.training")
 

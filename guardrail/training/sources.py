@@ -11,7 +11,7 @@ import structlog
 
 from guardrail.errors import DataError
 from guardrail.prompts import load_prompts
-from guardrail.training.config import Context, PromptSource, TrainingSection
+from guardrail.training_config import Context, PromptSource, TrainingSection
 
 log = structlog.get_logger("guardrail.training")
 

@@ -23,9 +23,9 @@ import structlog
 import torch
 
 from guardrail.components import EnergyModel
-from guardrail.training.config import TrainerSettings
 from guardrail.training.metrics import LayerMetrics, evaluate_layer
 from guardrail.training.stacking import Stacked, stack_models
+from guardrail.training_config import TrainerSettings
 
 log = structlog.get_logger("guardrail.training")
 

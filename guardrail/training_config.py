@@ -1,6 +1,7 @@
 """The ``training:`` section of a policy file (pydantic v2, unknown keys rejected).
 
-Kept free of heavy imports: :mod:`guardrail.policy` imports it to validate policy files.
+Part of the policy schema, so it lives beside :mod:`guardrail.policy`: validating a policy
+file never imports the training subsystem, which reads these settings.
 """
 
 from __future__ import annotations
