@@ -1,6 +1,6 @@
 """guardrail: energy-driven steering of a local chat model's hidden states, built from plugins."""
 
-from guardrail.hookspecs import hookimpl
+from guardrail.markers import hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["Guardrail", "hookimpl", "__version__"]

@@ -63,6 +63,9 @@ class EnergyModel(Component, nn.Module):
     #: The command that writes this model's artifact, ``{policy}`` standing for the policy
     #: file; None: ``guardrail train`` from the policy's ``training:`` section.
     artifact_command: ClassVar[str | None] = None
+    #: The decision energy: above it a state looks undesirable. ``guardrail train`` stores
+    #: the one it measured on validation; the gradient steerer's ``gate: auto`` reads it.
+    threshold: float = 0.0
 
     def __init__(self, params: BaseModel | None = None) -> None:
         Component.__init__(self, params)
@@ -89,6 +92,18 @@ class EnergyModel(Component, nn.Module):
     @abstractmethod
     def from_artifact(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> EnergyModel:
         """Rebuild a trained model from :meth:`config` and :meth:`tensors` output."""
+
+    def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the per-feature ``mean`` and ``std`` the trainer standardised inputs with.
+
+        ``guardrail train`` fits the model on ``(h - mean) / std``, so a trainable model must
+        keep both (in its artifact tensors) and apply them in :meth:`energy`. A model that is
+        not trained by ``guardrail train`` can leave this as it is.
+        """
+        raise TypeError(
+            f"energy model {type(self).__name__} has no set_standardisation(mean, std); "
+            "training standardises inputs and must store the statistics in the model"
+        )
 
 
 # --- steering policies ----------------------------------------------------------------------
@@ -117,6 +132,9 @@ class Steerer(Component):
     """Given states at one layer and the rail's energy model, return steered states."""
 
     requires_energy_model: ClassVar[bool] = True
+    #: The ``Params`` fields ``guardrail sweep`` may set from its grid (``eta``: step size,
+    #: ``steps``: step count); a steerer that names none is one point of the sweep.
+    sweep_params: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def steer(

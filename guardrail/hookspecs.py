@@ -1,4 +1,4 @@
-"""Hook specifications: the four concerns a guardrail is built from, then lifecycle and telemetry.
+"""Hook specifications: the components a guardrail is built from, then lifecycle and telemetry.
 
 Registration hooks receive a ``register`` callable instead of returning lists, so name
 collisions, aliases and parameter validation live in one core place (``guardrail.plugins``).
@@ -8,15 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pluggy import HookimplMarker, HookspecMarker
+from guardrail.markers import Register, hookspec
 
 if TYPE_CHECKING:
-    from guardrail.plugins import Register
     from guardrail.telemetry import GenerationTelemetry, StepEvent
-
-PROJECT_NAME = "guardrail"
-hookspec = HookspecMarker(PROJECT_NAME)
-hookimpl = HookimplMarker(PROJECT_NAME)
 
 
 # --- activation sources ---------------------------------------------------------------------

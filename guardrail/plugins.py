@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,26 +21,16 @@ from guardrail.components import (
     Steerer,
     Suite,
 )
+from guardrail.defaults import DEFAULT_PLUGINS
 from guardrail.errors import PluginError
+from guardrail.markers import PROJECT_NAME, Register
 
 log = structlog.get_logger("guardrail.plugins")
 
 ENTRYPOINT_GROUP = "guardrail"
 DISABLE_ENV = "GUARDRAIL_DISABLE_PLUGINS"
 
-# Built-ins: entry-point name -> module. The same names are declared in pyproject.toml's
-# entry-point group, so entry-point loading skips them once they are registered here.
-DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
-    ("residual_stream", "guardrail_plugins.residual_stream"),
-    ("mlp_energy", "guardrail_plugins.mlp_energy"),
-    ("gradient_steerer", "guardrail_plugins.gradient_steerer"),
-    ("heuristic_classifier", "guardrail_plugins.heuristic_classifier"),
-    ("judge_classifier", "guardrail_plugins.judge_classifier"),
-    ("suites", "guardrail_plugins.suites"),
-    ("baselines", "guardrail_plugins.baselines"),
-)
-
-# kind -> (registration hook name, base class)
+# kind -> (registration hook name, base class); a new kind is one more row and one hookspec.
 KINDS: dict[str, tuple[str, type[Component]]] = {
     "activation_source": ("guardrail_register_activation_sources", ActivationSource),
     "energy_model": ("guardrail_register_energy_models", EnergyModel),
@@ -48,8 +38,6 @@ KINDS: dict[str, tuple[str, type[Component]]] = {
     "refusal_classifier": ("guardrail_register_refusal_classifiers", RefusalClassifier),
     "suite": ("guardrail_register_suites", Suite),
 }
-
-Register = Callable[..., None]
 
 
 def disabled_plugins() -> set[str]:
@@ -59,8 +47,12 @@ def disabled_plugins() -> set[str]:
 
 
 def build_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManager:
-    """A new plugin manager with the built-ins and, optionally, installed entry points."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    """A new plugin manager with the built-ins and, optionally, installed entry points.
+
+    Built-ins come from :data:`~guardrail.defaults.DEFAULT_PLUGINS`, third-party plugins from
+    the ``guardrail`` entry-point group; a hook name no spec knows fails here, loudly.
+    """
+    pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     for name in disabled_plugins():
         pm.set_blocked(name)
@@ -158,6 +150,13 @@ class Registry:
         name = name or component.name
         if not name:
             raise PluginError(f"plugin {plugin!r} registered a {kind} without a name")
+        if issubclass(component, Steerer):
+            unknown = set(component.sweep_params) - set(component.Params.model_fields)
+            if unknown:
+                raise PluginError(
+                    f"plugin {plugin!r}: {component.__qualname__}.sweep_params names "
+                    f"{sorted(unknown)}, which are not fields of its Params"
+                )
         table = self._entries[kind]
         entry = Registration(kind=kind, name=name, cls=component, plugin=plugin, aliases=aliases)
         for key in (name, *aliases):
@@ -171,6 +170,11 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         """Canonical names (no aliases) of the registered components of ``kind``."""
         return sorted({entry.name for entry in self._entries[kind].values()})
+
+    def registrations(self, kind: str) -> list[Registration]:
+        """Each registered component of ``kind`` once (aliases not repeated), by name."""
+        unique = {entry.name: entry for entry in self._entries[kind].values()}
+        return [unique[name] for name in sorted(unique)]
 
     def get(self, kind: str, name: str) -> Registration:
         """Look a component up; an unknown name raises :class:`PluginError` listing known ones."""
@@ -222,7 +226,7 @@ def plugin_report(
         version = __version__ if builtin else (dist.version if dist is not None else None)
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
         components = {
-            kind: sorted({e.name for e in registry._entries[kind].values() if e.plugin == name})
+            kind: [e.name for e in registry.registrations(kind) if e.plugin == name]
             for kind in KINDS
         }
         rows.append(

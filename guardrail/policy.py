@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from guardrail.defaults import DEFAULT_COMPONENTS
 from guardrail.errors import PluginError, PolicyError
 from guardrail.training_config import TrainingSection
 
@@ -59,10 +60,15 @@ class PluginSpec(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+def _default(kind: str) -> Any:
+    """A factory of the :class:`PluginSpec` naming the default component of ``kind``."""
+    return lambda: PluginSpec(plugin=DEFAULT_COMPONENTS[kind])
+
+
 class EnergyModelSpec(StrictModel):
     """The rail's energy model: plugin name, trained artifact, and build parameters."""
 
-    plugin: str = "mlp"
+    plugin: str = DEFAULT_COMPONENTS["energy_model"]
     artifact: str | None = Field(
         None,
         description="Path of the trained artifact (.safetensors); relative to the policy file.",
@@ -78,11 +84,9 @@ class RailSpec(StrictModel):
     layers: Literal["auto"] | list[int] = Field(
         "auto", description="'auto' takes the layers stored in the artifact."
     )
-    activation_source: PluginSpec = Field(
-        default_factory=lambda: PluginSpec(plugin="residual-stream")
-    )
+    activation_source: PluginSpec = Field(default_factory=_default("activation_source"))
     energy_model: EnergyModelSpec | None = None
-    steerer: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="gradient-descent"))
+    steerer: PluginSpec = Field(default_factory=_default("steerer"))
 
 
 class Policy(StrictModel):
@@ -93,7 +97,7 @@ class Policy(StrictModel):
     model: ModelSection
     generation: GenerationSection = Field(default_factory=lambda: GenerationSection())
     rails: list[RailSpec] = Field(default_factory=list)
-    classifier: PluginSpec = Field(default_factory=lambda: PluginSpec(plugin="heuristic"))
+    classifier: PluginSpec = Field(default_factory=_default("refusal_classifier"))
     training: TrainingSection | None = Field(
         None,
         description="What `guardrail train` trains the rail's energy model on (docs/training.md).",

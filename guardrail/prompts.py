@@ -1,5 +1,8 @@
 """Prompt files: JSON, JSONL, CSV/TSV and plain text, with a field, a row filter and a sample.
 
+Relative data file names (the built-in suites', the baselines' defaults) are looked up in
+the data directory :func:`resolve_data_dir` names.
+
 Training (``guardrail train``) and evaluation suites read prompt sets through
 :func:`load_prompts`. A *filter* keeps the rows whose columns match, one condition per
 column, all conditions must hold::
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -31,11 +35,30 @@ from guardrail.errors import DataError
 
 log = structlog.get_logger("guardrail.prompts")
 
+DATA_ENV = "GUARDRAIL_DATA"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
            ".txt": "text"}
 FILTER_OPERATORS = ("not", "prefix", "not_prefix", "regex")
 
 Filter = Mapping[str, Any]
+
+
+def resolve_data_dir(explicit: str | Path | None = None) -> Path:
+    """``explicit``, else ``$GUARDRAIL_DATA``, else ``../shared/data`` next to the project root."""
+    if explicit is not None:
+        where, path = "--data-dir", Path(explicit)
+    elif os.environ.get(DATA_ENV):
+        where, path = f"${DATA_ENV}", Path(os.environ[DATA_ENV])
+    else:
+        where, path = "default", PROJECT_ROOT.parent / "shared" / "data"
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise DataError(
+            f"data directory {path} ({where}) does not exist; pass --data-dir DIR or set "
+            f"{DATA_ENV} to the folder holding xstest_v2_prompts.csv and the *_val.json files"
+        )
+    return path
 
 
 @dataclass(frozen=True)

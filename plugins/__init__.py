@@ -1,1 +1,1 @@
-"""Built-in guardrail plugins, registered through the ``guardrail`` entry-point group."""
+"""Built-in guardrail plugins, registered from ``guardrail.defaults.DEFAULT_PLUGINS``."""

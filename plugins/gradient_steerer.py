@@ -33,6 +33,7 @@ class GradientSteerer(Steerer):
     name = "gradient-descent"
     Params = GradientSteererParams
     params: GradientSteererParams
+    sweep_params = ("eta", "steps")
 
     def steer(
         self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
@@ -50,7 +51,7 @@ class GradientSteerer(Steerer):
             (grad,) = torch.autograd.grad(e0.sum(), x)
         e0 = e0.detach()
         nonfinite = ~torch.isfinite(e0) | ~torch.isfinite(grad).all(dim=-1)
-        threshold = getattr(energy, "threshold", 0.0) if p.gate == "auto" else p.gate
+        threshold = energy.threshold if p.gate == "auto" else p.gate
         active = ~nonfinite
         if threshold is not None:
             active &= e0 > threshold

@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from guardrail import hookimpl
 from guardrail.components import Suite, SuiteItem
 from guardrail.errors import DataError
-from guardrail.evaluation.suites import resolve_data_dir
-from guardrail.prompts import Filter, load_prompts, read_rows
+from guardrail.prompts import Filter, load_prompts, read_rows, resolve_data_dir
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,9 @@ import pytest
 from guardrail import hookimpl
 from guardrail.components import Suite, SuiteItem
 from guardrail.errors import DataError, PluginError
-from guardrail.evaluation.suites import (
-    DATA_ENV,
-    SuiteSpec,
-    load_suite,
-    resolve_data_dir,
-    stratified_sample,
-)
+from guardrail.evaluation.suites import SuiteSpec, load_suite, stratified_sample
 from guardrail.plugins import Registry
+from guardrail.prompts import DATA_ENV, resolve_data_dir
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "xstest_v2_prompts.csv").is_file(),

@@ -11,32 +11,15 @@ from typing import Any
 import structlog
 
 from guardrail.components import Suite, SuiteItem
+from guardrail.defaults import FILE_SUITE
 from guardrail.errors import DataError, PluginError
 from guardrail.plugins import Registry
+from guardrail.prompts import resolve_data_dir  # noqa: F401 - moved; kept for importers
 
 log = structlog.get_logger("guardrail.evaluation")
 
-DATA_ENV = "GUARDRAIL_DATA"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv")
 LABELS = ("benign", "harmful")
-
-
-def resolve_data_dir(explicit: str | Path | None = None) -> Path:
-    """``explicit``, else ``$GUARDRAIL_DATA``, else ``../shared/data`` next to the project root."""
-    if explicit is not None:
-        where, path = "--data-dir", Path(explicit)
-    elif os.environ.get(DATA_ENV):
-        where, path = f"${DATA_ENV}", Path(os.environ[DATA_ENV])
-    else:
-        where, path = "default", PROJECT_ROOT.parent / "shared" / "data"
-    path = path.expanduser().resolve()
-    if not path.is_dir():
-        raise DataError(
-            f"data directory {path} ({where}) does not exist; pass --data-dir DIR or set "
-            f"{DATA_ENV} to the folder holding xstest_v2_prompts.csv and the *_val.json files"
-        )
-    return path
 
 
 @dataclass(frozen=True)
@@ -49,7 +32,7 @@ class SuiteSpec:
 
     @classmethod
     def parse(cls, text: str) -> SuiteSpec:
-        """``xstest``: a registered suite; ``my.jsonl`` or ``my.csv:harmful``: a file suite."""
+        """``xstest``: a registered suite; ``my.jsonl`` or ``my.csv:harmful``: the file suite."""
         path_text, label = text, None
         head, sep, tail = text.rpartition(":")
         if sep and tail in LABELS:
@@ -58,7 +41,7 @@ class SuiteSpec:
             params: dict[str, Any] = {"path": str(Path(path_text).expanduser())}
             if label is not None:
                 params["label"] = label
-            return cls(name=Path(path_text).stem, plugin="file", params=params)
+            return cls(name=Path(path_text).stem, plugin=FILE_SUITE, params=params)
         return cls(name=text, plugin=text, params={})
 
 

@@ -125,13 +125,13 @@ def _train(
     result: dict[int, EnergyModel] = {}
     metrics: dict[int, LayerMetrics] = {}
     for g, (layer, model) in enumerate(zip(layers, trained, strict=True)):
-        _store_standardisation(model, mean[g], std[g])
+        model.set_standardisation(mean[g], std[g])
         model.eval().requires_grad_(False)
         metrics[layer] = evaluate_layer(
             model, layer, train_states[:, layer, :], train_cells, val_states[:, layer, :],
             val_cells, best_epoch=int(best_epoch[g]), val_loss=float(best_loss[g]),
         )
-        model.threshold = metrics[layer].threshold  # type: ignore[assignment]
+        model.threshold = metrics[layer].threshold
         result[layer] = model
     seconds = time.perf_counter() - started
     log.info("train.layers_done", layers=len(layers), epochs=epoch + 1, seconds=round(seconds, 1),
@@ -237,12 +237,3 @@ def _standardise(
     std = xs.std(dim=1).clamp_min(1e-6) if xs.shape[1] > 1 else torch.ones_like(mean)
     return (xs - mean[:, None]) / std[:, None], mean, std
 
-
-def _store_standardisation(model: EnergyModel, mean: torch.Tensor, std: torch.Tensor) -> None:
-    setter = getattr(model, "set_standardisation", None)
-    if setter is None:
-        raise TypeError(
-            f"energy model {type(model).__name__} has no set_standardisation(mean, std); "
-            "training standardises inputs and must store the statistics in the model"
-        )
-    setter(mean, std)
