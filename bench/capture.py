@@ -23,6 +23,7 @@ import torch
 from guardrail_plugins.residual_stream import ResidualStreamSource
 from torch import nn
 
+from guardrail.generation import user_turns
 from guardrail.guard import Guardrail
 from guardrail.models import load_model
 from guardrail.policy import parse_policy
@@ -90,7 +91,7 @@ def main() -> None:
     source = ResidualStreamSource()
     num_layers = len(source.modules(guard.model))
     prompts = [r.text for r in load_prompts(DATA, sample=args.prompts, seed=0)]
-    texts = guard.render([[{"role": "user", "content": p}] for p in prompts], steer=False)
+    texts = guard.render(user_turns(prompts), steer=False)
     batches = [guard.encode(texts[i : i + args.batch_size])
                for i in range(0, len(texts), args.batch_size)]
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from guardrail.components import EnergyModel
+from guardrail.generation import user_turns
 from guardrail.policy import load_policy
 from guardrail.training import stacking, trainer
 from guardrail.training.pipeline import Session, TrainOptions, load_sets, pick_rail
@@ -99,8 +100,7 @@ def main() -> None:
 def _keys(session: Session, prompts: list[Any]) -> list[str]:
     from guardrail.training.cache import prompt_key
 
-    texts = session.guard.render([[{"role": "user", "content": p.text}] for p in prompts],
-                                 steer=False)
+    texts = session.guard.render(user_turns(p.text for p in prompts), steer=False)
     return [prompt_key(t) for t in texts]
 
 

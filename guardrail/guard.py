@@ -12,17 +12,25 @@ from typing import Any
 import structlog
 import torch
 
-from guardrail.components import ActivationSource, RefusalClassifier, Steerer, Verdict
+from guardrail.components import RefusalClassifier, Verdict
 from guardrail.energy import EnergyArtifact
-from guardrail.errors import ArtifactError, PolicyError
+from guardrail.errors import PluginError, PolicyError
+from guardrail.generation import (
+    Conversation,
+    cut_at_eos,
+    eos_ids,
+    generate_kwargs,
+    last_user,
+    merge_settings,
+)
+from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugins import Registry, get_plugin_manager
-from guardrail.policy import Policy, RailSpec, check_plugins, load_policy
+from guardrail.policy import GenerationSection, Policy, check_plugins, load_policy
+from guardrail.rails import build_rail, with_steerer
 from guardrail.steering import Rail, SteeringSession
-from guardrail.telemetry import GenerationTelemetry, ensure_logging
+from guardrail.telemetry import GenerationTelemetry, ensure_logging, progress_bar
 
 log = structlog.get_logger("guardrail")
-
-Conversation = list[dict[str, str]]
 
 
 @dataclass
@@ -36,7 +44,10 @@ class GenerationResult:
 
 
 class Guardrail:
-    """A loaded policy: model, tokenizer, steering rails and refusal classifier."""
+    """A loaded policy: model, tokenizer, steering rails and refusal classifier.
+
+    ``fingerprint`` identifies the loaded model's architecture (what artifacts must match).
+    """
 
     def __init__(
         self,
@@ -46,6 +57,7 @@ class Guardrail:
         classifier: RefusalClassifier,
         registry: Registry,
         plugin_manager: Any,
+        fingerprint: dict[str, Any],
     ) -> None:
         self.policy = policy
         self.loaded = loaded
@@ -55,6 +67,7 @@ class Guardrail:
         self.classifier = classifier
         self.registry = registry
         self.plugin_manager = plugin_manager
+        self.fingerprint = fingerprint
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -82,25 +95,40 @@ class Guardrail:
             loaded = load_model(
                 policy.model.source, device=device or policy.model.device, dtype=policy.model.dtype
             )
-        from guardrail.models import model_fingerprint
-
         fingerprint = model_fingerprint(loaded.model, loaded.name)
         rails = [
             build_rail(spec, index, registry, fingerprint, loaded.device, where)
             for index, spec in enumerate(policy.rails)
             if spec.enabled
         ]
-        classifier = registry.create(
-            "refusal_classifier", policy.classifier.plugin, policy.classifier.params
-        )
-        assert isinstance(classifier, RefusalClassifier)
+        classifier = _classifier(policy, registry)
         log.info(
             "guardrail.loaded",
             policy=policy.name,
             model=loaded.name,
             rails=[{"name": r.name, "layers": r.layers} for r in rails],
         )
-        return cls(policy, loaded, rails, classifier, registry, pm)
+        return cls(policy, loaded, rails, classifier, registry, pm, fingerprint)
+
+    def with_policy(self, policy: Policy) -> Guardrail:
+        """This guardrail under a variant of its policy that changes steerer params only.
+
+        A sweep point, say: the loaded model, plugin manager, registry, classifier and every
+        rail's source and energy models are shared; only the changed steerers are new.
+        """
+        where = str(policy.path or policy.name)
+        if _but_steerer_params(policy) != _but_steerer_params(self.policy):
+            raise PolicyError(where, ["a variant of a loaded policy may change steerer params "
+                                      "only; load any other policy with Guardrail.from_policy"])
+        problems = check_plugins(policy, self.registry)
+        if problems:
+            raise PolicyError(where, problems)
+        pairs = zip([s for s in policy.rails if s.enabled],
+                    [s for s in self.policy.rails if s.enabled], self.rails, strict=True)
+        rails = [rail if new == old else with_steerer(rail, new.steerer, self.registry)
+                 for new, old, rail in pairs]
+        return Guardrail(policy, self.loaded, rails, self.classifier, self.registry,
+                         self.plugin_manager, self.fingerprint)
 
     # --- prompts ------------------------------------------------------------------------------
     def prepare(self, conversation: Conversation, *, steer: bool = True) -> Conversation:
@@ -161,9 +189,7 @@ class Guardrail:
         ``overrides`` replace the policy's generation defaults (max_new_tokens, do_sample,
         temperature, top_p, top_k, repetition_penalty, batch_size, seed).
         """
-        settings = self.policy.generation.model_copy(
-            update={k: v for k, v in overrides.items() if v is not None}
-        )
+        settings = merge_settings(self.policy.generation, overrides)
         texts = self.render(conversations, steer=steer)
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -171,7 +197,8 @@ class Guardrail:
         batches = [
             order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
         ]
-        bar = _progress(len(texts), progress, "generate (steered)" if steer else "generate (base)")
+        desc = "generate (steered)" if steer else "generate (base)"
+        bar = progress_bar(len(texts), progress, desc)
         for batch in batches:
             started = time.perf_counter()
             outs = self._generate_batch([texts[i] for i in batch], steer, settings, streamer)
@@ -183,9 +210,7 @@ class Guardrail:
         bar.close()
         final = [r for r in results if r is not None]
         if classify:
-            verdicts = self.classify(
-                [_last_user(c) for c in conversations], [r.text for r in final]
-            )
+            verdicts = self.classify([last_user(c) for c in conversations], [r.text for r in final])
             for result, verdict in zip(final, verdicts, strict=True):
                 result.telemetry.verdict = {
                     "refused": verdict.refused,
@@ -214,9 +239,7 @@ class Guardrail:
         classified. ``stopping_criteria`` (a transformers ``StoppingCriteriaList``) may end rows
         early; their results then still read as the tokens up to the first end-of-sequence.
         """
-        settings = self.policy.generation.model_copy(
-            update={k: v for k, v in overrides.items() if v is not None}
-        )
+        settings = merge_settings(self.policy.generation, overrides)
         texts = self.render(conversations, steer=steer)
         started = time.perf_counter()
         results = self._generate_batch(texts, steer, settings, streamer, stopping_criteria)
@@ -232,28 +255,15 @@ class Guardrail:
         self,
         texts: list[str],
         steer: bool,
-        settings: Any,
+        settings: GenerationSection,
         streamer: Any,
         stopping_criteria: Any = None,
     ) -> list[GenerationResult]:
         enc = self.encode(texts)
         prompt_len = enc["input_ids"].shape[1]
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": settings.max_new_tokens,
-            "do_sample": settings.do_sample,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if settings.do_sample:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-            if settings.top_k is not None:
-                kwargs["top_k"] = settings.top_k
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-        else:
-            # Silence sampling defaults from the model's generation_config under greedy decoding.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if settings.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = settings.repetition_penalty
+        kwargs = generate_kwargs(settings, self.tokenizer.pad_token_id)
+        if settings.do_sample and settings.seed is not None:
+            torch.manual_seed(settings.seed)
         if streamer is not None:
             kwargs["streamer"] = streamer
         if stopping_criteria is not None:
@@ -261,19 +271,9 @@ class Guardrail:
         with self.session(steer=steer) as session, torch.no_grad():
             output = self.model.generate(**enc, **kwargs)
         eos = eos_ids(self.model, self.tokenizer)
-        results = []
-        lengths = []
-        for row in output[:, prompt_len:].tolist():
-            ids = []
-            finish = "length"
-            for token in row:
-                if token in eos:
-                    finish = "stop"
-                    break
-                ids.append(token)
-            lengths.append(len(ids) + (1 if finish == "stop" else 0))
-            results.append((ids, finish))
-        per_row = session.telemetry(lengths)
+        rows = [cut_at_eos(row, eos) for row in output[:, prompt_len:].tolist()]
+        # A row that stopped fed its end-of-sequence token back like any other.
+        per_row = session.telemetry([len(ids) + (finish == "stop") for ids, finish in rows])
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
         return [
             GenerationResult(
@@ -288,7 +288,7 @@ class Guardrail:
                     layers=per_row[row],
                 ),
             )
-            for row, (ids, finish) in enumerate(results)
+            for row, (ids, finish) in enumerate(rows)
         ]
 
     # --- scoring ------------------------------------------------------------------------------
@@ -314,8 +314,6 @@ class Guardrail:
         try:
             return self.classifier.classify(prompts, responses)
         except Exception as exc:
-            from guardrail.errors import PluginError
-
             raise PluginError(
                 f"refusal classifier {self.policy.classifier.plugin!r} raised in classify: "
                 f"{type(exc).__name__}: {exc}"
@@ -329,8 +327,6 @@ class Guardrail:
         """
         target = model if model is not None else self.model
         if target is not self.model:
-            from guardrail.models import model_fingerprint
-
             fingerprint = model_fingerprint(target, self.loaded.name)
             for rail in self.rails:
                 if rail.energies:
@@ -340,88 +336,15 @@ class Guardrail:
             yield session
 
 
-def build_rail(
-    spec: RailSpec,
-    index: int,
-    registry: Registry,
-    fingerprint: dict[str, Any],
-    device: torch.device,
-    where: str,
-) -> Rail:
-    """Instantiate one rail's components and load its energy-model artifact."""
-    key = f"rails[{index}]"
-    source = registry.create(
-        "activation_source", spec.activation_source.plugin, spec.activation_source.params
+
+def _but_steerer_params(policy: Policy) -> dict[str, Any]:
+    """The policy as data, less its name and its rails' steerer params."""
+    return policy.model_dump(exclude={"name": True, "rails": {"__all__": {"steerer": {"params"}}}})
+
+
+def _classifier(policy: Policy, registry: Registry) -> RefusalClassifier:
+    classifier = registry.create(
+        "refusal_classifier", policy.classifier.plugin, policy.classifier.params
     )
-    steerer = registry.create("steerer", spec.steerer.plugin, spec.steerer.params)
-    energies = {}
-    layers: list[int] = [] if spec.layers == "auto" else list(spec.layers)
-    if spec.energy_model is not None:
-        if spec.energy_model.artifact is None:
-            raise PolicyError(where, [f"{key}.energy_model.artifact: missing; train one first"])
-        artifact_path = spec.energy_model.artifact
-        try:
-            artifact = EnergyArtifact.load(artifact_path, registry, device=device)
-        except ArtifactError as exc:
-            raise ArtifactError(f"{where}: {key}.energy_model.artifact: {exc}") from exc
-        artifact.check_model(fingerprint, f"{where}: {key}.energy_model.artifact {artifact_path}")
-        if spec.layers == "auto":
-            layers = artifact.layers
-        missing = [layer for layer in layers if layer not in artifact.models]
-        if missing:
-            raise PolicyError(
-                where,
-                [
-                    f"{key}.layers: {missing} are not in the artifact {artifact_path} "
-                    f"(it has {artifact.layers})"
-                ],
-            )
-        energies = {layer: artifact.models[layer] for layer in layers}
-    elif spec.layers == "auto":
-        layers = list(range(int(fingerprint.get("num_layers") or 0)))
-    assert isinstance(source, ActivationSource) and isinstance(steerer, Steerer)
-    rail = Rail(
-        name=spec.name,
-        layers=layers,
-        source=source,
-        steerer=steerer,
-        energies=energies,
-        plugins={
-            "activation_source": spec.activation_source.plugin,
-            "steerer": spec.steerer.plugin,
-        },
-        fingerprint=fingerprint,
-    )
-    return rail
-
-
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Token ids that end an answer (the generation config's and the tokenizer's)."""
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(value)
-    return ids
-
-
-def _last_user(conversation: Conversation) -> str:
-    users = [m.get("content", "") for m in conversation if m.get("role") == "user"]
-    return users[-1] if users else ""
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="prompt")
+    assert isinstance(classifier, RefusalClassifier)
+    return classifier

@@ -1,4 +1,4 @@
-"""Telemetry records for steered generation, and structlog configuration."""
+"""Telemetry records for steered generation, structlog configuration and progress bars."""
 
 from __future__ import annotations
 
@@ -106,3 +106,10 @@ def ensure_logging() -> None:
     """Configure console logging to stderr unless the application configured structlog itself."""
     if not structlog.is_configured():
         configure_logging()
+
+
+def progress_bar(total: int, enabled: bool, desc: str, unit: str = "prompt") -> Any:
+    """A tqdm bar on stderr; a disabled one counts silently (it still has ``update``/``close``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)

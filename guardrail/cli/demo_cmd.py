@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from guardrail.errors import GuardrailError, PolicyError
+from guardrail.generation import user_turns
 from guardrail.policy import Policy, load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,7 +137,7 @@ def _answer(guard: Any, prompts: list[str], steer: bool, max_new_tokens: int,
             args: argparse.Namespace) -> tuple[list[Any], list[bool]]:
     """Answers to single-turn ``prompts`` and whether the policy's classifier calls each a
     refusal."""
-    answers = guard.generate([[{"role": "user", "content": p}] for p in prompts], steer=steer,
+    answers = guard.generate(user_turns(prompts), steer=steer,
                              max_new_tokens=max_new_tokens, progress=not args.no_progress)
     return answers, [v.refused for v in guard.classify(prompts, [a.text for a in answers])]
 

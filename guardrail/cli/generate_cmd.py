@@ -8,6 +8,7 @@ import sys
 import textwrap
 from typing import Any
 
+from guardrail.generation import user_turns
 from guardrail.guard import GenerationResult, Guardrail
 from guardrail.telemetry import GenerationTelemetry
 
@@ -68,7 +69,7 @@ def _verdict(guard: Guardrail, prompt: str, result: GenerationResult) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     """Answer each prompt; ``--compare`` prints base and steered answers and the energies."""
     guard = Guardrail.from_policy(args.policy, device=args.device)
-    conversations = [[{"role": "user", "content": p}] for p in args.prompts]
+    conversations = user_turns(args.prompts)
     overrides = _overrides(args)
     steered = None if args.no_steer else guard.generate(conversations, steer=True, **overrides)
     base = (

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import structlog
 from transformers import StoppingCriteriaList
 
+from guardrail.generation import eos_ids
 from guardrail.guard import Guardrail
 from guardrail.serving.errors import ApiError
 from guardrail.serving.streaming import BatchRows, RowText
@@ -250,7 +251,7 @@ class ModelWorker:
                     cancelled=lambda job=job: job.cancelled)  # type: ignore[misc]
             for job in batch
         ]
-        stopper = BatchRows(rows, eos_token_ids(guard))
+        stopper = BatchRows(rows, eos_ids(guard.model, guard.tokenizer))
         results = guard.generate_batch(
             [job.conversation for job in batch], steer=batch[0].steer,
             stopping_criteria=StoppingCriteriaList([stopper]),
@@ -276,14 +277,3 @@ def _delta_sink(job: Job) -> Any:
 
     return sink
 
-
-def eos_token_ids(guard: Guardrail) -> set[int]:
-    """Token ids that end an answer: the generation config's and the tokenizer's."""
-    ids: set[int] = set()
-    for value in (getattr(guard.model.generation_config, "eos_token_id", None),
-                  guard.tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(value)
-    return ids

@@ -20,7 +20,8 @@ import torch
 
 from guardrail.components import ActivationSource
 from guardrail.errors import DataError
-from guardrail.guard import eos_ids
+from guardrail.generation import cut_at_eos, eos_ids, generate_kwargs, user_turns
+from guardrail.policy import GenerationSection
 from guardrail.training.cache import StateCache, prompt_key
 from guardrail.training.capture import capture_prefill
 from guardrail.training.sources import TrainingPrompt
@@ -93,7 +94,7 @@ def generate_and_capture(
     ``guard`` is a :class:`~guardrail.guard.Guardrail` (no rails needed) for rendering,
     tokenising and the model. Batches are sorted by length to waste little on padding.
     """
-    texts = guard.render([[{"role": "user", "content": p.text}] for p in prompts], steer=False)
+    texts = guard.render(user_turns(p.text for p in prompts), steer=False)
     keys = [prompt_key(t) for t in texts]
     wanted = dict.fromkeys(cache.missing(keys))  # ordered, unique
     stats = CaptureStats(cached=len(keys) - len([k for k in keys if k in wanted]))
@@ -130,21 +131,14 @@ def _label_batch(
     enc = guard.encode(texts)
     prompt_len = enc["input_ids"].shape[1]
     tokenizer = guard.tokenizer
+    greedy = generate_kwargs(GenerationSection(max_new_tokens=settings.max_new_tokens),
+                             tokenizer.pad_token_id)
     with capture_prefill(guard.model, source, enc.get("attention_mask"), positions) as captured, \
             torch.no_grad():
-        output = guard.model.generate(
-            **enc, max_new_tokens=settings.max_new_tokens, do_sample=False,
-            temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-        )
+        output = guard.model.generate(**enc, **greedy)
     eos = eos_ids(guard.model, tokenizer)
-    responses = []
-    for row in output[:, prompt_len:].tolist():
-        ids = []
-        for token in row:
-            if token in eos:
-                break
-            ids.append(token)
-        responses.append(tokenizer.decode(ids, skip_special_tokens=True))
+    responses = [tokenizer.decode(cut_at_eos(row, eos)[0], skip_special_tokens=True)
+                 for row in output[:, prompt_len:].tolist()]
     return responses, captured.stacked(), captured.forward_passes
 
 
@@ -152,7 +146,7 @@ def label(
     guard: Any, prompts: Sequence[TrainingPrompt], cache: StateCache
 ) -> LabelledSet:
     """Read states and responses from ``cache`` and classify them with the policy's classifier."""
-    texts = guard.render([[{"role": "user", "content": p.text}] for p in prompts], steer=False)
+    texts = guard.render(user_turns(p.text for p in prompts), steer=False)
     rows = cache.load([prompt_key(t) for t in texts])
     verdicts = guard.classify([p.text for p in prompts], rows.responses)
     refused = [v.refused for v in verdicts]

@@ -17,6 +17,7 @@ import structlog
 from guardrail.components import ActivationSource, EnergyModel
 from guardrail.errors import PolicyError
 from guardrail.policy import Policy, RailSpec
+from guardrail.telemetry import progress_bar
 from guardrail.training.cache import StateCache, weights_digest
 from guardrail.training.labelling import (
     CaptureStats,
@@ -108,7 +109,6 @@ class Session:
     def __init__(self, policy: Policy, rail: RailSpec, *, loaded: Any = None,
                  options: TrainOptions | None = None) -> None:
         from guardrail.guard import Guardrail
-        from guardrail.models import model_fingerprint
 
         options = options or TrainOptions()
         section = training_section(policy)
@@ -120,7 +120,7 @@ class Session:
         )
         assert isinstance(source, ActivationSource)
         self.source = source
-        self.fingerprint = model_fingerprint(self.guard.model, self.guard.loaded.name)
+        self.fingerprint = self.guard.fingerprint
         self.cache = StateCache(
             state_cache_root(section, options.cache_dir), self.fingerprint,
             weights_digest(self.guard.model), positions=section.capture.positions,
@@ -131,7 +131,7 @@ class Session:
     def capture(self, sets: PromptSets, progress: bool) -> CaptureStats:
         """Generate, label-ready responses and states for every prompt not yet cached."""
         prompts = [*sets.train, *sets.val]
-        bar = _bar(len(prompts), progress, "1/3 label + capture", "prompt")
+        bar = progress_bar(len(prompts), progress, "1/3 label + capture", "prompt")
         try:
             return generate_and_capture(
                 self.guard, self.source, prompts, self.cache, self.section.labels,
@@ -150,12 +150,6 @@ class Session:
         return train, val, warnings
 
 
-def _bar(total: int, enabled: bool, desc: str, unit: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
-
-
 def load_sets(section: TrainingSection, options: TrainOptions) -> PromptSets:
     """The prompt sets of a run (demo runs pass smaller totals)."""
     started = time.perf_counter()
@@ -170,8 +164,6 @@ def train_policy(
     options: TrainOptions | None = None,
 ) -> TrainReport:
     """Run every stage for ``policy`` and write the artifact; returns what happened."""
-    from guardrail import __version__
-
     options = options or TrainOptions()
     section = training_section(policy)
     index, spec = pick_rail(policy, rail or section.rail)
@@ -194,7 +186,7 @@ def train_policy(
     params = registry.params("energy_model", plugin, spec.energy_model.params)
     num_layers, hidden = int(train.states.shape[1]), int(train.states.shape[2])
     candidates = _candidate_layers(section, num_layers, where)
-    bar = _bar(section.trainer.epochs, options.progress, "2/3 train all layers", "epoch")
+    bar = progress_bar(section.trainer.epochs, options.progress, "2/3 train all layers", "epoch")
     try:
         trained = train_layers(
             train.states, train.cells, val.states, val.cells, candidates,
@@ -214,11 +206,27 @@ def train_policy(
         capture=stats, layers=[trained.metrics[layer] for layer in candidates],
         selected=selected, warnings=warnings, seconds=seconds,
     )
-    bar = _bar(1, options.progress, "3/3 select + save", "artifact")
-    metadata = {
+    bar = progress_bar(1, options.progress, "3/3 select + save", "artifact")
+    write_artifact(output, plugin=plugin, fingerprint=session.fingerprint,
+                   models=trained.models, selected=selected,
+                   metadata=_metadata(section, report, top_k))
+    bar.update(1)
+    bar.close()
+    clock.lap("save")
+    seconds["total"] = round(sum(seconds.values()), 1)
+    log.info("train.artifact_written", path=str(output), layers=selected, rail=spec.name,
+             seconds=seconds["total"])
+    return report
+
+
+def _metadata(section: TrainingSection, report: TrainReport, top_k: int) -> dict[str, Any]:
+    """What the artifact records about how it was made."""
+    from guardrail import __version__
+
+    return {
         "guardrail_version": __version__,
-        "policy": policy.name,
-        "rail": spec.name,
+        "policy": report.policy,
+        "rail": report.rail,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": {"prompts": report.prompts, "cells": report.cells,
                  "sources": [s.model_dump() for s in section.sources],
@@ -227,19 +235,11 @@ def train_policy(
         "capture": {"positions": section.capture.positions},
         "trainer": section.trainer.model_dump(),
         "seed": section.seed,
-        "selection": {**section.selection.model_dump(), "top_k": top_k, "selected": selected},
+        "selection": {**section.selection.model_dump(), "top_k": top_k,
+                      "selected": report.selected},
         "metrics": {str(m.layer): m.to_dict() for m in report.layers},
-        "seconds": seconds,
+        "seconds": report.seconds,
     }
-    write_artifact(output, plugin=plugin, fingerprint=session.fingerprint,
-                   models=trained.models, selected=selected, metadata=metadata)
-    bar.update(1)
-    bar.close()
-    clock.lap("save")
-    seconds["total"] = round(sum(seconds.values()), 1)
-    log.info("train.artifact_written", path=str(output), layers=selected, rail=spec.name,
-             seconds=seconds["total"])
-    return report
 
 
 class _Clock:
