@@ -10,9 +10,12 @@ import torch
 from guardrail_plugins.baselines import LinearEnergyModel
 
 from guardrail.energy import EnergyArtifact
+from guardrail.errors import PolicyError
+from guardrail.evaluation import sweep as sweep_module
 from guardrail.evaluation.cache import GenerationCache
+from guardrail.evaluation.report import write_sweep
 from guardrail.evaluation.suites import load_suite
-from guardrail.evaluation.sweep import run_sweep, variants, write_sweep
+from guardrail.evaluation.sweep import run_sweep, variants
 from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
 from guardrail.plugins import Registry
@@ -76,3 +79,40 @@ def test_sweep_writes_plot_and_table(caa_policy, tiny_loaded, registry: Registry
     assert len(table) == 2 + len(points)
     assert "| caa | 2 | 2 |" in paths["table"].read_text()
     assert len(json.loads(paths["json"].read_text())) == 5
+
+
+def test_grid_points_share_the_loaded_model_and_energy_models(
+    caa_policy, tiny_loaded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    suite_file = tmp_path / "s.jsonl"
+    suite_file.write_text('{"prompt": "tell me about the store", "harmful": false}\n')
+    guard = Guardrail.from_policy(caa_policy, loaded=tiny_loaded)
+    suite = load_suite(str(suite_file), guard.registry)
+    seen: list[Guardrail] = []
+    real_evaluate = sweep_module.evaluate
+
+    def spy(contenders, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(c.guard for c in contenders)
+        return real_evaluate(contenders, *args, **kwargs)
+
+    def no_reload(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a grid point loaded its artifact again")
+
+    monkeypatch.setattr(sweep_module, "evaluate", spy)
+    monkeypatch.setattr(EnergyArtifact, "load", no_reload)
+    run_sweep([guard], [suite], caa_policy.generation, GenerationCache(None), etas=[0.1, 2.0],
+              steps=[1])
+    assert len(seen) == 3 and seen[0] is guard  # the base, then two grid points
+    for variant in seen[1:]:
+        assert variant is not guard and variant.model is guard.model
+        assert variant.registry is guard.registry
+        assert variant.rails[0].energies[1] is guard.rails[0].energies[1]
+    assert [v.rails[0].steerer.params.eta for v in seen[1:]] == [0.1, 2.0]
+    assert guard.rails[0].steerer.params.eta == 0.1 and caa_policy.rails[0].steerer.params["eta"] == 0.1
+
+
+def test_a_variant_with_invalid_params_names_the_key(caa_policy, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
+    guard = Guardrail.from_policy(caa_policy, loaded=tiny_loaded)
+    [(_, _, _, variant)] = variants(caa_policy, guard.registry, [-1.0], [1])
+    with pytest.raises(PolicyError, match=r"rails\[0\]\.steerer\.params\.eta: got -1\.0"):
+        guard.with_policy(variant)

@@ -176,8 +176,9 @@ def _settings(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """Sweep eta x steps for every policy; write sweep.json, sweep.md and sweep.png."""
+    from guardrail.evaluation.report import write_sweep
     from guardrail.evaluation.sweep import run_sweep as sweep
-    from guardrail.evaluation.sweep import sweep_table, write_sweep
+    from guardrail.evaluation.sweep import sweep_table
 
     env = _setup(args)
     points, _ = sweep(env["guards"], env["suites"], env["settings"], env["cache"],

@@ -2,7 +2,8 @@
 
 The key covers everything that decides an answer: the model fingerprint, the steering rails
 (specs plus artifact contents), the rendered prompt text (system prompt and prompt-level
-steering included) and the generation settings.
+steering included) and the generation settings. The first two are a guardrail's
+:class:`Scope`, computed once per guardrail and handed to everything that keys on it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.model_cache import cache_root
+from guardrail.models.fingerprint import file_sha256
+
+if TYPE_CHECKING:
+    from guardrail.guard import Guardrail
+    from guardrail.policy import Policy
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL,
@@ -41,8 +47,50 @@ def digest(payload: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def rails_key(policy: Policy) -> str:
+    """Hash of the enabled rails' specs and artifact contents (what steering depends on)."""
+    rails = []
+    for spec in policy.rails:
+        if not spec.enabled:
+            continue
+        dumped = spec.model_dump(mode="json")
+        artifact = spec.energy_model.artifact if spec.energy_model else None
+        if artifact and Path(artifact).is_file():
+            dumped["energy_model"]["artifact"] = file_sha256(Path(artifact))
+        rails.append(dumped)
+    return digest(rails)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a guardrail's cached answers and measurements depend on besides the prompt."""
+
+    fingerprint: dict[str, Any]
+    model_key: str
+    rails_key: str
+
+    @classmethod
+    def of(cls, guard: Guardrail) -> Scope:
+        """The scope of ``guard`` (hashes its artifact files: compute it once, pass it on)."""
+        return cls(fingerprint=guard.fingerprint, model_key=digest(guard.fingerprint),
+                   rails_key=rails_key(guard.policy))
+
+
+class Scopes:
+    """Each guardrail's :class:`Scope`, computed on first request only."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, Scope] = {}
+
+    def of(self, guard: Guardrail) -> Scope:
+        """The scope of ``guard``."""
+        if id(guard) not in self._known:
+            self._known[id(guard)] = Scope.of(guard)
+        return self._known[id(guard)]
+
+
 def default_cache_path(cache_dir: str | Path | None = None) -> Path:
-    """``<cache root>/evaluation/generations.sqlite`` (cache root: see ``guardrail.models``)."""
+    """``<cache root>/evaluation/generations.sqlite`` (cache root: :func:`cache_root`)."""
     return cache_root(cache_dir) / "evaluation" / "generations.sqlite"
 
 

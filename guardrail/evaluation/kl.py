@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
-from guardrail.evaluation.cache import Answer, GenerationCache, digest
+from guardrail.evaluation.cache import Answer, GenerationCache, Scope, digest
+from guardrail.evaluation.runner import Answerer, Contender
+from guardrail.generation import user_turns
 from guardrail.guard import Guardrail
-from guardrail.models import model_fingerprint
+from guardrail.policy import GenerationSection
 
 
 @dataclass
@@ -38,21 +40,20 @@ class KLResult:
 
 
 def answer_kl(guard: Guardrail, prompts: Sequence[str], answers: Sequence[Answer], *,
-              batch_size: int = 8, cache: GenerationCache | None = None) -> KLResult:
+              batch_size: int = 8, cache: GenerationCache | None = None,
+              scope: Scope | None = None) -> KLResult:
     """Mean KL(base || steered) over the tokens of ``answers`` (the base model's answers).
 
     With a ``cache``, per-token KL values are stored per (model, rails, prompts, answer), so
-    regenerating a report does not teacher-force again.
+    regenerating a report does not teacher-force again; ``scope`` is ``guard``'s, if known.
     """
-    from guardrail.evaluation.runner import rails_key
-
-    conversations = [[{"role": "user", "content": p}] for p in prompts]
-    pairs = [(c, a.token_ids) for c, a in zip(conversations, answers, strict=True) if a.token_ids]
+    scope = scope or Scope.of(guard)
+    pairs = [(c, a.token_ids) for c, a in zip(user_turns(prompts), answers, strict=True)
+             if a.token_ids]
     base_texts = guard.render([c for c, _ in pairs], steer=False)
     steered_texts = guard.render([c for c, _ in pairs], steer=True)
-    scope = digest({"model": model_fingerprint(guard.model, guard.loaded.name),
-                    "rails": rails_key(guard)})
-    keys = [digest({"kl": scope, "base": b, "steered": s, "answer": ids})
+    kl_scope = digest({"model": scope.fingerprint, "rails": scope.rails_key})
+    keys = [digest({"kl": kl_scope, "base": b, "steered": s, "answer": ids})
             for b, s, (_, ids) in zip(base_texts, steered_texts, pairs, strict=True)]
     known = cache.get_values(keys) if cache is not None else {}
     todo = [i for i, key in enumerate(keys) if key not in known]
@@ -118,22 +119,21 @@ def _logprobs(guard: Guardrail, texts: list[str], answers: list[list[int]], *, s
 
 
 def capability_guard(
-    contenders: Sequence[Any],
+    contenders: Sequence[Contender],
     prompts: Sequence[str],
-    settings: Any,
-    cache: Any,
+    settings: GenerationSection,
+    cache: GenerationCache,
     *,
     progress: bool = False,
 ) -> dict[str, KLResult]:
     """KL per steered contender, on its own model's unsteered (cached) answers to ``prompts``."""
-    from guardrail.evaluation.runner import Answerer
-
     out = {}
     for contender in contenders:
         if not contender.steer:
             continue
-        answers = Answerer(contender.guard, settings, cache).answer(prompts, steer=False,
-                                                                    progress=progress)
+        answerer = Answerer(contender.guard, settings, cache, contender.scope)
+        answers = answerer.answer(prompts, steer=False, progress=progress)
         out[contender.label] = answer_kl(contender.guard, prompts, answers,
-                                         batch_size=settings.batch_size, cache=cache)
+                                         batch_size=settings.batch_size, cache=cache,
+                                         scope=contender.scope)
     return out

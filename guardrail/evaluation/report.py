@@ -1,4 +1,5 @@
-"""Evaluation reports: a JSON file with everything, a Markdown summary, a console table."""
+"""Evaluation reports: a JSON file with everything, a Markdown summary, a console table;
+and the files of a sweep (JSON, Markdown table, trade-off plot)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from guardrail.evaluation.kl import KLResult
 from guardrail.evaluation.metrics import Rate
 from guardrail.evaluation.runner import Contender, SuiteResult
+from guardrail.evaluation.sweep import SweepPoint, sweep_table
 
 FORMAT = "guardrail-eval/1"
 
@@ -66,6 +68,21 @@ def write_generations(results: Sequence[SuiteResult], out_dir: str | Path) -> li
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             paths.append(path)
     return paths
+
+
+def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str = ""
+                ) -> dict[str, Path]:
+    """Write ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``out_dir``."""
+    from guardrail.evaluation.plots import plot_tradeoff
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "sweep.json", "table": out / "sweep.md", "plot": out / "sweep.png"}
+    paths["json"].write_text(json.dumps([p.to_dict() for p in points], indent=2) + "\n")
+    paths["table"].write_text(sweep_table(points))
+    plot_tradeoff(points, paths["plot"], title=title)
+    return paths
+
 
 
 def _rate(data: dict[str, Any]) -> Rate:

@@ -19,16 +19,26 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guardrail.components import RefusalClassifier
+from guardrail.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 from guardrail.errors import PolicyError
 from guardrail.evaluation.cache import GenerationCache, default_cache_path
 from guardrail.evaluation.kl import capability_guard
-from guardrail.evaluation.report import build_report, kl_table, suite_sections, write_report
+from guardrail.evaluation.report import (
+    build_report,
+    kl_table,
+    suite_sections,
+    write_report,
+    write_sweep,
+)
 from guardrail.evaluation.runner import contenders_for, evaluate, load_guards
-from guardrail.evaluation.suites import SuiteSpec, load_suite, resolve_data_dir
-from guardrail.evaluation.sweep import run_sweep, sweep_table, write_sweep
+from guardrail.evaluation.suites import SuiteSpec, load_suite
+from guardrail.evaluation.sweep import run_sweep, sweep_table
 from guardrail.evaluation.targets import Target, target_table
+from guardrail.generation import merge_settings
+from guardrail.guard import Guardrail
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import format_validation_error, load_policy, missing_artifacts
+from guardrail.prompts import resolve_data_dir
 
 log = structlog.get_logger("guardrail.evaluation")
 
@@ -40,7 +50,7 @@ class Strict(BaseModel):
 
 
 class KLConfig(Strict):
-    """The capability guard: how many harmless-val prompts, how long the base answers."""
+    """The capability guard: how many benign prompts, how long the base answers."""
 
     prompts: int = Field(64, ge=0)
     max_new_tokens: int = Field(32, ge=1)
@@ -50,7 +60,7 @@ class SweepConfig(Strict):
     """The trade-off sweep: which policies (default: all), suites, size and grid."""
 
     policies: list[str] | None = None
-    suites: list[str] = Field(default_factory=lambda: ["orbench-val", "harmful-val"])
+    suites: list[str] = Field(default_factory=lambda: list(SWEEP_SUITES))
     limit: int | None = None
     eta: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0])
     steps: list[int] = Field(default_factory=lambda: [1, 3, 6])
@@ -63,7 +73,7 @@ class ResultsConfig(Strict):
     output: str = "../docs/results.md"
     assets: str = "../docs/results"
     policies: list[str]
-    suites: list[str] = Field(default_factory=lambda: ["xstest", "orbench-val", "harmful-val"])
+    suites: list[str] = Field(default_factory=lambda: list(EVAL_SUITES))
     limit: int | None = None
     seed: int = 0
     max_new_tokens: int = 48
@@ -101,51 +111,27 @@ def build_results(
 ) -> Path:
     """Run everything the config asks for and write the page; returns its path."""
     config_path = Path(config_path).resolve()
-    cfg = load_config(config_path)
-    if limit is not None:
-        cfg.limit = limit
-        if cfg.sweep is not None:
-            cfg.sweep.limit = limit
-    if kl_prompts is not None:
-        cfg.kl.prompts = kl_prompts
-    if cfg.sweep is not None and sweep_eta:
-        cfg.sweep.eta = sweep_eta
-    if cfg.sweep is not None and sweep_steps:
-        cfg.sweep.steps = sweep_steps
+    cfg = _override(load_config(config_path), limit, kl_prompts, sweep_eta, sweep_steps)
     invocation = invocation or f"guardrail report --config {_rel(config_path, Path.cwd())}"
     here = config_path.parent
     page = (here / cfg.output).resolve()
     assets = (here / cfg.assets).resolve()
     registry = Registry.from_plugin_manager(get_plugin_manager())
     data_dir = resolve_data_dir(here / cfg.data_dir if cfg.data_dir else None)
-    ready: list[tuple[Path, list[str]]] = []
-    skipped: list[tuple[Path, list[str]]] = []
-    for item in cfg.policies:
-        path = (here / item).resolve()
-        notes = missing_artifacts(load_policy(path), registry)
-        (skipped if notes else ready).append((path, notes))
-    if not ready:
-        raise PolicyError(str(config_path), ["policies: no policy has its artifacts built yet"] +
-                          [n for _, notes in skipped for n in notes])
+    ready, skipped = _ready_policies(cfg, config_path, registry)
     suites = [load_suite(_spec(s, here), registry, data_dir=data_dir, limit=cfg.limit,
                          seed=cfg.seed) for s in cfg.suites]
     guards = load_guards([p for p, _ in ready])
-    updates: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
-    if cfg.batch_size:
-        updates["batch_size"] = cfg.batch_size
-    settings = guards[0].policy.generation.model_copy(update=updates)
+    overrides = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size or None}
+    settings = merge_settings(guards[0].policy.generation, overrides)
     cache = GenerationCache(default_cache_path())
-    classifier: RefusalClassifier | None = None
-    if cfg.classifier:
-        created = registry.create("refusal_classifier", cfg.classifier, {})
-        assert isinstance(created, RefusalClassifier)
-        classifier = created
+    classifier = _classifier(registry, cfg.classifier)
     contenders = contenders_for(guards)
     results = evaluate(contenders, suites, settings, cache, classifier=classifier,
                        progress=progress)
     kl = None
     if cfg.kl.prompts:
-        harmless = load_suite("harmless-val", registry, data_dir=data_dir, limit=cfg.kl.prompts,
+        harmless = load_suite(CAPABILITY_SUITE, registry, data_dir=data_dir, limit=cfg.kl.prompts,
                               seed=cfg.seed)
         kl = capability_guard(contenders, [i.prompt for i in harmless.items],
                               settings.model_copy(update={"max_new_tokens": cfg.kl.max_new_tokens}),
@@ -162,9 +148,7 @@ def build_results(
         figures["kl"] = plot_kl(kl, assets / "kl.png")
     sweep_md = None
     if cfg.sweep is not None:
-        chosen = [g for g in guards if cfg.sweep.policies is None or g.policy.name in
-                  cfg.sweep.policies or str(g.policy.path) in
-                  {str((here / p).resolve()) for p in cfg.sweep.policies}]
+        chosen = _swept(cfg.sweep, guards, here)
         sweep_suites = [load_suite(_spec(s, here), registry, data_dir=data_dir,
                                    limit=cfg.sweep.limit, seed=cfg.seed) for s in cfg.sweep.suites]
         points, _ = run_sweep(chosen, sweep_suites, settings, cache, etas=cfg.sweep.eta,
@@ -179,10 +163,58 @@ def build_results(
     return page
 
 
+def _override(cfg: ResultsConfig, limit: int | None, kl_prompts: int | None,
+              sweep_eta: list[float] | None, sweep_steps: list[int] | None) -> ResultsConfig:
+    """``cfg`` with the command line's overrides applied."""
+    if limit is not None:
+        cfg.limit = limit
+        if cfg.sweep is not None:
+            cfg.sweep.limit = limit
+    if kl_prompts is not None:
+        cfg.kl.prompts = kl_prompts
+    if cfg.sweep is not None and sweep_eta:
+        cfg.sweep.eta = sweep_eta
+    if cfg.sweep is not None and sweep_steps:
+        cfg.sweep.steps = sweep_steps
+    return cfg
+
+
+def _ready_policies(cfg: ResultsConfig, config_path: Path, registry: Registry
+                    ) -> tuple[list[tuple[Path, list[str]]], list[tuple[Path, list[str]]]]:
+    """(ready, skipped): the policies whose artifacts exist, and the others with notes why."""
+    ready: list[tuple[Path, list[str]]] = []
+    skipped: list[tuple[Path, list[str]]] = []
+    for item in cfg.policies:
+        path = (config_path.parent / item).resolve()
+        notes = missing_artifacts(load_policy(path), registry)
+        (skipped if notes else ready).append((path, notes))
+    if not ready:
+        raise PolicyError(str(config_path), ["policies: no policy has its artifacts built yet"] +
+                          [n for _, notes in skipped for n in notes])
+    return ready, skipped
+
+
+def _classifier(registry: Registry, name: str | None) -> RefusalClassifier | None:
+    """The classifier every policy is scored with, if the config names one."""
+    if not name:
+        return None
+    created = registry.create("refusal_classifier", name, {})
+    assert isinstance(created, RefusalClassifier)
+    return created
+
+
+def _swept(sweep: SweepConfig, guards: list[Guardrail], here: Path) -> list[Guardrail]:
+    """The guardrails of the policies the sweep names (by name or path), else all."""
+    if sweep.policies is None:
+        return guards
+    paths = {str((here / p).resolve()) for p in sweep.policies}
+    return [g for g in guards if g.policy.name in sweep.policies or str(g.policy.path) in paths]
+
+
 def _spec(text: str, here: Path) -> SuiteSpec:
     """A suite name, or a user file resolved against the config's folder."""
     spec = SuiteSpec.parse(text)
-    if spec.plugin == "file":
+    if spec.plugin == FILE_SUITE:
         spec.params["path"] = str((here / spec.params["path"]).resolve())
     return spec
 
@@ -190,7 +222,7 @@ def _spec(text: str, here: Path) -> SuiteSpec:
 def _suite_arg(text: str, here: Path) -> str:
     """The ``--suite`` value that names the same suite from the current directory."""
     spec = _spec(text, here)
-    if spec.plugin != "file":
+    if spec.plugin != FILE_SUITE:
         return text
     label = spec.params.get("label")
     return _rel(spec.params["path"], Path.cwd()) + (f":{label}" if label else "")
@@ -284,7 +316,8 @@ def _page(cfg: ResultsConfig, invocation: str, page: Path, assets: Path, report:
         lines += ["## Capability guard", "",
                   "Mean KL(base ‖ steered) of the next-token distribution over the base model's "
                   f"greedy answers ({cfg.kl.max_new_tokens} tokens at most) to {cfg.kl.prompts} "
-                  "harmless-val prompts, teacher-forced with the steering hooks on and off.", ""]
+                  f"{CAPABILITY_SUITE} prompts, teacher-forced with the steering hooks on and off.",
+                  ""]
         lines += kl_table(report["kl"]) + [""]
         if "kl" in figures:
             lines += [f"![KL per answer position]({_rel(figures['kl'], page.parent)})", ""]

@@ -11,12 +11,12 @@ from typing import Any
 import structlog
 
 from guardrail.components import RefusalClassifier, Verdict
-from guardrail.evaluation.cache import Answer, GenerationCache, digest
+from guardrail.evaluation.cache import Answer, GenerationCache, Scope, Scopes, digest
 from guardrail.evaluation.metrics import Score, score
 from guardrail.evaluation.quality import assess
 from guardrail.evaluation.suites import LoadedSuite
+from guardrail.generation import user_turns
 from guardrail.guard import Guardrail
-from guardrail.models import file_sha256, model_fingerprint
 from guardrail.policy import GenerationSection, Policy, load_policy
 
 log = structlog.get_logger("guardrail.evaluation")
@@ -24,11 +24,15 @@ log = structlog.get_logger("guardrail.evaluation")
 
 @dataclass
 class Contender:
-    """One column of the comparison: a guardrail run steered, or unsteered as the base."""
+    """One column of the comparison: a guardrail run steered, or unsteered as the base.
+
+    ``scope`` is what its cached answers depend on, computed once per guardrail.
+    """
 
     label: str
     guard: Guardrail
     steer: bool
+    scope: Scope
 
     @property
     def policy(self) -> str:
@@ -55,6 +59,7 @@ def load_guards(policies: Sequence[Policy | str | Path], *, device: str | None =
 
 def contenders_for(guards: Sequence[Guardrail], *, base: bool = True) -> list[Contender]:
     """The base model (the first policy on each model, unsteered), then every policy steered."""
+    scopes = Scopes()
     out: list[Contender] = []
     if base:
         seen: dict[int, Guardrail] = {}
@@ -62,53 +67,38 @@ def contenders_for(guards: Sequence[Guardrail], *, base: bool = True) -> list[Co
             seen.setdefault(id(guard.model), guard)
         for guard in seen.values():
             label = "base" if len(seen) == 1 else f"base:{guard.loaded.name}"
-            out.append(Contender(label=label, guard=guard, steer=False))
+            out.append(Contender(label, guard, steer=False, scope=scopes.of(guard)))
     labels = [g.policy.name for g in guards]
     for i, guard in enumerate(guards):
         name = guard.policy.name
         label = name if labels.count(name) == 1 else f"{name}#{i}"
-        out.append(Contender(label=label, guard=guard, steer=True))
+        out.append(Contender(label, guard, steer=True, scope=scopes.of(guard)))
     return out
-
-
-def rails_key(guard: Guardrail) -> str:
-    """Hash of the enabled rails' specs and artifact contents (what steering depends on)."""
-    rails = []
-    for spec in guard.policy.rails:
-        if not spec.enabled:
-            continue
-        dumped = spec.model_dump(mode="json")
-        artifact = spec.energy_model.artifact if spec.energy_model else None
-        if artifact and Path(artifact).is_file():
-            dumped["energy_model"]["artifact"] = file_sha256(Path(artifact))
-        rails.append(dumped)
-    return digest(rails)
 
 
 class Answerer:
     """Generates (or fetches from the cache) answers of one guardrail with fixed settings."""
 
-    def __init__(self, guard: Guardrail, settings: GenerationSection, cache: GenerationCache
-                 ) -> None:
+    def __init__(self, guard: Guardrail, settings: GenerationSection, cache: GenerationCache,
+                 scope: Scope | None = None) -> None:
         self.guard = guard
         self.settings = settings
         self.cache = cache
-        self._model_key = digest(model_fingerprint(guard.model, guard.loaded.name))
-        self._rails_key = rails_key(guard)
+        self.scope = scope or Scope.of(guard)
         # batch_size changes nothing about greedy answers beyond padding noise; leave it out.
         self._settings_key = settings.model_dump(exclude={"batch_size"})
 
     def key(self, rendered: str, steer: bool) -> str:
         """Cache key of one rendered prompt."""
         # A policy without enabled rails steers nothing: its answers are the base model's.
-        rails = self._rails_key if steer and self.guard.rails else None
-        return digest({"model": self._model_key, "rails": rails,
+        rails = self.scope.rails_key if steer and self.guard.rails else None
+        return digest({"model": self.scope.model_key, "rails": rails,
                        "prompt": rendered, "generation": self._settings_key})
 
     def answer(self, prompts: Sequence[str], *, steer: bool, progress: bool = False
                ) -> list[Answer]:
         """One answer per user prompt; only cache misses reach the model."""
-        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        conversations = user_turns(prompts)
         keys = [self.key(text, steer) for text in self.guard.render(conversations, steer=steer)]
         found = self.cache.get_many(keys)
         unique: dict[str, int] = {}
@@ -174,7 +164,7 @@ def evaluate(
     progress: bool = False,
 ) -> list[SuiteResult]:
     """Answer every suite with every contender and score it with its (or the given) classifier."""
-    answerers = {id(c.guard): Answerer(c.guard, settings, cache) for c in contenders}
+    answerers = {id(c.guard): Answerer(c.guard, settings, cache, c.scope) for c in contenders}
     # All suites in one call per contender: fuller batches, and shared prompts generated once.
     everything = [item.prompt for suite in suites for item in suite.items]
     answered = [answerers[id(c.guard)].answer(everything, steer=c.steer, progress=progress)

@@ -1,27 +1,27 @@
 """Sweeping a steerer's step size and step count: the benign-compliance/harmful-refusal curve.
 
-Every rail whose steerer takes ``eta``/``steps`` gets the grid value; a policy without such a
-steerer (a system prompt, an ablation) is one point. The base model is one more point.
+Every rail whose steerer declares ``eta``/``steps`` in its ``sweep_params`` gets the grid
+value; a policy without such a steerer (a system prompt, an ablation) is one point. The base
+model is one more point. A grid point reuses its policy's loaded model and energy models.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from guardrail.errors import PolicyError
-from guardrail.evaluation.cache import GenerationCache
+from guardrail.components import Steerer
+from guardrail.evaluation.cache import GenerationCache, Scopes
 from guardrail.evaluation.metrics import Rate
 from guardrail.evaluation.runner import Contender, SuiteResult, evaluate
 from guardrail.evaluation.suites import LoadedSuite
 from guardrail.guard import Guardrail
 from guardrail.plugins import Registry
-from guardrail.policy import GenerationSection, Policy, check_plugins
+from guardrail.policy import GenerationSection, Policy
 
-SWEPT = ("eta", "steps")
+AXES = ("eta", "steps")
+"""The grid's axes: the step size and the step count, as steerers name them in ``sweep_params``."""
 SHORT = {"compliance": "comply", "refusal": "refuse"}
 
 
@@ -51,32 +51,35 @@ class SweepPoint:
 
 def variants(policy: Policy, registry: Registry, etas: Sequence[float], steps: Sequence[int]
              ) -> list[tuple[str, float | None, int | None, Policy]]:
-    """(label, eta, steps, policy) per grid point; one unchanged entry if nothing is tunable."""
-    tunable = [i for i, rail in enumerate(policy.rails) if rail.enabled and set(SWEPT) & set(
-        registry.get("steerer", rail.steerer.plugin).cls.Params.model_fields)]
+    """(label, eta, steps, policy) per grid point; one unchanged entry if nothing is tunable.
+
+    The variants are schema-checked; :meth:`Guardrail.with_policy` checks their params.
+    """
+    swept = {i: _axes(registry, rail.steerer.plugin)
+             for i, rail in enumerate(policy.rails) if rail.enabled}
+    tunable = {i: axes for i, axes in swept.items() if axes}
     if not tunable:
         return [(policy.name, None, None, policy)]
     out: list[tuple[str, float | None, int | None, Policy]] = []
     for eta in etas:
         for k in steps:
             data = policy.model_dump()
-            for i in tunable:
-                steerer = registry.get("steerer", policy.rails[i].steerer.plugin).cls
-                fields = steerer.Params.model_fields
+            for i, axes in tunable.items():
                 params = data["rails"][i]["steerer"]["params"]
-                if "eta" in fields:
-                    params["eta"] = eta
-                if "steps" in fields:
-                    params["steps"] = k
+                params.update({axis: value for axis, value in (("eta", eta), ("steps", k))
+                               if axis in axes})
             label = f"{policy.name}[eta={eta:g},steps={k}]"
             data["name"] = label
             variant = Policy.model_validate(data)
-            problems = check_plugins(variant, registry)
-            if problems:
-                raise PolicyError(str(policy.path or policy.name), problems)
             variant._path = policy.path
             out.append((label, eta, k, variant))
     return out
+
+
+def _axes(registry: Registry, steerer: str) -> set[str]:
+    """The grid axes a steerer lets the sweep set."""
+    cls = registry.get("steerer", steerer).cls
+    return set(AXES) & set(cls.sweep_params) if issubclass(cls, Steerer) else set()
 
 
 def run_sweep(
@@ -90,13 +93,13 @@ def run_sweep(
     progress: bool = False,
 ) -> tuple[list[SweepPoint], list[SuiteResult]]:
     """Evaluate the base and every grid point of every policy; pool benign and harmful items."""
-    contenders = [Contender("base", guards[0], steer=False)]
+    scopes = Scopes()
+    contenders = [Contender("base", guards[0], steer=False, scope=scopes.of(guards[0]))]
     meta: dict[str, tuple[str, float | None, int | None]] = {"base": ("base", None, None)}
     for guard in guards:
         for label, eta, k, variant in variants(guard.policy, guard.registry, etas, steps):
-            clone = guard if variant is guard.policy else Guardrail.from_policy(
-                variant, loaded=guard.loaded, plugin_manager=guard.plugin_manager)
-            contenders.append(Contender(label, clone, steer=True))
+            clone = guard if variant is guard.policy else guard.with_policy(variant)
+            contenders.append(Contender(label, clone, steer=True, scope=scopes.of(clone)))
             meta[label] = (guard.policy.name, eta, k)
     results = evaluate(contenders, suites, settings, cache, progress=progress)
     points = []
@@ -139,20 +142,6 @@ def sweep_table(points: Sequence[SweepPoint]) -> str:
             + " | ".join(per) + " |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str = ""
-                ) -> dict[str, Path]:
-    """Write ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``out_dir``."""
-    from guardrail.evaluation.plots import plot_tradeoff
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "sweep.json", "table": out / "sweep.md", "plot": out / "sweep.png"}
-    paths["json"].write_text(json.dumps([p.to_dict() for p in points], indent=2) + "\n")
-    paths["table"].write_text(sweep_table(points))
-    plot_tradeoff(points, paths["plot"], title=title)
-    return paths
 
 
 def _fmt(rate: Rate) -> str:
