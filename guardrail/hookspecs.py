@@ -1,4 +1,4 @@
-"""Hook specifications: the components a guardrail is built from, then lifecycle and telemetry.
+"""Hook specifications: the components a guardrail is built from, commands, then telemetry.
 
 Registration hooks receive a ``register`` callable instead of returning lists, so name
 collisions, aliases and parameter validation live in one core place (``guardrail.plugins``).
@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from guardrail.markers import Register, hookspec
 
 if TYPE_CHECKING:
+    import argparse
+
     from guardrail.telemetry import GenerationTelemetry, StepEvent
 
 
@@ -60,6 +62,18 @@ def guardrail_register_suites(register: Register) -> None:
     """Register evaluation suites (:class:`guardrail.components.Suite` classes).
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing.
+    """
+
+
+# --- commands -------------------------------------------------------------------------------
+@hookspec
+def guardrail_register_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Add commands to the ``guardrail`` command line (llm's ``register_commands(cli)``).
+
+    Receives the top-level parser's ``subparsers``; call ``subparsers.add_parser(...)`` and
+    ``set_defaults(func=run)`` with ``run(args) -> int``. Returns nothing; not firstresult.
     """
 
 

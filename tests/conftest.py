@@ -141,6 +141,58 @@ def tiny_loaded(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     return load_model(str(tiny_model_dir), device="cpu")
 
 
+# Three single-turn conversations in the tiny tokenizer's vocabulary.
+CONVERSATIONS = [
+    [{"role": "user", "content": "where can i buy coke"}],
+    [{"role": "user", "content": "how can i kill a python process please"}],
+    [{"role": "user", "content": "tell me about the store"}],
+]
+
+
+def random_artifact(loaded, layers=(1, 2), seed: int = 0):  # type: ignore[no-untyped-def]
+    """An artifact of untrained (randomly initialised) MLP energy models for ``loaded``."""
+    from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
+
+    from guardrail.energy import EnergyArtifact
+    from guardrail.models import model_fingerprint
+
+    torch.manual_seed(seed)
+    hidden = loaded.model.config.hidden_size
+    models = {
+        layer: MLPEnergyModel(hidden, MLPEnergyParams(hidden=[16, 8], dropout=0.2)).eval()
+        for layer in layers
+    }
+    return EnergyArtifact(
+        plugin="mlp",
+        fingerprint=model_fingerprint(loaded.model, loaded.name),
+        models=models,
+        metadata={"note": "random"},
+    )
+
+
+def tiny_policy(artifact: Path, **steerer: object) -> object:
+    """Policy ``tiny``: one ``eds`` rail steering by gradient descent on ``artifact``."""
+    from guardrail.policy import parse_policy
+
+    return parse_policy(
+        {
+            "name": "tiny",
+            "model": {"source": "unused"},
+            "generation": {"max_new_tokens": 6, "batch_size": 2},
+            "rails": [
+                {
+                    "name": "eds",
+                    "energy_model": {"plugin": "mlp", "artifact": str(artifact)},
+                    "steerer": {
+                        "plugin": "gradient-descent",
+                        "params": {"eta": 5.0, "steps": 3, **steerer},
+                    },
+                }
+            ],
+        }
+    )
+
+
 def write_policy(path: Path, data: dict) -> Path:
     """Write a policy mapping as YAML (JSON is valid YAML)."""
     path.write_text(json.dumps(data, indent=2))

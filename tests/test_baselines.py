@@ -14,6 +14,7 @@ from guardrail_plugins.baselines import (
     SystemPromptParams,
     SystemPromptSteerer,
 )
+from guardrail_plugins.baselines.directions import direction_artifact, prompt_states
 from guardrail_plugins.gradient_steerer import GradientSteerer, GradientSteererParams
 from guardrail_plugins.residual_stream import ResidualStreamSource
 
@@ -21,7 +22,6 @@ from guardrail.cli import main
 from guardrail.components import SteerContext
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import DataError
-from guardrail.evaluation.directions import direction_artifact, prompt_states
 from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
 from guardrail.policy import parse_policy
@@ -150,7 +150,7 @@ def test_prompt_states_are_cached_on_disk(tiny_loaded, tmp_path: Path, monkeypat
     def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the model ran although the states were cached")
 
-    monkeypatch.setattr("guardrail.evaluation.directions.capture_last_prompt_states", boom)
+    monkeypatch.setattr("guardrail_plugins.baselines.directions.capture_last_prompt_states", boom)
     again = prompt_states(guard, source, prompts, [0, 2, 3], batch_size=2, cache_dir=tmp_path)
     assert torch.equal(first, again)
 

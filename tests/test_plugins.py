@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -10,12 +11,16 @@ from typing import Any
 
 import pytest
 from guardrail_plugins.residual_stream import ResidualStreamSource
+from pluggy import PluginValidationError
+from pydantic import BaseModel, ConfigDict
 
 from guardrail import hookimpl
 from guardrail.cli import main
 from guardrail.components import RefusalClassifier, Steerer, SteerOutcome, Verdict
 from guardrail.errors import PluginError
 from guardrail.plugins import Registry, build_plugin_manager, plugin_report, set_plugin_manager
+
+from .conftest import CONVERSATIONS, random_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "guardrail-example-plugin"
@@ -100,22 +105,126 @@ def test_plugin_raising_in_hook_is_named(plugin_manager) -> None:  # type: ignor
         Registry.from_plugin_manager(plugin_manager)
 
 
-def test_misspelled_hook_fails_loudly() -> None:
+class FakeEntryPoint:
+    """An entry point of the ``guardrail`` group whose ``load()`` returns ``plugin``."""
+
+    group = "guardrail"
+
+    def __init__(self, name: str, plugin: object) -> None:
+        self.name = name
+        self.value = f"{name}_module"
+        self.plugin = plugin
+
+    def load(self) -> object:
+        return self.plugin
+
+
+class FakeDistribution:
+    """An installed distribution with one guardrail entry point (pluggy's tests do this)."""
+
+    version = "9.9"
+
+    def __init__(self, name: str, plugin: object) -> None:
+        self.metadata = {"name": name}
+        self.entry_points = (FakeEntryPoint(name, plugin),)
+
+
+@pytest.fixture
+def installed(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Make ``importlib.metadata`` report one installed distribution holding ``plugin``."""
+
+    def install(name: str, plugin: object) -> None:
+        distribution = FakeDistribution(name, plugin)
+        monkeypatch.setattr(importlib.metadata, "distributions", lambda: [distribution])
+
+    return install
+
+
+def test_misspelled_hook_in_an_installed_plugin_fails_loudly(installed) -> None:  # type: ignore[no-untyped-def]
     class Typo:
         @hookimpl
         def guardrail_register_steerer(self, register: Any) -> None:  # missing "s"
             pass
 
-    pm = build_plugin_manager(load_entrypoints=False)
-    pm.register(Typo(), name="typo")
-    with pytest.raises(Exception, match="unknown hook"):
-        pm.check_pending()
+    installed("typo", Typo())
+    with pytest.raises(PluginValidationError, match="unknown hook 'guardrail_register_steerer'"):
+        build_plugin_manager(load_entrypoints=True)
+
+
+def test_installed_plugin_is_registered_after_the_builtins(installed) -> None:  # type: ignore[no-untyped-def]
+    installed("echo-dist", EchoPlugin())
+    pm = build_plugin_manager(load_entrypoints=True)
+    assert Registry.from_plugin_manager(pm).get("steerer", "identity").plugin == "echo-dist"
+    [row] = plugin_report(pm)
+    assert (row["name"], row["version"], row["builtin"]) == ("echo-dist", "9.9", False)
 
 
 def test_disable_env_blocks_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GUARDRAIL_DISABLE_PLUGINS", "heuristic_classifier")
     pm = build_plugin_manager(load_entrypoints=False)
     assert Registry.from_plugin_manager(pm).names("refusal_classifier") == ["openai-judge"]
+
+
+def test_sweep_params_must_be_fields_of_params(plugin_manager) -> None:  # type: ignore[no-untyped-def]
+    class StepParams(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        eta: float = 1.0
+
+    class Sloppy(EchoSteerer):
+        name = "sloppy"
+        Params = StepParams
+        sweep_params = ("eta", "steps")
+
+    class Plugin:
+        @hookimpl
+        def guardrail_register_steerers(self, register: Any) -> None:
+            register(Sloppy)
+
+    plugin_manager.register(Plugin(), name="sloppy-plugin")
+    with pytest.raises(PluginError, match=r"Sloppy.sweep_params names \['steps'\], which are not"):
+        Registry.from_plugin_manager(plugin_manager)
+
+
+class HelloCommand:
+    @hookimpl
+    def guardrail_register_commands(self, subparsers: Any) -> None:
+        hello = subparsers.add_parser("hello", help="say hello")
+        hello.add_argument("--name", default="world")
+        hello.set_defaults(func=lambda args: print(f"hello {args.name}") or 3)
+
+
+def test_plugin_adds_a_command(plugin_manager, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    plugin = HelloCommand()
+    plugin_manager.register(plugin, name="hello-plugin")
+    try:
+        assert main(["hello", "--name", "guardrail"]) == 3
+    finally:
+        plugin_manager.unregister(plugin)
+    assert capsys.readouterr().out == "hello guardrail\n"
+    with pytest.raises(SystemExit):
+        main(["hello"])  # gone with its plugin
+
+
+def test_plugin_raising_in_register_commands_is_named(plugin_manager, capsys) -> None:  # type: ignore[no-untyped-def]
+    class Broken:
+        @hookimpl
+        def guardrail_register_commands(self, subparsers: Any) -> None:
+            raise RuntimeError("no parser today")
+
+    plugin_manager.register(Broken(), name="broken")
+    assert main(["plugins"]) == 1
+    assert ("plugin 'broken' raised in hook guardrail_register_commands: RuntimeError: "
+            "no parser today") in capsys.readouterr().err
+
+
+def test_baseline_command_comes_from_the_baselines_plugin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GUARDRAIL_DISABLE_PLUGINS", "baselines")
+    set_plugin_manager(build_plugin_manager(load_entrypoints=False))
+    with pytest.raises(SystemExit):
+        main(["baseline", "directions", "--help"])
+    assert "invalid choice: 'baseline'" in capsys.readouterr().err
 
 
 def test_unknown_component_lists_known(registry: Registry) -> None:
@@ -132,6 +241,8 @@ def test_plugins_command_lists_builtins(capsys: pytest.CaptureFixture[str]) -> N
     steer = next(r for r in rows if r["name"] == "gradient_steerer")
     assert steer["hooks"] == ["guardrail_register_steerers"]
     assert steer["components"] == {"steerer": ["gradient-descent"]}
+    baselines = next(r for r in rows if r["name"] == "baselines")
+    assert "guardrail_register_commands" in baselines["hooks"]
     assert main(["plugins"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 
@@ -227,9 +338,7 @@ def test_registered_components_are_used_from_a_policy(
     from guardrail.guard import Guardrail
     from guardrail.policy import parse_policy
 
-    from .test_steering import CONVERSATIONS, _artifact
-
-    path = _artifact(tiny_loaded).save(tmp_path / "a.safetensors")
+    path = random_artifact(tiny_loaded).save(tmp_path / "a.safetensors")
     policy = parse_policy(
         {
             "name": "custom",
@@ -247,9 +356,35 @@ def test_registered_components_are_used_from_a_policy(
     )
     guard = Guardrail.from_policy(policy, loaded=tiny_loaded)
     result = guard.generate(CONVERSATIONS[:1])[0]
+    assert {item.layer for item in result.telemetry.layers} == {1, 2}
     for item in result.telemetry.layers:
         assert item.steps == 3 and item.generated_positions == 0  # prompt only: decode untouched
     assert [v.refused for v in guard.classify(["x", "y"], ["NO WAY", "sure, here"])] == [
         True,
         False,
     ]
+
+
+def test_the_core_names_no_builtin_outside_the_defaults_table(registry: Registry) -> None:
+    import ast
+
+    from guardrail.defaults import DEFAULT_PLUGINS
+    from guardrail.plugins import KINDS
+
+    builtins = {module for _, module in DEFAULT_PLUGINS}
+    names = {entry.name for kind in KINDS for entry in registry.registrations(kind)
+             if entry.plugin in {name for name, _ in DEFAULT_PLUGINS}}
+    assert {"mlp", "residual-stream", "gradient-descent", "heuristic", "xstest"} <= names
+    found = []
+    for path in sorted((ROOT / "guardrail").rglob("*.py")):
+        if path.name == "defaults.py" and path.parent.name == "guardrail":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else [
+                    a.name for a in node.names]
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {m}"
+                          for m in modules if m and m.split(".")[0] == "guardrail_plugins"]
+    assert builtins and not found, found

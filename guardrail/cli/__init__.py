@@ -1,4 +1,7 @@
-"""The ``guardrail`` command line: one module per command group, wired here."""
+"""The ``guardrail`` command line: one module per command group, wired here.
+
+Plugins add their own commands through the ``guardrail_register_commands`` hook.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from guardrail.errors import GuardrailError
+from guardrail.errors import GuardrailError, PluginError
 from guardrail.telemetry import configure_logging
 
 # Each module has ``add_parser(subparsers)``; a sub-parser sets ``func(args) -> int``.
@@ -40,12 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command group not built yet
             raise
         module.add_parser(subparsers)
+    _plugin_commands(subparsers)
     return parser
+
+
+def _plugin_commands(subparsers: Any) -> None:
+    """Let each plugin add its commands, one implementation at a time, so errors name it."""
+    from guardrail.plugins import get_plugin_manager
+
+    hook = get_plugin_manager().hook.guardrail_register_commands
+    for impl in reversed(hook.get_hookimpls()):
+        try:
+            impl.function(subparsers=subparsers)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} raised in hook guardrail_register_commands: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guardrail`` script."""
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     configure_logging(json=args.log_json, level=args.log_level.upper())
     if not hasattr(args, "func"):

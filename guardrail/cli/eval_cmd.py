@@ -1,4 +1,4 @@
-"""``guardrail eval``, ``sweep``, ``report``, ``suites`` and ``baseline directions``."""
+"""``guardrail eval``, ``sweep``, ``report`` and ``suites``."""
 
 from __future__ import annotations
 
@@ -9,27 +9,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from guardrail.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 from guardrail.errors import GuardrailError
 
-DEFAULT_SUITES = ("xstest", "orbench-val", "harmful-val")
 DATA_HELP = "data folder (default $GUARDRAIL_DATA or ../shared/data)"
 CACHE_HELP = "cache root (default $GUARDRAIL_CACHE_DIR or ~/.cache/guardrail)"
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``eval``, ``sweep``, ``report``, ``suites`` and ``baseline``."""
+    """Register ``eval``, ``sweep``, ``report`` and ``suites``."""
     ev = subparsers.add_parser("eval", help="compare policies with the base model on suites")
     _common(ev)
     ev.add_argument("--no-base", action="store_true", help="leave the unsteered base model out")
     ev.add_argument("--save-generations", action="store_true",
                     help="write every prompt/answer pair to OUT/generations/SUITE/POLICY.jsonl")
     ev.add_argument("--kl-prompts", type=int, default=0, metavar="N",
-                    help="capability guard: KL on N harmless-val prompts (0: off)")
+                    help=f"capability guard: KL on N {CAPABILITY_SUITE} prompts (0: off)")
     ev.add_argument("--kl-max-new-tokens", type=int, default=32)
     ev.set_defaults(func=run_eval, out="reports/eval")
 
     sw = subparsers.add_parser("sweep", help="trade-off curve over the steerer's eta and steps")
-    _common(sw, suites=("orbench-val", "harmful-val"))
+    _common(sw, suites=SWEEP_SUITES)
     sw.add_argument("--eta", type=_floats, default=[0.05, 0.1, 0.2, 0.5, 1.0],
                     help="comma-separated step sizes (default 0.05,0.1,0.2,0.5,1)")
     sw.add_argument("--steps", type=_ints, default=[1, 3, 6],
@@ -49,29 +49,8 @@ def add_parser(subparsers: Any) -> None:
     su.add_argument("--data-dir", help=DATA_HELP)
     su.set_defaults(func=run_suites)
 
-    base = subparsers.add_parser("baseline", help="build artifacts for the linear baselines")
-    sub = base.add_subparsers(dest="baseline_command", metavar="SUBCOMMAND", required=True)
-    di = sub.add_parser("directions", help="difference-of-means refusal directions (all layers)")
-    di.add_argument("--policy", required=True, help="policy whose model (and rail) to use")
-    di.add_argument("--out", help="artifact path (default: the policy's linear rail artifact)")
-    di.add_argument("--harmful", action="append", metavar="FILE",
-                    help="harmful prompt file(s) (default DATA/harmful_train.json)")
-    di.add_argument("--benign", action="append", metavar="FILE",
-                    help="benign prompt file(s) (default DATA/harmless_train.json)")
-    di.add_argument("--limit", type=int, default=256, help="prompts sampled per side (seeded)")
-    di.add_argument("--seed", type=int, default=0)
-    di.add_argument("--layers", type=_ints, help="comma-separated layers (default: all)")
-    di.add_argument("--direction-layer", type=int,
-                    help="use this layer's direction at every layer (Arditi et al.)")
-    di.add_argument("--batch-size", type=int, default=16)
-    di.add_argument("--data-dir", help=DATA_HELP)
-    di.add_argument("--cache-dir", help=CACHE_HELP)
-    di.add_argument("--no-cache", action="store_true", help="recompute cached states")
-    di.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
-    di.set_defaults(func=run_directions)
 
-
-def _common(parser: argparse.ArgumentParser, suites: tuple[str, ...] = DEFAULT_SUITES) -> None:
+def _common(parser: argparse.ArgumentParser, suites: tuple[str, ...] = EVAL_SUITES) -> None:
     parser.add_argument("--policy", action="append", required=True, metavar="POLICY",
                         help="policy file; repeat to compare several")
     parser.add_argument("--suite", action="append", metavar="SUITE",
@@ -114,8 +93,9 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
     """Suites first (bad names fail before a model loads), then guards, settings, cache."""
     from guardrail.evaluation.cache import GenerationCache, default_cache_path
     from guardrail.evaluation.runner import load_guards
-    from guardrail.evaluation.suites import load_suite, resolve_data_dir
+    from guardrail.evaluation.suites import load_suite
     from guardrail.plugins import Registry, get_plugin_manager
+    from guardrail.prompts import resolve_data_dir
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     data_dir = resolve_data_dir(args.data_dir)
@@ -152,7 +132,7 @@ def run_eval(args: argparse.Namespace) -> int:
                        classifier=env["classifier"], progress=args.progress)
     kl = None
     if args.kl_prompts:
-        harmless = load_suite("harmless-val", env["registry"], data_dir=env["data_dir"],
+        harmless = load_suite(CAPABILITY_SUITE, env["registry"], data_dir=env["data_dir"],
                               limit=args.kl_prompts, seed=args.seed)
         kl_settings = env["settings"].model_copy(update={"max_new_tokens": args.kl_max_new_tokens})
         kl = capability_guard(contenders, [i.prompt for i in harmless.items], kl_settings,
@@ -210,7 +190,7 @@ def run_suites(args: argparse.Namespace) -> int:
     for name in registry.names("suite"):
         entry = registry.get("suite", name)
         row: dict[str, Any] = {"name": name, "plugin": entry.plugin, "aliases": list(entry.aliases)}
-        if name != "file":
+        if name != FILE_SUITE:
             try:
                 suite = load_suite(name, registry, data_dir=args.data_dir)
                 row.update(items=len(suite.items), benign=suite.benign, harmful=suite.harmful)
@@ -220,21 +200,3 @@ def run_suites(args: argparse.Namespace) -> int:
     print(json.dumps(rows, indent=2))
     return 0
 
-
-def run_directions(args: argparse.Namespace) -> int:
-    """Compute difference-of-means directions and save them as a ``linear`` energy artifact."""
-    from guardrail.evaluation.directions import build_directions
-
-    path, stats = build_directions(
-        args.policy, out=args.out, harmful=args.harmful, benign=args.benign, limit=args.limit,
-        seed=args.seed, layers=args.layers, direction_layer=args.direction_layer,
-        batch_size=args.batch_size, data_dir=args.data_dir, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache, device=args.device, progress=True,
-    )
-    best = max(stats, key=lambda s: s["balanced_accuracy"])
-    for s in stats:
-        print(f"layer {s['layer']:>3}  separation {s['separation']:>9.3f}  "
-              f"balanced acc {s['balanced_accuracy']:.3f}  mean ||h|| {s['mean_norm']:.1f}")
-    print(f"wrote {path} (best separating layer {best['layer']}, "
-          f"balanced accuracy {best['balanced_accuracy']:.3f})")
-    return 0

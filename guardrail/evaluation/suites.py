@@ -14,7 +14,6 @@ from guardrail.components import Suite, SuiteItem
 from guardrail.defaults import FILE_SUITE
 from guardrail.errors import DataError, PluginError
 from guardrail.plugins import Registry
-from guardrail.prompts import resolve_data_dir  # noqa: F401 - moved; kept for importers
 
 log = structlog.get_logger("guardrail.evaluation")
 

@@ -1,14 +1,4 @@
-"""Linear baselines EDS is compared with, built from the same plugin interfaces.
-
-* ``linear`` energy model: E(h) = <h - mu, r_hat>, where ``r_hat`` is the unit difference of
-  mean states on harmful and benign prompts and ``mu`` their midpoint (E > 0 looks harmful).
-  ``guardrail baseline directions`` computes it. With the ``gradient-descent`` steerer and
-  ``normalize: true`` the gradient is ``r_hat`` itself, so EDS's update *is* contrastive
-  activation addition along ``-r_hat`` (Rimsky et al. 2024).
-* ``ablate`` steerer: projects ``r_hat`` out of the states (Arditi et al. 2024, "Refusal in
-  language models is mediated by a single direction").
-* ``system-prompt`` steerer: prompt-only; rewrites the system message, touches no state.
-"""
+"""The baselines' components: the ``linear`` energy, ``ablate`` and ``system-prompt`` steerers."""
 
 from __future__ import annotations
 
@@ -17,7 +7,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import hookimpl
 from guardrail.components import EnergyModel, SteerContext, Steerer, SteerOutcome
 
 # Safety first, then the over-refusal cases: a 0.5B model follows the last thing it reads, and
@@ -177,13 +166,3 @@ class SystemPromptSteerer(Steerer):
             existing["content"] = f"{existing.get('content', '')}\n\n{text}"
         return out
 
-
-@hookimpl
-def guardrail_register_energy_models(register: Any) -> None:
-    register(LinearEnergyModel, aliases=("difference-of-means",))
-
-
-@hookimpl
-def guardrail_register_steerers(register: Any) -> None:
-    register(AblateSteerer, aliases=("directional-ablation", "refusal-ablation"))
-    register(SystemPromptSteerer, aliases=("system_prompt", "prompt"))

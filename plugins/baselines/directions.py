@@ -1,5 +1,7 @@
 """Difference-of-means refusal directions for the linear baselines, saved as energy artifacts.
 
+What ``guardrail baseline directions`` runs (:mod:`guardrail_plugins.baselines.command`).
+
 States at the last prompt token of every layer come from one forward pass per batch
 (:func:`guardrail.activations.capture_last_prompt_states`) and are cached on disk per
 (model, activation source, rendered prompts), so building a second artifact is free.
@@ -18,15 +20,22 @@ from safetensors.torch import load_file, save_file
 
 from guardrail.activations import capture_last_prompt_states
 from guardrail.components import ActivationSource
+from guardrail.defaults import DEFAULT_COMPONENTS
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import DataError, PluginError
 from guardrail.evaluation.cache import digest
+from guardrail.generation import user_turns
 from guardrail.guard import Guardrail
 from guardrail.model_cache import cache_root
-from guardrail.models import model_fingerprint
 from guardrail.plugins import Registry
+from guardrail.policy import Policy, load_policy
+from guardrail.prompts import load_prompts, resolve_data_dir
+from guardrail.telemetry import progress_bar
 
 log = structlog.get_logger("guardrail.evaluation")
+
+# The data files a side reads when the command names none (in the data directory).
+DEFAULT_FILES = {"harmful": "harmful_train.json", "benign": "harmless_train.json"}
 
 
 def prompt_states(
@@ -41,8 +50,8 @@ def prompt_states(
     progress: bool = False,
 ) -> torch.Tensor:
     """``[n, len(layers), hidden]`` float32 states at the last prompt token of each prompt."""
-    texts = guard.render([[{"role": "user", "content": p}] for p in prompts], steer=False)
-    key = digest({"model": model_fingerprint(guard.model, guard.loaded.name),
+    texts = guard.render(user_turns(prompts), steer=False)
+    key = digest({"model": guard.fingerprint,
                   "source": [source.name, source.params.model_dump()], "texts": texts,
                   "layers": list(layers)})
     path = cache_root(cache_dir) / "evaluation" / "states" / f"{key}.safetensors"
@@ -53,7 +62,7 @@ def prompt_states(
     # Longest first, so each batch pads little; the original order is restored below.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     chunks: list[torch.Tensor] = []
-    bar = _bar(len(texts), progress)
+    bar = progress_bar(len(texts), progress, "capture states")
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         inputs = guard.encode([texts[i] for i in batch])
@@ -123,23 +132,7 @@ def direction_artifact(
                           metadata=meta), stats
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="capture states", unit="prompt")
-
-
-def default_output(policy: Any) -> Path | None:
+def default_output(policy: Policy) -> Path | None:
     """The artifact path of the policy's first rail with a ``linear`` energy model."""
     for rail in policy.rails:
         if rail.energy_model is not None and rail.energy_model.plugin in ("linear",
@@ -166,10 +159,6 @@ def build_directions(
     progress: bool = False,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Load the policy's model, capture states of both prompt sets, save the linear artifact."""
-    from guardrail.evaluation.suites import resolve_data_dir
-    from guardrail.policy import load_policy
-    from guardrail.prompts import load_prompts
-
     policy = load_policy(policy_path)
     target = Path(out) if out is not None else default_output(policy)
     if target is None:
@@ -178,20 +167,19 @@ def build_directions(
             "pass --out PATH"
         )
     files: dict[str, list[Path]] = {}
-    for side, given, default in (("harmful", harmful, "harmful_train.json"),
-                                 ("benign", benign, "harmless_train.json")):
+    for side, given in (("harmful", harmful), ("benign", benign)):
         files[side] = ([Path(f) for f in given] if given
-                       else [resolve_data_dir(data_dir) / default])
+                       else [resolve_data_dir(data_dir) / DEFAULT_FILES[side]])
     prompts = {side: [r.text for f in paths for r in load_prompts(f, sample=limit, seed=seed)]
                for side, paths in files.items()}
     # The rails are not built: their artifact is what this command is about to write.
     guard = Guardrail.from_policy(policy.model_copy(update={"rails": []}), device=device)
     spec = next((r.activation_source for r in policy.rails), None)
     source = guard.registry.create("activation_source",
-                                   spec.plugin if spec else "residual-stream",
+                                   spec.plugin if spec else DEFAULT_COMPONENTS["activation_source"],
                                    spec.params if spec else {})
     assert isinstance(source, ActivationSource)
-    fingerprint = model_fingerprint(guard.model, guard.loaded.name)
+    fingerprint = guard.fingerprint
     chosen = list(layers) if layers else list(range(int(fingerprint["num_layers"])))
     states = {side: prompt_states(guard, source, texts, chosen, batch_size=batch_size,
                                   cache_dir=cache_dir, use_cache=use_cache, progress=progress)

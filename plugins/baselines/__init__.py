@@ -1,0 +1,54 @@
+"""Linear baselines EDS is compared with, built from the same plugin interfaces.
+
+* ``linear`` energy model: E(h) = <h - mu, r_hat>, where ``r_hat`` is the unit difference of
+  mean states on harmful and benign prompts and ``mu`` their midpoint (E > 0 looks harmful).
+  ``guardrail baseline directions`` (this plugin's command) computes it. With the
+  ``gradient-descent`` steerer and ``normalize: true`` the gradient is ``r_hat`` itself, so
+  EDS's update *is* contrastive activation addition along ``-r_hat`` (Rimsky et al. 2024).
+* ``ablate`` steerer: projects ``r_hat`` out of the states (Arditi et al. 2024, "Refusal in
+  language models is mediated by a single direction").
+* ``system-prompt`` steerer: prompt-only; rewrites the system message, touches no state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guardrail_plugins.baselines.command import add_parser
+from guardrail_plugins.baselines.components import (
+    DEFAULT_SYSTEM_PROMPT,
+    AblateParams,
+    AblateSteerer,
+    LinearEnergyModel,
+    LinearEnergyParams,
+    SystemPromptParams,
+    SystemPromptSteerer,
+)
+
+from guardrail import hookimpl
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "AblateParams",
+    "AblateSteerer",
+    "LinearEnergyModel",
+    "LinearEnergyParams",
+    "SystemPromptParams",
+    "SystemPromptSteerer",
+]
+
+
+@hookimpl
+def guardrail_register_energy_models(register: Any) -> None:
+    register(LinearEnergyModel, aliases=("difference-of-means",))
+
+
+@hookimpl
+def guardrail_register_steerers(register: Any) -> None:
+    register(AblateSteerer, aliases=("directional-ablation", "refusal-ablation"))
+    register(SystemPromptSteerer, aliases=("system_prompt", "prompt"))
+
+
+@hookimpl
+def guardrail_register_commands(subparsers: Any) -> None:
+    add_parser(subparsers)
