@@ -14,56 +14,20 @@ from guardrail.energy import EnergyArtifact
 from guardrail.errors import ArtifactError, PluginError
 from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
-from guardrail.policy import parse_policy
 
-from .conftest import build_tiny_model, build_tiny_tokenizer
-
-CONVERSATIONS = [
-    [{"role": "user", "content": "where can i buy coke"}],
-    [{"role": "user", "content": "how can i kill a python process please"}],
-    [{"role": "user", "content": "tell me about the store"}],
-]
-
-
-def _artifact(loaded, layers=(1, 2), seed: int = 0) -> EnergyArtifact:  # type: ignore[no-untyped-def]
-    torch.manual_seed(seed)
-    hidden = loaded.model.config.hidden_size
-    models = {
-        layer: MLPEnergyModel(hidden, MLPEnergyParams(hidden=[16, 8], dropout=0.2)).eval()
-        for layer in layers
-    }
-    return EnergyArtifact(
-        plugin="mlp",
-        fingerprint=model_fingerprint(loaded.model, loaded.name),
-        models=models,
-        metadata={"note": "random"},
-    )
-
-
-def _policy(artifact: Path, **steerer: object) -> object:
-    return parse_policy(
-        {
-            "name": "tiny",
-            "model": {"source": "unused"},
-            "generation": {"max_new_tokens": 6, "batch_size": 2},
-            "rails": [
-                {
-                    "name": "eds",
-                    "energy_model": {"plugin": "mlp", "artifact": str(artifact)},
-                    "steerer": {
-                        "plugin": "gradient-descent",
-                        "params": {"eta": 5.0, "steps": 3, **steerer},
-                    },
-                }
-            ],
-        }
-    )
+from .conftest import (
+    CONVERSATIONS,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    random_artifact,
+    tiny_policy,
+)
 
 
 @pytest.fixture
 def guard(tiny_loaded, tmp_path: Path) -> Guardrail:  # type: ignore[no-untyped-def]
-    path = _artifact(tiny_loaded).save(tmp_path / "art.safetensors")
-    return Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+    path = random_artifact(tiny_loaded).save(tmp_path / "art.safetensors")
+    return Guardrail.from_policy(tiny_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
 
 
 def test_unsteered_matches_plain_generate(guard: Guardrail) -> None:
@@ -107,11 +71,12 @@ def test_batched_equals_one_by_one(guard: Guardrail) -> None:
 def test_gate_above_all_energies_steers_nothing(
     guard: Guardrail, tiny_loaded, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    path = _artifact(tiny_loaded).save(tmp_path / "gate.safetensors")
-    gated = Guardrail.from_policy(_policy(path, gate=1e9), loaded=tiny_loaded)  # type: ignore[arg-type]
+    path = random_artifact(tiny_loaded).save(tmp_path / "gate.safetensors")
+    gated = Guardrail.from_policy(tiny_policy(path, gate=1e9), loaded=tiny_loaded)  # type: ignore[arg-type]
     base = gated.generate(CONVERSATIONS, steer=False)
     result = gated.generate(CONVERSATIONS)
     assert [r.token_ids for r in base] == [r.token_ids for r in result]
+    assert {item.layer for item in result[0].telemetry.layers} == {1, 2}
     for item in result[0].telemetry.layers:
         assert item.steps == 0 and item.steered_positions == 0 and item.gated_positions >= 1
 
@@ -127,11 +92,11 @@ def test_max_displacement_caps_the_move() -> None:
 
 
 def test_nonfinite_energy_leaves_rows_unsteered(tiny_loaded, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    artifact = _artifact(tiny_loaded, layers=(1,))
+    artifact = random_artifact(tiny_loaded, layers=(1,))
     with torch.no_grad():
         artifact.models[1].net[0].weight[0, 0] = float("nan")
     path = artifact.save(tmp_path / "nan.safetensors")
-    guard = Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+    guard = Guardrail.from_policy(tiny_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
     base = guard.generate(CONVERSATIONS, steer=False)
     steered = guard.generate(CONVERSATIONS)
     assert [r.token_ids for r in base] == [r.token_ids for r in steered]
@@ -143,24 +108,24 @@ def test_nonfinite_energy_leaves_rows_unsteered(tiny_loaded, tmp_path: Path, cap
 
 def test_artifact_for_other_model_is_refused(tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     other = build_tiny_model(len(build_tiny_tokenizer()), layers=6)
-    artifact = _artifact(tiny_loaded)
+    artifact = random_artifact(tiny_loaded)
     artifact.fingerprint = model_fingerprint(other, "other-model")
     path = artifact.save(tmp_path / "other.safetensors")
     with pytest.raises(
         ArtifactError, match="trained for model 'other-model'.*num_layers: artifact 6 vs model 4"
     ):
-        Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+        Guardrail.from_policy(tiny_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
 
 
 def test_corrupt_artifact_is_a_clear_error(tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(ArtifactError, match="junk.safetensors: not a readable safetensors file"):
-        Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+        Guardrail.from_policy(tiny_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
 
 
 def test_artifact_roundtrip_and_header(tiny_loaded, tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
-    artifact = _artifact(tiny_loaded)
+    artifact = random_artifact(tiny_loaded)
     artifact.models[1].threshold = 0.25
     path = artifact.save(tmp_path / "a.safetensors")
     header = EnergyArtifact.read_header(path)
@@ -216,6 +181,8 @@ def test_energies_without_generation(guard: Guardrail) -> None:
     assert len(rows) == 3
     steered = guard.generate(CONVERSATIONS)
     for row, result in zip(rows, steered, strict=True):
+        assert [m.layer for m in row.layers] == [1, 2]
+        assert all(m.energy_before is not None for m in row.layers)
         for measured, item in zip(row.layers, result.telemetry.layers, strict=True):
             assert measured.layer == item.layer
             # Layer 1 sees unsteered input in both; deeper layers see layer 1's steering.
