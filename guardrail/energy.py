@@ -7,7 +7,6 @@ fingerprint of the model they were trained on. Loading it for another model is r
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +137,3 @@ class EnergyArtifact:
         if bad:
             raise ArtifactError(f"{where}: layers {bad} do not exist in a {num_layers}-layer model")
 
-
-def finite(value: float | None) -> float | None:
-    """``value`` if it is a finite number, else ``None`` (for telemetry)."""
-    return value if value is not None and math.isfinite(value) else None

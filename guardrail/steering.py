@@ -88,10 +88,6 @@ class SteeringSession:
             handle.remove()
         self._handles.clear()
 
-    def reset(self) -> None:
-        """Forget recorded telemetry (between batches)."""
-        self.records.clear()
-
     def _make_hook(self, entries: list[tuple[Rail, int]]) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             for rail, layer in entries:
@@ -113,38 +109,9 @@ class SteeringSession:
         energy = rail.energies.get(layer)
         ctx = SteerContext(rail=rail.name, layer=layer, phase=phase)
         if self.measure_only:
-            record = self._measure(energy, flat)
-            new_flat = flat
+            new_flat, record = flat, self._measure(energy, flat)
         else:
-            try:
-                outcome = rail.steerer.steer(flat, energy, ctx)
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {rail.plugins.get('steerer')!r} raised in Steerer.steer "
-                    f"(rail {rail.name!r}, layer {layer}, {phase}): {type(exc).__name__}: {exc}"
-                ) from exc
-            new_flat = outcome.states
-            bad_rows = ~torch.isfinite(new_flat).all(dim=-1)
-            if bool(bad_rows.any()):
-                log.warning(
-                    "steer.nonfinite_output", rail=rail.name, layer=layer, rows=int(bad_rows.sum())
-                )
-                new_flat = torch.where(bad_rows[:, None], flat, new_flat)
-            if outcome.nonfinite is not None and bool(outcome.nonfinite.any()):
-                log.warning(
-                    "steer.nonfinite_energy",
-                    rail=rail.name,
-                    layer=layer,
-                    phase=phase,
-                    rows=int(outcome.nonfinite.sum()),
-                )
-            record = _Record(
-                outcome.energy_before,
-                outcome.energy_after,
-                outcome.steps,
-                outcome.steered,
-                outcome.nonfinite,
-            )
+            new_flat, record = self._run_steerer(rail, flat, energy, ctx)
         record = _last_position(record, batch, positions)
         self.records[(rail.name, layer)][phase].append(record)
         if self.on_step is not None:
@@ -164,6 +131,43 @@ class SteeringSession:
         new_states = states.clone()
         new_states[:, window, :] = new_flat.reshape(batch, positions, hidden).to(states.dtype)
         return rail.source.write(output, new_states)
+
+    @staticmethod
+    def _run_steerer(
+        rail: Rail, flat: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
+    ) -> tuple[torch.Tensor, _Record]:
+        """The steerer's states (rows it made non-finite put back as they were) and record."""
+        try:
+            outcome = rail.steerer.steer(flat, energy, ctx)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {rail.plugins.get('steerer')!r} raised in Steerer.steer "
+                f"(rail {rail.name!r}, layer {ctx.layer}, {ctx.phase}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        new_flat = outcome.states
+        bad_rows = ~torch.isfinite(new_flat).all(dim=-1)
+        if bool(bad_rows.any()):
+            log.warning(
+                "steer.nonfinite_output", rail=rail.name, layer=ctx.layer, rows=int(bad_rows.sum())
+            )
+            new_flat = torch.where(bad_rows[:, None], flat, new_flat)
+        if outcome.nonfinite is not None and bool(outcome.nonfinite.any()):
+            log.warning(
+                "steer.nonfinite_energy",
+                rail=rail.name,
+                layer=ctx.layer,
+                phase=ctx.phase,
+                rows=int(outcome.nonfinite.sum()),
+            )
+        record = _Record(
+            outcome.energy_before,
+            outcome.energy_after,
+            outcome.steps,
+            outcome.steered,
+            outcome.nonfinite,
+        )
+        return new_flat, record
 
     @staticmethod
     def _measure(energy: EnergyModel | None, flat: torch.Tensor) -> _Record:
