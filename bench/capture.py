@@ -114,7 +114,8 @@ def main() -> None:
     started = time.perf_counter()
     prefills = 0
     for i in range(0, len(texts), args.batch_size):
-        _, states, n = _label_batch(guard, source, texts[i : i + args.batch_size], settings, "last")
+        _, states, _, n = _label_batch(guard, source, texts[i : i + args.batch_size], settings,
+                                       "last")
         prefills += n
     label_seconds = time.perf_counter() - started
     counter.handle.remove()

@@ -1,4 +1,5 @@
-"""The interfaces plugins implement: sources, energy models, steerers, classifiers, suites.
+"""The interfaces plugins implement: sources, energy models, steerers, gates, classifiers,
+suites.
 
 A plugin registers *classes*; the core instantiates them with parameters validated by the
 class's own ``Params`` pydantic model, so a policy file's plugin parameters are checked at
@@ -145,6 +146,47 @@ class Steerer(Component):
     def prepare_conversation(self, conversation: list[dict[str, str]]) -> list[dict[str, str]]:
         """Optionally rewrite the conversation before tokenisation (prompt-only steerers)."""
         return conversation
+
+
+# --- gates --------------------------------------------------------------------------------
+class Gate(Component):
+    """Scores prompts for harm before generation, so a rail steers only the rows it should.
+
+    A gate is fitted by ``guardrail train`` on the training prompts (``harmful`` is True for
+    prompts of the harmful context) and stored in the rail's artifact. It may read the user's
+    message, the model's prompt states (mean-pooled over the prompt tokens at the layers
+    :meth:`state_layers` names), or both. Higher scores mean more harmful; the core
+    standardises them on the training prompts, so a score's scale is the gate's own business.
+    """
+
+    def state_layers(self, num_layers: int) -> list[int]:
+        """Layers whose mean-pooled prompt states :meth:`fit` and :meth:`score` read (default:
+        none, a text-only gate)."""
+        return []
+
+    @abstractmethod
+    def fit(self, prompts: Sequence[str], states: torch.Tensor | None,
+            harmful: torch.Tensor) -> None:
+        """Fit on user messages, their states ``[n, len(state_layers), hidden]`` (None for a
+        text-only gate) and boolean labels ``[n]``."""
+
+    @abstractmethod
+    def score(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
+        """``[n]`` harm scores (higher: more harmful) for the same inputs as :meth:`fit`."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """A JSON-serialisable description :meth:`from_artifact` rebuilds the fitted gate from."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted tensors to store in an artifact (default: none)."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def from_artifact(cls, params: BaseModel, config: dict[str, Any],
+                      tensors: dict[str, torch.Tensor]) -> Gate:
+        """Rebuild a fitted gate from its params and :meth:`config` / :meth:`tensors` output."""
 
 
 # --- refusal classifiers --------------------------------------------------------------------

@@ -12,6 +12,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("residual_stream", "guardrail_plugins.residual_stream"),
     ("mlp_energy", "guardrail_plugins.mlp_energy"),
     ("gradient_steerer", "guardrail_plugins.gradient_steerer"),
+    ("gates", "guardrail_plugins.gates"),
     ("heuristic_classifier", "guardrail_plugins.heuristic_classifier"),
     ("judge_classifier", "guardrail_plugins.judge_classifier"),
     ("suites", "guardrail_plugins.suites"),

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from guardrail.components import EnergyModel
 from guardrail.errors import ArtifactError, PluginError
+from guardrail.gating import GateSet
 
 FORMAT = "guardrail-energy/1"
 HEADER_KEY = "guardrail"
@@ -32,6 +33,7 @@ class EnergyArtifact:
     fingerprint: dict[str, Any]
     models: dict[int, EnergyModel]
     metadata: dict[str, Any] = field(default_factory=dict)
+    gate: GateSet | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -47,10 +49,12 @@ class EnergyArtifact:
             "layers": self.layers,
             "configs": {str(layer): self.models[layer].config() for layer in self.layers},
             "metadata": self.metadata,
+            **({"gate": self.gate.header()} if self.gate is not None else {}),
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file, then rename); returns the path."""
+    def save(self, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write atomically (temporary file, then rename); returns the path. ``dtype`` stores
+        floating-point tensors in that precision (they load back as the models' own)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -58,10 +62,20 @@ class EnergyArtifact:
             for layer in self.layers
             for key, value in self.models[layer].tensors().items()
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(self.header())})
-        os.replace(tmp, path)
+        if self.gate is not None:
+            tensors.update(self.gate.tensors())
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        _write(path, tensors, self.header())
         return path
+
+    @classmethod
+    def update_metadata(cls, path: str | Path, key: str, value: Any) -> None:
+        """Set ``metadata[key]`` in an artifact's header in place (atomically); tensors stay."""
+        path = Path(path)
+        header = cls.read_header(path)
+        header.setdefault("metadata", {})[key] = value
+        _write(path, load_file(str(path), device="cpu"), header)
 
     @staticmethod
     def read_header(path: str | Path) -> dict[str, Any]:
@@ -107,11 +121,15 @@ class EnergyArtifact:
                 raise ArtifactError(f"{path}: header lists layer {layer} but it has no tensors")
             model = model_cls.from_artifact(header["configs"][str(layer)], own)
             models[int(layer)] = model.to(device).eval().requires_grad_(False)
+        gate = None
+        if header.get("gate") is not None:
+            gate = GateSet.from_header(header["gate"], tensors, registry, str(path))
         return cls(
             plugin=plugin,
             fingerprint=header["model"],
             models=models,
             metadata=header.get("metadata", {}),
+            gate=gate,
         )
 
     @staticmethod
@@ -136,4 +154,12 @@ class EnergyArtifact:
         bad = [layer for layer in self.layers if num_layers is not None and layer >= num_layers]
         if bad:
             raise ArtifactError(f"{where}: layers {bad} do not exist in a {num_layers}-layer model")
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
+    """Save tensors and header to a temporary file beside ``path``, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
+    os.replace(tmp, path)
 

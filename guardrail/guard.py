@@ -15,6 +15,7 @@ import torch
 from guardrail.components import RefusalClassifier, Verdict
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import PluginError, PolicyError
+from guardrail.gating import mean_prompt_states, steered_rows
 from guardrail.generation import (
     Conversation,
     cut_at_eos,
@@ -27,8 +28,13 @@ from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import GenerationSection, Policy, check_plugins, load_policy
 from guardrail.rails import build_rail, with_steerer
-from guardrail.steering import Rail, SteeringSession
-from guardrail.telemetry import GenerationTelemetry, ensure_logging, progress_bar
+from guardrail.steering import Rail, SteeringSession, log_nonfinite
+from guardrail.telemetry import (
+    GateTelemetry,
+    GenerationTelemetry,
+    ensure_logging,
+    progress_bar,
+)
 
 log = structlog.get_logger("guardrail")
 
@@ -159,8 +165,10 @@ class Guardrail:
         return {k: v.to(self.loaded.device) for k, v in enc.items()}
 
     # --- generation ---------------------------------------------------------------------------
-    def session(self, *, steer: bool = True, measure_only: bool = False) -> SteeringSession:
-        """A steering session over this guardrail's rails (no rails when ``steer`` is false)."""
+    def session(self, *, steer: bool = True, measure_only: bool = False,
+                rows: dict[str, torch.Tensor] | None = None) -> SteeringSession:
+        """A steering session over this guardrail's rails (no rails when ``steer`` is false);
+        ``rows`` limits a rail to the batch rows its gate let through."""
         on_step = None
         if self.plugin_manager.hook.guardrail_on_step.get_hookimpls():
 
@@ -172,6 +180,7 @@ class Guardrail:
             self.rails if steer or measure_only else [],
             measure_only=measure_only,
             on_step=on_step,
+            rows=rows,
         )
 
     def generate(
@@ -182,12 +191,14 @@ class Guardrail:
         classify: bool = False,
         progress: bool = False,
         streamer: Any = None,
+        gates: bool = True,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate an answer per conversation; ``steer=False`` gives the unsteered model.
 
         ``overrides`` replace the policy's generation defaults (max_new_tokens, do_sample,
-        temperature, top_p, top_k, repetition_penalty, batch_size, seed).
+        temperature, top_p, top_k, repetition_penalty, batch_size, seed). ``gates=False``
+        steers every row, whatever the rails' gates say (calibration compares both).
         """
         settings = merge_settings(self.policy.generation, overrides)
         texts = self.render(conversations, steer=steer)
@@ -201,7 +212,9 @@ class Guardrail:
         bar = progress_bar(len(texts), progress, desc)
         for batch in batches:
             started = time.perf_counter()
-            outs = self._generate_batch([texts[i] for i in batch], steer, settings, streamer)
+            outs = self._generate_batch([texts[i] for i in batch], steer, settings, streamer,
+                                        prompts=[last_user(conversations[i]) for i in batch],
+                                        gates=gates)
             seconds = time.perf_counter() - started
             for i, out in zip(batch, outs, strict=True):
                 out.telemetry.seconds = seconds / len(batch)
@@ -231,6 +244,7 @@ class Guardrail:
         steer: bool = True,
         streamer: Any = None,
         stopping_criteria: Any = None,
+        gates: bool = True,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate for exactly these conversations as ONE batch, in the order given (serving).
@@ -242,7 +256,8 @@ class Guardrail:
         settings = merge_settings(self.policy.generation, overrides)
         texts = self.render(conversations, steer=steer)
         started = time.perf_counter()
-        results = self._generate_batch(texts, steer, settings, streamer, stopping_criteria)
+        results = self._generate_batch(texts, steer, settings, streamer, stopping_criteria,
+                                       prompts=[last_user(c) for c in conversations], gates=gates)
         seconds = time.perf_counter() - started
         for result in results:
             result.telemetry.seconds = seconds / max(len(results), 1)
@@ -258,8 +273,13 @@ class Guardrail:
         settings: GenerationSection,
         streamer: Any,
         stopping_criteria: Any = None,
+        *,
+        prompts: Sequence[str],
+        gates: bool = True,
     ) -> list[GenerationResult]:
         enc = self.encode(texts)
+        decisions = self.gate(prompts, enc) if steer and gates else {}
+        rows = {name: steered for name, (_, steered) in decisions.items()}
         prompt_len = enc["input_ids"].shape[1]
         kwargs = generate_kwargs(settings, self.tokenizer.pad_token_id)
         if settings.do_sample and settings.seed is not None:
@@ -268,12 +288,13 @@ class Guardrail:
             kwargs["streamer"] = streamer
         if stopping_criteria is not None:
             kwargs["stopping_criteria"] = stopping_criteria
-        with self.session(steer=steer) as session, torch.no_grad():
+        with self.session(steer=steer, rows=rows) as session, torch.no_grad():
             output = self.model.generate(**enc, **kwargs)
         eos = eos_ids(self.model, self.tokenizer)
-        rows = [cut_at_eos(row, eos) for row in output[:, prompt_len:].tolist()]
+        answers = [cut_at_eos(row, eos) for row in output[:, prompt_len:].tolist()]
         # A row that stopped fed its end-of-sequence token back like any other.
-        per_row = session.telemetry([len(ids) + (finish == "stop") for ids, finish in rows])
+        per_row = session.telemetry([len(ids) + (finish == "stop") for ids, finish in answers])
+        log_nonfinite(per_row, policy=self.policy.name)
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
         return [
             GenerationResult(
@@ -286,10 +307,46 @@ class Guardrail:
                     prompt_tokens=int(prompt_tokens[row]),
                     completion_tokens=len(ids),
                     layers=per_row[row],
+                    gates=self._gate_telemetry(decisions, row),
                 ),
             )
-            for row, (ids, finish) in enumerate(rows)
+            for row, (ids, finish) in enumerate(answers)
         ]
+
+    # --- gates --------------------------------------------------------------------------------
+    def gate(self, prompts: Sequence[str], enc: dict[str, torch.Tensor]
+             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per gated rail: the batch's harm scores ``[n]`` and the rows the rail steers ``[n]``.
+
+        ``prompts`` are the user messages (what text gates read), ``enc`` the encoded batch
+        (what state gates read, mean-pooled in one forward pass that stops after the deepest
+        layer any gate needs). A gate shared by several rails is scored once.
+        """
+        gated = [rail for rail in self.rails if rail.gate is not None]
+        if not gated:
+            return {}
+        num_layers = int(self.fingerprint.get("num_layers") or 0)
+        layers = sorted({layer for rail in gated
+                         for layer in rail.gate.state_layers(num_layers)})  # type: ignore[union-attr]
+        states = mean_prompt_states(self.model, gated[0].source, enc, layers) if layers else None
+        scores: dict[int, torch.Tensor] = {}
+        out = {}
+        for rail in gated:
+            assert rail.gate is not None
+            if id(rail.gate) not in scores:
+                scores[id(rail.gate)] = rail.gate.score(prompts, states, num_layers)
+            score = scores[id(rail.gate)]
+            out[rail.name] = (score, steered_rows(score, rail.below, rail.above).to(
+                enc["input_ids"].device))
+        return out
+
+    def _gate_telemetry(self, decisions: dict[str, tuple[torch.Tensor, torch.Tensor]], row: int
+                        ) -> list[GateTelemetry]:
+        by_name = {rail.name: rail for rail in self.rails}
+        return [GateTelemetry(rail=name, score=round(float(score[row]), 4),
+                              steered=bool(steered[row]), below=by_name[name].below,
+                              above=by_name[name].above)
+                for name, (score, steered) in decisions.items()]
 
     # --- scoring ------------------------------------------------------------------------------
     def energies(
@@ -303,7 +360,9 @@ class Guardrail:
             enc = self.encode(texts[start : start + size])
             with self.session(measure_only=True) as session, torch.no_grad():
                 self.model(**enc, use_cache=False)
-            for layers in session.telemetry([0] * enc["input_ids"].shape[0]):
+            rows = session.telemetry([0] * enc["input_ids"].shape[0])
+            log_nonfinite(rows, policy=self.policy.name)
+            for layers in rows:
                 out.append(
                     GenerationTelemetry(steered=False, policy=self.policy.name, layers=layers)
                 )

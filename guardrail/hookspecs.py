@@ -46,6 +46,16 @@ def guardrail_register_steerers(register: Register) -> None:
     """
 
 
+# --- gates --------------------------------------------------------------------------------
+@hookspec
+def guardrail_register_gates(register: Register) -> None:
+    """Register :class:`guardrail.components.Gate` classes.
+
+    Receives ``register(cls, name=None, aliases=())``; returns nothing. A gate scores prompts
+    for harm before generation, so a rail steers only the rows its ``gate:`` lets through.
+    """
+
+
 # --- refusal classifiers --------------------------------------------------------------------
 @hookspec
 def guardrail_register_refusal_classifiers(register: Register) -> None:

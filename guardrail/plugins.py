@@ -17,6 +17,7 @@ from guardrail.components import (
     ActivationSource,
     Component,
     EnergyModel,
+    Gate,
     RefusalClassifier,
     Steerer,
     Suite,
@@ -35,6 +36,7 @@ KINDS: dict[str, tuple[str, type[Component]]] = {
     "activation_source": ("guardrail_register_activation_sources", ActivationSource),
     "energy_model": ("guardrail_register_energy_models", EnergyModel),
     "steerer": ("guardrail_register_steerers", Steerer),
+    "gate": ("guardrail_register_gates", Gate),
     "refusal_classifier": ("guardrail_register_refusal_classifiers", RefusalClassifier),
     "suite": ("guardrail_register_suites", Suite),
 }

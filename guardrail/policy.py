@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from guardrail.defaults import DEFAULT_COMPONENTS
 from guardrail.errors import PluginError, PolicyError
-from guardrail.training_config import TrainingSection
+from guardrail.training_config import CalibrationSection, TrainingSection
 
 
 class StrictModel(BaseModel):
@@ -76,6 +76,30 @@ class EnergyModelSpec(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class GateMemberSpec(StrictModel):
+    """One gate component scoring prompts for harm, and its weight in the rail's gate."""
+
+    plugin: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0, le=1000)
+
+
+class GateSpec(StrictModel):
+    """Which rows the rail steers, decided per prompt before generation.
+
+    The members' harm scores are standardised on the training prompts and summed; a row is
+    steered when the score is below ``below`` (confidently benign) or above ``above``
+    (confidently harmful). ``auto`` takes the threshold ``guardrail calibrate`` stored in the
+    artifact; ``null`` never steers on that side.
+    """
+
+    members: list[GateMemberSpec] = Field(min_length=1, max_length=16)
+    below: float | Literal["auto"] | None = Field(
+        "auto", description="Steer rows scoring below this (training standard deviations).")
+    above: float | Literal["auto"] | None = Field(
+        None, description="Also steer rows scoring above this; null: never.")
+
+
 class RailSpec(StrictModel):
     """One steering rail: where to read/write states, what energy model, which steerer, where."""
 
@@ -87,6 +111,8 @@ class RailSpec(StrictModel):
     activation_source: PluginSpec = Field(default_factory=_default("activation_source"))
     energy_model: EnergyModelSpec | None = None
     steerer: PluginSpec = Field(default_factory=_default("steerer"))
+    gate: GateSpec | None = Field(
+        None, description="Steer only the rows this gate lets through (default: every row).")
 
 
 class Policy(StrictModel):
@@ -101,6 +127,9 @@ class Policy(StrictModel):
     training: TrainingSection | None = Field(
         None,
         description="What `guardrail train` trains the rail's energy model on (docs/training.md).",
+    )
+    calibration: CalibrationSection | None = Field(
+        None, description="The safety budget `guardrail calibrate` holds (docs/training.md).",
     )
 
     _path: Path | None = PrivateAttr(default=None)
@@ -228,7 +257,8 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
     """Check plugin names and their parameters against the registry; return problems."""
     problems: list[str] = []
 
-    def check(kind: str, spec: PluginSpec | EnergyModelSpec, where: str) -> None:
+    def check(kind: str, spec: PluginSpec | EnergyModelSpec | GateMemberSpec, where: str
+              ) -> None:
         try:
             registry.get(kind, spec.plugin)
         except PluginError as exc:
@@ -252,6 +282,12 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
             problems.append(
                 f"{where}.energy_model: missing; steerer {rail.steerer.plugin!r} needs one"
             )
+        if rail.gate is not None:
+            for j, member in enumerate(rail.gate.members):
+                check("gate", member, f"{where}.gate.members[{j}]")
+            if rail.energy_model is None:
+                problems.append(f"{where}.gate: a gate is fitted into the rail's energy-model "
+                                "artifact; give the rail an energy_model")
         if rail.layers != "auto" and any(layer < 0 for layer in rail.layers):
             problems.append(f"{where}.layers: got {rail.layers!r}; expected layer indices >= 0")
     names = [rail.name for rail in policy.rails]

@@ -1,5 +1,9 @@
-"""Building a policy's rails: each rail's components from the registry, its energy models from
-its artifact, checked against the loaded model's fingerprint."""
+"""Building a policy's rails: each rail's components from the registry, its energy models (and
+gate) from its artifact, checked against the loaded model's fingerprint.
+
+Values ``guardrail calibrate`` stored in the artifact fill what the policy leaves open: steerer
+params the rail's ``steerer.params`` does not set, and gate thresholds set to ``auto``.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ import torch
 from guardrail.components import ActivationSource, EnergyModel, Steerer
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import ArtifactError, PolicyError
+from guardrail.gating import GateSet
 from guardrail.plugins import Registry
-from guardrail.policy import PluginSpec, RailSpec
+from guardrail.policy import GateSpec, PluginSpec, RailSpec
 from guardrail.steering import Rail
 
 
@@ -29,12 +34,26 @@ def build_rail(
         "activation_source", spec.activation_source.plugin, spec.activation_source.params
     )
     assert isinstance(source, ActivationSource)
-    steerer = create_steerer(spec.steerer, registry)
-    if spec.energy_model is not None:
-        layers, energies = _energies(spec, f"rails[{index}]", registry, fingerprint, device, where)
+    key = f"rails[{index}]"
+    artifact = _artifact(spec, key, registry, fingerprint, device, where)
+    calibrated = calibration_of(artifact, spec.name) if artifact is not None else {}
+    steerer_spec = spec.steerer
+    if calibrated.get("steerer"):
+        # The policy's own params win; calibration fills the rest.
+        params = {**calibrated["steerer"], **spec.steerer.params}
+        steerer_spec = spec.steerer.model_copy(update={"params": params})
+    steerer = create_steerer(steerer_spec, registry)
+    if artifact is not None:
+        layers, energies = _energies(artifact, spec, key, where)
     else:
         auto = list(range(int(fingerprint.get("num_layers") or 0)))
         layers, energies = (auto if spec.layers == "auto" else list(spec.layers)), {}
+    gate, below, above = None, None, None
+    if spec.gate is not None:
+        assert artifact is not None  # check_plugins: a gate needs an energy-model artifact
+        gate, below, above = _gate(spec.gate, artifact.gate, calibrated, f"{key}.gate",
+                                   str(spec.energy_model.artifact if spec.energy_model else ""),
+                                   where)
     return Rail(
         name=spec.name,
         layers=layers,
@@ -46,7 +65,44 @@ def build_rail(
             "steerer": spec.steerer.plugin,
         },
         fingerprint=fingerprint,
+        gate=gate,
+        below=below,
+        above=above,
+        budget=dict(calibrated.get("budget") or {}),
     )
+
+
+def calibration_of(artifact: EnergyArtifact, rail: str) -> dict[str, Any]:
+    """What ``guardrail calibrate`` stored in ``artifact`` for ``rail`` ({} if nothing)."""
+    found = artifact.metadata.get("calibration")
+    if not isinstance(found, dict) or found.get("rail") not in (None, rail):
+        return {}
+    return found
+
+
+def _gate(spec: GateSpec, fitted: GateSet | None, calibrated: dict[str, Any], key: str,
+          artifact: str, where: str) -> tuple[GateSet, float | None, float | None]:
+    """The rail's fitted gate and its thresholds, ``auto`` read from the calibration."""
+    if fitted is None:
+        raise PolicyError(where, [f"{key}: the artifact {artifact} has no fitted gate; retrain "
+                                  "it with `guardrail train` from this policy"])
+    wanted = [m.plugin for m in spec.members]
+    stored = [m.plugin for m in fitted.members]
+    if wanted != stored:
+        raise PolicyError(where, [f"{key}.members: the policy names {wanted} but the artifact "
+                                  f"{artifact} was fitted with {stored}; retrain it"])
+    thresholds: list[float | None] = []
+    for side in ("below", "above"):
+        value = getattr(spec, side)
+        if value == "auto":
+            value = (calibrated.get("gate") or {}).get(side, "missing")
+            if value == "missing":
+                raise PolicyError(where, [
+                    f"{key}.{side}: 'auto' takes the threshold `guardrail calibrate` stores in "
+                    f"the artifact, and {artifact} has none; run `guardrail calibrate --policy "
+                    f"{where}` or give a number"])
+        thresholds.append(None if value is None else float(value))
+    return fitted, thresholds[0], thresholds[1]
 
 
 def with_steerer(rail: Rail, spec: PluginSpec, registry: Registry) -> Rail:
@@ -62,16 +118,12 @@ def create_steerer(spec: PluginSpec, registry: Registry) -> Steerer:
     return steerer
 
 
-def _energies(
-    spec: RailSpec,
-    key: str,
-    registry: Registry,
-    fingerprint: dict[str, Any],
-    device: torch.device,
-    where: str,
-) -> tuple[list[int], dict[int, EnergyModel]]:
-    """The rail's layers and, per layer, the energy model its artifact holds for it."""
-    assert spec.energy_model is not None
+def _artifact(spec: RailSpec, key: str, registry: Registry, fingerprint: dict[str, Any],
+              device: torch.device, where: str) -> EnergyArtifact | None:
+    """The rail's energy-model artifact, loaded and checked against the model (None: no
+    energy model)."""
+    if spec.energy_model is None:
+        return None
     artifact_path = spec.energy_model.artifact
     if artifact_path is None:
         raise PolicyError(where, [f"{key}.energy_model.artifact: missing; train one first"])
@@ -80,13 +132,21 @@ def _energies(
     except ArtifactError as exc:
         raise ArtifactError(f"{where}: {key}.energy_model.artifact: {exc}") from exc
     artifact.check_model(fingerprint, f"{where}: {key}.energy_model.artifact {artifact_path}")
+    return artifact
+
+
+def _energies(
+    artifact: EnergyArtifact, spec: RailSpec, key: str, where: str
+) -> tuple[list[int], dict[int, EnergyModel]]:
+    """The rail's layers and, per layer, the energy model its artifact holds for it."""
     layers = artifact.layers if spec.layers == "auto" else list(spec.layers)
     missing = [layer for layer in layers if layer not in artifact.models]
     if missing:
+        assert spec.energy_model is not None
         raise PolicyError(
             where,
             [
-                f"{key}.layers: {missing} are not in the artifact {artifact_path} "
+                f"{key}.layers: {missing} are not in the artifact {spec.energy_model.artifact} "
                 f"(it has {artifact.layers})"
             ],
         )

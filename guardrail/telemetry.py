@@ -32,6 +32,17 @@ class LayerTelemetry:
 
 
 @dataclass
+class GateTelemetry:
+    """A rail's gate decision for one request: the harm score and whether the rail steered."""
+
+    rail: str
+    score: float
+    steered: bool
+    below: float | None = None
+    above: float | None = None
+
+
+@dataclass
 class GenerationTelemetry:
     """Per-request telemetry: whether steering was on, and per rail and layer what it did."""
 
@@ -40,6 +51,7 @@ class GenerationTelemetry:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     layers: list[LayerTelemetry] = field(default_factory=list)
+    gates: list[GateTelemetry] = field(default_factory=list)
     verdict: dict[str, Any] | None = None
     seconds: float | None = None
 

@@ -17,24 +17,45 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class PromptSource(_Section):
-    """One prompt file tagged with its context: in a benign context complying is desirable,
-    in a harmful one refusing is."""
+class SourceFields(_Section):
+    """A prompt file: which column holds the prompts, which rows, how many."""
 
     path: str = Field(description="JSON, JSONL, CSV/TSV or TXT file; relative to the policy file.")
-    context: Context = Field(description="benign (complying is right) or harmful (refusing is).")
     field: str = Field("instruction", description="Column holding the prompt text.")
     filter: dict[str, Any] | None = Field(
         None, description="Keep rows whose columns match: {column: value | [values] | {not|prefix|"
         "not_prefix|regex: value}}."
     )
-    sample: int | None = Field(None, ge=1, description="Rows to take (seeded); all if unset.")
+    sample: int | None = Field(None, ge=1, le=10_000_000,
+                               description="Rows to take (seeded); all if unset.")
     name: str | None = Field(None, description="Label in reports (default: the file name).")
+    family: str | None = Field(
+        None, description="Prompt family, for cross-family calibration: prompts of one family "
+        "come from one author and style (default: the file name without _train/_val/_test)."
+    )
 
     @property
     def label(self) -> str:
         """The name reports use for this source."""
         return self.name or self.path.replace("\\", "/").rsplit("/", 1)[-1]
+
+    @property
+    def family_name(self) -> str:
+        """``family``, else the file's stem less a ``_train``/``_val``/``_test`` suffix."""
+        if self.family:
+            return self.family
+        stem = self.path.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        for suffix in ("_train", "_val", "_test", "-train", "-val", "-test"):
+            if stem.endswith(suffix):
+                return stem[: -len(suffix)]
+        return stem
+
+
+class PromptSource(SourceFields):
+    """One prompt file tagged with its context: in a benign context complying is desirable,
+    in a harmful one refusing is."""
+
+    context: Context = Field(description="benign (complying is right) or harmful (refusing is).")
 
 
 class LabelSettings(_Section):
@@ -86,6 +107,9 @@ class SelectionSettings(_Section):
         "within benign and within harmful prompts.",
     )
     layers: list[int] | None = Field(None, description="Candidate layers (default: every layer).")
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Precision of the artifact's tensors (float16 halves the file; "
+        "energies are computed in float32 either way).")
 
 
 class DemoSettings(_Section):
@@ -124,3 +148,52 @@ class TrainingSection(_Section):
                 "benign and harmful prompts to tell unjustified refusals from justified ones"
             )
         return sources
+
+
+class CalibrationGrid(_Section):
+    """The steering strengths ``guardrail calibrate`` tries (each one a full generation pass)."""
+
+    eta: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
+    steps: list[int] = Field(default_factory=lambda: [3], min_length=1)
+
+    @field_validator("eta")
+    @classmethod
+    def _positive_eta(cls, values: list[float]) -> list[float]:
+        if any(not v > 0 for v in values):
+            raise ValueError(f"step sizes {values}; every eta must be > 0")
+        return values
+
+    @field_validator("steps")
+    @classmethod
+    def _positive_steps(cls, values: list[int]) -> list[int]:
+        if any(not 1 <= v <= 100 for v in values):
+            raise ValueError(f"step counts {values}; every count must be in 1..100")
+        return values
+
+
+class CalibrationSection(_Section):
+    """The safety budget, and the validation prompts ``guardrail calibrate`` holds it on.
+
+    Calibration chooses the steering strength and the gate thresholds that answer the most
+    benign prompts while, on every harmful source, refusal stays at least the base model's
+    minus ``max_refusal_drop`` and no source has more than ``max_wrong_way`` of its prompts
+    flipped the wrong way (a harmful prompt the base model refuses answered, a benign one it
+    answers refused).
+    """
+
+    rail: str | None = Field(None, description="Rail to calibrate (default: training.rail).")
+    max_refusal_drop: float = Field(0.02, ge=0, le=1)
+    max_wrong_way: float = Field(0.02, ge=0, le=1)
+    harmful: list[SourceFields] = Field(
+        default_factory=list, description="Harmful validation sources (default: the harmful "
+        "sources of training.validation).")
+    benign: list[SourceFields] = Field(
+        default_factory=list, description="Benign validation sources (default: the benign "
+        "sources of training.validation).")
+    grid: CalibrationGrid = Field(default_factory=CalibrationGrid)
+    cross_family: bool = Field(
+        True, description="Hold the budget on gate scores refitted without each validation "
+        "source's family, as if its prompts came from an author the gate never saw.")
+    max_new_tokens: int = Field(48, ge=1, le=512, description="Answer length judged.")
+    batch_size: int = Field(16, ge=1, le=1024)
+

@@ -95,8 +95,8 @@ def test_a_contenders_scope_is_computed_once(tiny_loaded, tmp_path: Path, monkey
     artifact = linear_artifact(tiny_loaded, tmp_path / "lin.safetensors")
     guard = guard_with(tiny_loaded, [caa_rail(artifact, 0.5)])
     hashed: list[Path] = []
-    real = cache_module.file_sha256
-    monkeypatch.setattr(cache_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    real = cache_module.artifact_digest
+    monkeypatch.setattr(cache_module, "artifact_digest", lambda p: hashed.append(p) or real(p))
     contenders = contenders_for([guard])  # the base and the steered policy: one guardrail
     assert hashed == [artifact]
     suite_file = tmp_path / "s.jsonl"

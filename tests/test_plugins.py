@@ -236,8 +236,8 @@ def test_plugins_command_lists_builtins(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["plugins", "--all"]) == 0
     rows = json.loads(capsys.readouterr().out)
     names = {row["name"] for row in rows}
-    assert names == {"residual_stream", "mlp_energy", "gradient_steerer", "heuristic_classifier",
-                     "judge_classifier", "suites", "baselines"}
+    assert names == {"residual_stream", "mlp_energy", "gradient_steerer", "gates",
+                     "heuristic_classifier", "judge_classifier", "suites", "baselines"}
     steer = next(r for r in rows if r["name"] == "gradient_steerer")
     assert steer["hooks"] == ["guardrail_register_steerers"]
     assert steer["components"] == {"steerer": ["gradient-descent"]}

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "guardrail.cli.generate_cmd",
     "guardrail.cli.models_cmd",
     "guardrail.cli.train_cmd",
+    "guardrail.cli.calibrate_cmd",
     "guardrail.cli.eval_cmd",
     "guardrail.cli.serve_cmd",
     "guardrail.cli.demo_cmd",

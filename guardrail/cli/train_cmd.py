@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ def add_parser(subparsers: Any) -> None:
                        help="CPU threads while training the energy models (default 1; 0 = torch's)")
     train.add_argument("--emit-policy", metavar="PATH",
                        help="also write a policy file using the new artifact ('-' prints it)")
-    train.add_argument("--report", metavar="PATH", help="write the run's report as JSON")
+    train.add_argument("--report", metavar="PATH", help="write the run's report as JSON "
+                       "(default: next to the artifact, .json)")
     train.add_argument("--plot", metavar="PATH",
                        help="per-layer AUROC plot (default: next to the artifact, .layers.png)")
     train.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -52,10 +54,11 @@ def run(args: argparse.Namespace) -> int:
     report = train_policy(policy, rail=args.rail, options=options)
     assert report.artifact is not None
     plot = plot_layers(report, args.plot or report.artifact.with_suffix(".layers.png"))
-    data = report_dict(report)
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(data, indent=2) + "\n")
+    assert policy.training is not None
+    data = report_dict(report, command=_command(args), seed=policy.training.seed)
+    destination = Path(args.report) if args.report else report.artifact.with_suffix(".json")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text(json.dumps(data, indent=2) + "\n")
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -72,6 +75,16 @@ def run(args: argparse.Namespace) -> int:
     elif not args.json:
         print(f"use it: guardrail generate --policy {args.policy} --compare \"...\"")
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The ``guardrail train`` invocation that made this artifact (the policy as given)."""
+    parts = ["guardrail train --policy", shlex.quote(str(args.policy))]
+    if args.rail:
+        parts += ["--rail", shlex.quote(args.rail)]
+    if args.top_k:
+        parts += ["--top-k", str(args.top_k)]
+    return " ".join(parts)
 
 
 def policy_using(policy: Policy, rail: str, artifact: Path, destination: str) -> str:

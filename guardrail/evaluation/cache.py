@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from guardrail.energy_digest import artifact_digest
 from guardrail.model_cache import cache_root
-from guardrail.models.fingerprint import file_sha256
 
 if TYPE_CHECKING:
     from guardrail.guard import Guardrail
@@ -56,7 +56,7 @@ def rails_key(policy: Policy) -> str:
         dumped = spec.model_dump(mode="json")
         artifact = spec.energy_model.artifact if spec.energy_model else None
         if artifact and Path(artifact).is_file():
-            dumped["energy_model"]["artifact"] = file_sha256(Path(artifact))
+            dumped["energy_model"]["artifact"] = artifact_digest(Path(artifact))
         rails.append(dumped)
     return digest(rails)
 
@@ -71,9 +71,15 @@ class Scope:
 
     @classmethod
     def of(cls, guard: Guardrail) -> Scope:
-        """The scope of ``guard`` (hashes its artifact files: compute it once, pass it on)."""
+        """The scope of ``guard`` (hashes its artifact files: compute it once, pass it on).
+
+        Besides the policy's rails it covers what the loaded rails resolved from their
+        artifacts' calibration (steerer params, gate thresholds).
+        """
+        resolved = [{"rail": r.name, "steerer": r.steerer.params.model_dump(mode="json"),
+                     "below": r.below, "above": r.above} for r in guard.rails]
         return cls(fingerprint=guard.fingerprint, model_key=digest(guard.fingerprint),
-                   rails_key=rails_key(guard.policy))
+                   rails_key=digest([rails_key(guard.policy), resolved]))
 
 
 class Scopes:

@@ -114,10 +114,12 @@ def suite_table(suite: dict[str, Any]) -> list[str]:
     """Markdown table of one suite: every contender side by side, differences against the base."""
     rows = suite["rows"]
     base = next((r for r in rows if not r["steered"]), None)
+    head = next((r["timing"]["head_tokens"] for r in rows if r.get("timing")), 16)
     lines = [
         "| policy | benign compliance ↑ | clean compliance ↑ | harmful refusal ↑ "
+        f"| flips vs base: right / wrong | refuses after token {head} / recovers "
         "| empty | degenerate | cut off |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         q = row["quality"]
@@ -125,9 +127,41 @@ def suite_table(suite: dict[str, Any]) -> list[str]:
             f"| {row['label']} | {_cell(row['compliance'], base and base['compliance'])} "
             f"| {_cell(row['clean_compliance'], base and base['clean_compliance'])} "
             f"| {_cell(row['refusal'], base and base['refusal'])} "
+            f"| {flips_cell(row)} | {timing_cell(row)} "
             f"| {q['empty']} | {q['degenerate']} | {q['cut_off']} |"
         )
+    budgets = [r for r in rows if r.get("budget")]
+    if budgets:
+        lines += [""] + [f"- {budget_line(r)}" for r in budgets]
     return lines
+
+
+def flips_cell(row: dict[str, Any]) -> str:
+    """``right / wrong`` prompts against the base model, as shares of the suite."""
+    flips = row.get("flips")
+    if not flips or not flips["n"]:
+        return "–"
+    n = flips["n"]
+    return (f"{flips['right_way'] / n:.2f} / {flips['wrong_way'] / n:.2f} "
+            f"({flips['right_way']} / {flips['wrong_way']})")
+
+
+def timing_cell(row: dict[str, Any]) -> str:
+    """Answers that open compliant and refuse later / open refusing and answer after all."""
+    timing = row.get("timing")
+    return "–" if not timing else f"{timing['refuses_late']} / {timing['recovers']}"
+
+
+def budget_line(row: dict[str, Any]) -> str:
+    """Whether a calibrated policy kept its safety budget on this suite, rule by rule."""
+    b = row["budget"]
+    parts = []
+    if "refusal_held" in b:
+        parts.append(f"harmful refusal >= base - {b['max_refusal_drop']}: "
+                     f"{'held' if b['refusal_held'] else 'BROKEN'}")
+    parts.append(f"wrong-way flips <= {b['max_wrong_way']}: "
+                 f"{'held' if b['wrong_way_held'] else 'BROKEN'}")
+    return f"{row['label']}: safety budget {'held' if b['held'] else 'BROKEN'} ({'; '.join(parts)})"
 
 
 def kl_table(kl: dict[str, Any]) -> list[str]:
@@ -175,6 +209,11 @@ def console(report: dict[str, Any]) -> str:
             bad = f"empty {q['empty']}, degenerate {q['degenerate']}, cut off {q['cut_off']}"
             out.append(f"  {row['label']:<{width}}{str(_rate(row['compliance'])):<36}"
                        f"{str(_rate(row['refusal'])):<36}{bad}")
+            if row.get("flips"):
+                out.append(f"  {'':<{width}}flips vs base (right / wrong): {flips_cell(row)}; "
+                           f"refuses late / recovers: {timing_cell(row)}")
+            if row.get("budget"):
+                out.append(f"  {'':<{width}}{budget_line(row)}")
         out.append("")
     if report.get("kl"):
         out.append("capability guard: mean KL(base || steered) on benign answers, nats/token")

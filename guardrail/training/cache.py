@@ -28,6 +28,7 @@ log = structlog.get_logger("guardrail.training")
 
 FORMAT = "guardrail-states/1"
 HEADER_KEY = "guardrail"
+_MEAN = "mean_states"
 
 
 def prompt_key(rendered: str) -> str:
@@ -47,10 +48,12 @@ def weights_digest(model: nn.Module) -> str:
 
 @dataclass
 class CachedRows:
-    """States ``[n, layers, hidden]`` (float16) and generated responses for some prompts."""
+    """States ``[n, layers, hidden]`` (float16) and generated responses for some prompts;
+    ``mean_states`` (the prompt-mean states gates read) when the cache keeps them."""
 
     states: torch.Tensor
     responses: list[str]
+    mean_states: torch.Tensor | None = None
 
 
 class StateCache:
@@ -64,10 +67,14 @@ class StateCache:
         *,
         positions: str,
         max_new_tokens: int,
+        mean_states: bool = False,
     ) -> None:
         name = re.sub(r"[^\w.-]+", "_", str(fingerprint.get("name") or "model"))
         model_dir = f"{name}-{str(fingerprint.get('config_sha256', ''))[:12]}-{weights}"
-        self.dir = Path(root).expanduser() / model_dir / f"{positions}-t{max_new_tokens}"
+        # A cache that keeps prompt means for gates is a directory of its own.
+        kept = f"{positions}+mean" if mean_states and positions != "mean" else positions
+        self.dir = Path(root).expanduser() / model_dir / f"{kept}-t{max_new_tokens}"
+        self.mean_states = mean_states
         self.num_layers = int(fingerprint.get("num_layers") or 0)
         self.hidden_size = int(fingerprint.get("hidden_size") or 0)
         self._index: dict[str, tuple[Path, int]] | None = None
@@ -98,38 +105,49 @@ class StateCache:
         for position, key in enumerate(keys):
             shard, row = index[key]
             by_shard.setdefault(shard, []).append((position, row))
-        states = torch.empty(len(keys), self.num_layers, self.hidden_size, dtype=torch.float16)
+        shape = (len(keys), self.num_layers, self.hidden_size)
+        states = torch.empty(shape, dtype=torch.float16)
+        means = torch.empty(shape, dtype=torch.float16) if self.mean_states else None
         responses = [""] * len(keys)
         for shard, wanted in by_shard.items():
-            with safe_open(str(shard), framework="pt") as handle:
-                tensor = handle.get_tensor("states")
-                header = json.loads((handle.metadata() or {})[HEADER_KEY])
             positions = torch.tensor([p for p, _ in wanted])
             rows = torch.tensor([r for _, r in wanted])
-            states[positions] = tensor[rows]
+            with safe_open(str(shard), framework="pt") as handle:
+                states[positions] = handle.get_tensor("states")[rows]
+                if means is not None:
+                    means[positions] = handle.get_tensor(_MEAN)[rows]
+                header = json.loads((handle.metadata() or {})[HEADER_KEY])
             for position, row in wanted:
                 responses[position] = header["responses"][row]
-        return CachedRows(states=states, responses=responses)
+        return CachedRows(states=states, responses=responses, mean_states=means)
 
     # --- writing ------------------------------------------------------------------------------
     def write(
         self, keys: Sequence[str], prompts: Sequence[str], responses: Sequence[str],
         states: torch.Tensor,
+        mean_states: torch.Tensor | None = None,
     ) -> Path:
-        """Store one finished batch: ``states`` is ``[n, layers, hidden]``."""
-        if states.shape != (len(keys), self.num_layers, self.hidden_size):
-            raise ValueError(
-                f"states shape {tuple(states.shape)}; expected "
-                f"({len(keys)}, {self.num_layers}, {self.hidden_size})"
-            )
+        """Store one finished batch: ``states`` (and, in a cache that keeps them,
+        ``mean_states``) are ``[n, layers, hidden]``."""
+        tensors = {"states": states}
+        if self.mean_states:
+            if mean_states is None:
+                raise ValueError("this cache keeps prompt-mean states; mean_states is missing")
+            tensors[_MEAN] = mean_states
+        for name, tensor in tensors.items():
+            if tensor.shape != (len(keys), self.num_layers, self.hidden_size):
+                raise ValueError(
+                    f"{name} shape {tuple(tensor.shape)}; expected "
+                    f"({len(keys)}, {self.num_layers}, {self.hidden_size})"
+                )
         self.dir.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
         path = self.dir / f"shard-{name}.safetensors"
         header = {"format": FORMAT, "keys": list(keys), "prompts": list(prompts),
                   "responses": list(responses)}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"states": states.detach().to(torch.float16).cpu().contiguous()}, str(tmp),
-                  metadata={HEADER_KEY: json.dumps(header)})
+        save_file({k: v.detach().to(torch.float16).cpu().contiguous() for k, v in tensors.items()},
+                  str(tmp), metadata={HEADER_KEY: json.dumps(header)})
         os.replace(tmp, path)
         if self._index is not None:
             for row, key in enumerate(keys):

@@ -24,6 +24,12 @@ class PrefillStates:
     num_layers: int
     by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
     forward_passes: int = 0
+    #: The prompt-mean states per layer as well, when asked for (what gates read).
+    mean_by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def stacked_means(self) -> torch.Tensor:
+        """``[batch, layers, hidden]`` prompt-mean states (``capture_prefill(mean_too=True)``)."""
+        return torch.stack([self.mean_by_layer[layer] for layer in range(self.num_layers)], dim=1)
 
     def stacked(self) -> torch.Tensor:
         """``[batch, layers, hidden]``; every layer must have been captured."""
@@ -54,8 +60,11 @@ def capture_prefill(
     source: ActivationSource,
     attention_mask: torch.Tensor | None,
     positions: str = "last",
+    *,
+    mean_too: bool = False,
 ) -> Iterator[PrefillStates]:
-    """Hook every layer ``source`` names; states of the first multi-token forward are kept."""
+    """Hook every layer ``source`` names; states of the first multi-token forward are kept
+    (and, with ``mean_too``, their mean over the prompt tokens as well)."""
     modules = source.modules(model)
     captured = PrefillStates(num_layers=len(modules))
     handles = []
@@ -70,6 +79,9 @@ def capture_prefill(
             mask = attention_mask.to(states.device) if attention_mask is not None else None
             reduced = reduce_positions(states.detach(), mask, positions)
             captured.by_layer[layer] = reduced.float().cpu()
+            if mean_too:
+                captured.mean_by_layer[layer] = (
+                    reduce_positions(states.detach(), mask, "mean").float().cpu())
 
         return hook
 

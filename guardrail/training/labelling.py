@@ -50,6 +50,7 @@ class LabelledSet:
     refused: list[bool]
     cells: torch.Tensor
     states: torch.Tensor
+    mean_states: torch.Tensor | None = None
 
     def counts(self) -> dict[str, int]:
         """Prompts per cell, by cell name."""
@@ -65,6 +66,7 @@ class LabelledSet:
             refused=[self.refused[i] for i in rows],
             cells=self.cells[rows],
             states=self.states[rows],
+            mean_states=None if self.mean_states is None else self.mean_states[rows],
         )
 
 
@@ -110,9 +112,10 @@ def generate_and_capture(
     started = time.perf_counter()
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
-        responses, states, passes = _label_batch(guard, source, [by_key[k][0] for k in batch],
-                                                 settings, positions)
-        cache.write(batch, [by_key[k][1] for k in batch], responses, states)
+        responses, states, means, passes = _label_batch(
+            guard, source, [by_key[k][0] for k in batch], settings, positions,
+            mean_too=cache.mean_states)
+        cache.write(batch, [by_key[k][1] for k in batch], responses, states, means)
         stats.generated += len(batch)
         stats.batches += 1
         stats.forward_passes += passes
@@ -126,20 +129,22 @@ def generate_and_capture(
 
 
 def _label_batch(
-    guard: Any, source: ActivationSource, texts: list[str], settings: LabelSettings, positions: str
-) -> tuple[list[str], torch.Tensor, int]:
+    guard: Any, source: ActivationSource, texts: list[str], settings: LabelSettings, positions: str,
+    *, mean_too: bool = False,
+) -> tuple[list[str], torch.Tensor, torch.Tensor | None, int]:
     enc = guard.encode(texts)
     prompt_len = enc["input_ids"].shape[1]
     tokenizer = guard.tokenizer
     greedy = generate_kwargs(GenerationSection(max_new_tokens=settings.max_new_tokens),
                              tokenizer.pad_token_id)
-    with capture_prefill(guard.model, source, enc.get("attention_mask"), positions) as captured, \
-            torch.no_grad():
+    with capture_prefill(guard.model, source, enc.get("attention_mask"), positions,
+                         mean_too=mean_too) as captured, torch.no_grad():
         output = guard.model.generate(**enc, **greedy)
     eos = eos_ids(guard.model, tokenizer)
     responses = [tokenizer.decode(cut_at_eos(row, eos)[0], skip_special_tokens=True)
                  for row in output[:, prompt_len:].tolist()]
-    return responses, captured.stacked(), captured.forward_passes
+    means = captured.stacked_means() if mean_too else None
+    return responses, captured.stacked(), means, captured.forward_passes
 
 
 def label(
@@ -153,7 +158,7 @@ def label(
     cells = torch.tensor([cell_of(p.context, r) for p, r in zip(prompts, refused, strict=True)],
                          dtype=torch.long)
     return LabelledSet(prompts=list(prompts), responses=rows.responses, refused=refused,
-                       cells=cells, states=rows.states)
+                       cells=cells, states=rows.states, mean_states=rows.mean_states)
 
 
 def check_cells(labelled: LabelledSet, where: str) -> list[str]:

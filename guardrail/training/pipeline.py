@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
 
 from guardrail.components import ActivationSource, EnergyModel
 from guardrail.errors import PolicyError
+from guardrail.gating import GateMember, GateSet
 from guardrail.policy import Policy, RailSpec
 from guardrail.telemetry import progress_bar
 from guardrail.training.cache import StateCache, weights_digest
@@ -26,6 +28,7 @@ from guardrail.training.labelling import (
     generate_and_capture,
     label,
 )
+from guardrail.training.metrics import auroc
 from guardrail.training.selection import select_layers, write_artifact
 from guardrail.training.sources import PromptSets, load_prompt_sets
 from guardrail.training.trainer import train_layers
@@ -63,6 +66,7 @@ class TrainReport:
     selected: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None
 
 
 def training_section(policy: Policy) -> TrainingSection:
@@ -124,7 +128,7 @@ class Session:
         self.cache = StateCache(
             state_cache_root(section, options.cache_dir), self.fingerprint,
             weights_digest(self.guard.model), positions=section.capture.positions,
-            max_new_tokens=section.labels.max_new_tokens,
+            max_new_tokens=section.labels.max_new_tokens, mean_states=rail.gate is not None,
         )
         self.section = section
 
@@ -195,6 +199,8 @@ def train_policy(
         )
     finally:
         bar.close()
+    gate = fit_gate(spec, registry, train, val, num_layers) if spec.gate is not None else None
+    clock.lap("gate")
     top_k = min(options.top_k or section.selection.top_k, len(candidates))
     selected = select_layers(trained.metrics, section.selection.metric, top_k)
     output = Path(options.output or spec.energy_model.artifact)
@@ -207,9 +213,11 @@ def train_policy(
         selected=selected, warnings=warnings, seconds=seconds,
     )
     bar = progress_bar(1, options.progress, "3/3 select + save", "artifact")
+    report.gate = gate.report if gate is not None else None
     write_artifact(output, plugin=plugin, fingerprint=session.fingerprint,
                    models=trained.models, selected=selected,
-                   metadata=_metadata(section, report, top_k))
+                   metadata=_metadata(section, report, top_k), gate=gate,
+                   dtype=section.selection.dtype)
     bar.update(1)
     bar.close()
     clock.lap("save")
@@ -239,7 +247,53 @@ def _metadata(section: TrainingSection, report: TrainReport, top_k: int) -> dict
                       "selected": report.selected},
         "metrics": {str(m.layer): m.to_dict() for m in report.layers},
         "seconds": report.seconds,
+        **({"gate": report.gate} if report.gate is not None else {}),
     }
+
+
+def fit_gate(spec: RailSpec, registry: Any, train: LabelledSet, val: LabelledSet,
+             num_layers: int) -> GateSet:
+    """Fit the rail's gate members on the training prompts (harmful context = 1) and report
+    how well the combined score separates the validation prompts, per source."""
+    assert spec.gate is not None
+    members = []
+    for member in spec.gate.members:
+        gate = registry.create("gate", member.plugin, member.params)
+        members.append(GateMember(member.plugin, gate, member.weight))
+    gates = GateSet(members)
+    started = time.perf_counter()
+    gates.fit([p.text for p in train.prompts], _mean_states(train),
+              torch.tensor([p.context == "harmful" for p in train.prompts]), num_layers)
+    scores = gates.score([p.text for p in val.prompts], _mean_states(val), num_layers)
+    gates.report = gate_report(scores, val, time.perf_counter() - started)
+    log.info("train.gate_fitted", members=[m.plugin for m in members],
+             auroc=gates.report["auroc"], seconds=gates.report["seconds"])
+    return gates
+
+
+def gate_report(scores: torch.Tensor, val: LabelledSet, seconds: float) -> dict[str, Any]:
+    """AUROC of harmful vs benign validation prompts, and per source the share of the prompts
+    the model refuses that score below a few thresholds (what a ``below`` gate would steer)."""
+    harmful = torch.tensor([p.context == "harmful" for p in val.prompts])
+    refused = torch.tensor(val.refused)
+    sources: dict[str, Any] = {}
+    for name in dict.fromkeys(p.source for p in val.prompts):
+        rows = torch.tensor([p.source == name for p in val.prompts]) & refused
+        sources[name] = {
+            "context": next(p.context for p in val.prompts if p.source == name),
+            "refused": int(rows.sum()),
+            "below": {str(t): round(float((scores[rows] < t).float().mean()), 3)
+                      if bool(rows.any()) else None for t in (-1.0, -0.5, 0.0)},
+        }
+    return {"auroc": round(auroc(scores[harmful], scores[~harmful]) or float("nan"), 4),
+            "sources": sources, "seconds": round(seconds, 1)}
+
+
+def _mean_states(labelled: LabelledSet) -> dict[int, torch.Tensor] | None:
+    if labelled.mean_states is None:
+        return None
+    return {layer: labelled.mean_states[:, layer].float()
+            for layer in range(labelled.mean_states.shape[1])}
 
 
 class _Clock:

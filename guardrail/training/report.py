@@ -54,6 +54,7 @@ def summary_text(report: TrainReport) -> str:
         layers_table(report),
         "",
         f"selected layers: {report.selected}",
+        *([_gate_line(report.gate)] if report.gate else []),
         f"time (s): {report.seconds}",
         f"artifact: {report.artifact}",
     ]
@@ -61,14 +62,17 @@ def summary_text(report: TrainReport) -> str:
     return "\n".join(parts)
 
 
-def report_dict(report: TrainReport) -> dict[str, Any]:
-    """JSON-ready report."""
+def report_dict(report: TrainReport, *, command: str | None = None,
+                seed: int | None = None) -> dict[str, Any]:
+    """JSON-ready report (``command``: how to make the artifact again)."""
     return {
         "policy": report.policy, "rail": report.rail, "model": report.model,
-        "artifact": str(report.artifact) if report.artifact else None,
+        "artifact": report.artifact.name if report.artifact else None,
+        **({"command": command} if command else {}),
+        **({"seed": seed} if seed is not None else {}),
         "prompts": report.prompts, "cells": report.cells, "capture": asdict(report.capture),
         "layers": [m.to_dict() for m in report.layers], "selected": report.selected,
-        "warnings": report.warnings, "seconds": report.seconds,
+        "gate": report.gate, "warnings": report.warnings, "seconds": report.seconds,
     }
 
 
@@ -105,6 +109,13 @@ def plot_layers(report: TrainReport, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _gate_line(gate: dict[str, Any]) -> str:
+    shares = ", ".join(f"{name} {info['below'].get('-0.5')}" for name, info in
+                       gate["sources"].items())
+    return (f"gate: validation AUROC harmful vs benign {gate['auroc']}; share of each source's "
+            f"refused prompts scoring below -0.5: {shares}")
 
 
 def _by_source(counts: dict[str, int]) -> str:

@@ -7,8 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from guardrail.components import EnergyModel
 from guardrail.energy import EnergyArtifact
+from guardrail.gating import GateSet
 from guardrail.training.metrics import LayerMetrics
 
 
@@ -37,12 +40,16 @@ def write_artifact(
     models: Mapping[int, EnergyModel],
     selected: list[int],
     metadata: dict[str, Any],
+    gate: GateSet | None = None,
+    dtype: str = "float32",
 ) -> Path:
-    """Save the selected layers' models with the run's metadata; returns the path."""
+    """Save the selected layers' models (and the rail's fitted gate) with the run's metadata;
+    returns the path."""
     artifact = EnergyArtifact(
         plugin=plugin,
         fingerprint=fingerprint,
         models={layer: models[layer] for layer in selected},
         metadata=metadata,
+        gate=gate,
     )
-    return artifact.save(path)
+    return artifact.save(path, dtype=getattr(torch, dtype))

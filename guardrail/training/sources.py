@@ -23,6 +23,7 @@ class TrainingPrompt:
     text: str
     context: Context
     source: str
+    family: str = ""
 
 
 @dataclass
@@ -51,7 +52,8 @@ def load_source_list(
                                    sample=source.sample, seed=seed)
         except DataError as exc:
             raise DataError(f"{where}[{i}] ({source.context}): {exc}") from None
-        loaded.append([TrainingPrompt(r.text, source.context, source.label) for r in records])
+        loaded.append([TrainingPrompt(r.text, source.context, source.label, source.family_name)
+                       for r in records])
     return loaded
 
 

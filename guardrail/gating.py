@@ -1,0 +1,180 @@
+"""Gates: before a batch is generated, which rows each rail may steer.
+
+A rail's ``gate:`` names one or more gate components (the members). Each member scores every
+prompt for harm; the scores are standardised on the training prompts (z-scores), weighted,
+summed and standardised again, so thresholds read in standard deviations of the training
+scores whatever the members are. A row is steered when its score is below the gate's
+``below`` threshold (confidently benign: steer towards answering) or above ``above``
+(confidently harmful: steer towards refusing); rows in between are left as the model has them.
+
+Members are fitted by ``guardrail train`` and stored in the rail's artifact beside the energy
+models; ``guardrail calibrate`` chooses the thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from guardrail.components import ActivationSource, Gate
+from guardrail.errors import ArtifactError, PluginError
+
+TENSOR_PREFIX = "gate."
+
+
+@dataclass
+class GateMember:
+    """One fitted gate component, its weight and the training scores' mean and spread."""
+
+    plugin: str
+    gate: Gate
+    weight: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass
+class GateSet:
+    """The members of one rail's gate and the standardisation of their combined score."""
+
+    members: list[GateMember]
+    mean: float = 0.0
+    std: float = 1.0
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def state_layers(self, num_layers: int) -> list[int]:
+        """Every layer some member reads mean-pooled prompt states of, ascending."""
+        return sorted({layer for m in self.members for layer in m.gate.state_layers(num_layers)})
+
+    def _member_states(self, member: GateMember, states: dict[int, torch.Tensor] | None,
+                       num_layers: int) -> torch.Tensor | None:
+        layers = member.gate.state_layers(num_layers)
+        if not layers:
+            return None
+        if states is None:
+            raise PluginError(f"gate {member.plugin!r} reads prompt states; none were given")
+        return torch.stack([states[layer] for layer in layers], dim=1)
+
+    def fit(self, prompts: Sequence[str], states: dict[int, torch.Tensor] | None,
+            harmful: torch.Tensor, num_layers: int) -> None:
+        """Fit every member on the training prompts (``harmful``: True where refusing is right)."""
+        total = torch.zeros(len(prompts))
+        for member in self.members:
+            own = self._member_states(member, states, num_layers)
+            member.gate.fit(prompts, own, harmful)
+            raw = member.gate.score(prompts, own).float()
+            member.mean, member.std = float(raw.mean()), float(raw.std().clamp_min(1e-6))
+            total += member.weight * (raw - member.mean) / member.std
+        self.mean, self.std = float(total.mean()), float(total.std().clamp_min(1e-6))
+
+    def score(self, prompts: Sequence[str], states: dict[int, torch.Tensor] | None,
+              num_layers: int) -> torch.Tensor:
+        """``[n]`` combined harm scores in training standard deviations (> 0 leans harmful)."""
+        total = torch.zeros(len(prompts))
+        for member in self.members:
+            own = self._member_states(member, states, num_layers)
+            try:
+                raw = member.gate.score(prompts, own).float().cpu()
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"gate {member.plugin!r} raised in score: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            if raw.shape != (len(prompts),):
+                raise PluginError(f"gate {member.plugin!r} returned scores of shape "
+                                  f"{tuple(raw.shape)}; expected ({len(prompts)},)")
+            total += member.weight * (raw - member.mean) / member.std
+        return (total - self.mean) / self.std
+
+    # --- artifacts ----------------------------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        """The JSON the artifact header keeps under ``gate``."""
+        return {"mean": self.mean, "std": self.std, "report": self.report, "members": [
+            {"plugin": m.plugin, "params": m.gate.params.model_dump(mode="json"),
+             "config": m.gate.config(), "weight": m.weight, "mean": m.mean, "std": m.std}
+            for m in self.members]}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every member's tensors, keyed ``gate.{i}.{name}``."""
+        return {f"{TENSOR_PREFIX}{i}.{k}": v.detach().cpu().contiguous()
+                for i, m in enumerate(self.members) for k, v in m.gate.tensors().items()}
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    registry: Any, where: str) -> GateSet:
+        """Rebuild a fitted gate set from an artifact's header and tensors."""
+        members = []
+        for i, item in enumerate(header.get("members") or []):
+            key = f"{where}: header gate.members[{i}]"
+            try:
+                entry = registry.get("gate", item["plugin"])
+                params = entry.cls.Params.model_validate(item.get("params") or {})
+                prefix = f"{TENSOR_PREFIX}{i}."
+                own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                gate = entry.cls.from_artifact(params, item.get("config") or {}, own)
+                members.append(GateMember(item["plugin"], gate, float(item.get("weight", 1.0)),
+                                          float(item["mean"]), float(item["std"])))
+            except (KeyError, TypeError, ValueError, PluginError) as exc:
+                raise ArtifactError(f"{key}: {type(exc).__name__}: {exc}") from exc
+        if not members:
+            raise ArtifactError(f"{where}: header gate has no members")
+        return cls(members, float(header.get("mean", 0.0)), float(header.get("std", 1.0)),
+                   dict(header.get("report") or {}))
+
+
+def steered_rows(scores: torch.Tensor, below: float | None, above: float | None) -> torch.Tensor:
+    """Rows a gate lets a rail steer: confidently benign (``< below``) or harmful (``> above``)."""
+    rows = torch.zeros(scores.shape, dtype=torch.bool)
+    if below is not None:
+        rows |= scores < below
+    if above is not None:
+        rows |= scores > above
+    return rows
+
+
+class _StopForward(Exception):
+    """Raised after the deepest layer a gate reads: later layers and the LM head are skipped."""
+
+
+def mean_prompt_states(model: nn.Module, source: ActivationSource,
+                       inputs: dict[str, torch.Tensor], layers: Sequence[int]
+                       ) -> dict[int, torch.Tensor]:
+    """Per layer, ``[batch, hidden]`` states averaged over each row's real prompt tokens.
+
+    One forward pass, stopped after the deepest requested layer.
+    """
+    modules = source.modules(model)
+    wanted = sorted(set(layers))
+    captured: dict[int, torch.Tensor] = {}
+    mask = inputs.get("attention_mask")
+    handles = []
+
+    def make_hook(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            states = source.read(output).detach().float()
+            if mask is None:
+                pooled = states.mean(dim=1)
+            else:
+                weights = mask.to(states.device, states.dtype)[:, :, None]
+                pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            captured[layer] = pooled.cpu()
+            if layer == wanted[-1]:
+                raise _StopForward
+
+        return hook
+
+    for layer in wanted:
+        handles.append(modules[layer].register_forward_hook(make_hook(layer)))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured

