@@ -85,6 +85,16 @@ class EnergyModel(Component, nn.Module):
     def config(self) -> dict[str, Any]:
         """A JSON-serialisable description from which :meth:`from_artifact` rebuilds the model."""
 
+    def energy_and_grad(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n]`` energies and their ``[n, hidden]`` gradients in ``states`` (what a gradient
+        steerer needs at every step). The default differentiates :meth:`energy` with autograd;
+        a model with a closed form overrides it and builds no graph."""
+        with torch.enable_grad():
+            x = states.detach().requires_grad_(True)
+            energy = self.energy(x)
+            (grad,) = torch.autograd.grad(energy.sum(), x)
+        return energy.detach(), grad
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors to store in an artifact (default: the module's state dict)."""
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}

@@ -340,6 +340,19 @@ class Guardrail:
                 enc["input_ids"].device))
         return out
 
+    def gate_scores(self, conversations: Sequence[Conversation], *,
+                    batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Per gated rail, the harm score ``[n]`` of each conversation (nothing generated)."""
+        texts = self.render(conversations, steer=True)
+        prompts = [last_user(c) for c in conversations]
+        size = batch_size or self.policy.generation.batch_size
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(texts), size):
+            enc = self.encode(texts[start : start + size])
+            for name, (score, _) in self.gate(prompts[start : start + size], enc).items():
+                parts.setdefault(name, []).append(score.cpu())
+        return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
     def _gate_telemetry(self, decisions: dict[str, tuple[torch.Tensor, torch.Tensor]], row: int
                         ) -> list[GateTelemetry]:
         by_name = {rail.name: rail for rail in self.rails}

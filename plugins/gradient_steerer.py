@@ -45,30 +45,22 @@ class GradientSteerer(Steerer):
         unit = (
             h0.norm(dim=-1, keepdim=True) if p.scale == "relative" else torch.ones_like(h0[:, :1])
         )
-        with torch.enable_grad():
-            x = h0.clone().requires_grad_(True)
-            e0 = energy.energy(x)
-            (grad,) = torch.autograd.grad(e0.sum(), x)
-        e0 = e0.detach()
+        # Gradients come from energy_and_grad (closed form for the MLP); nothing here waits
+        # on the device: rows drop out of the update through masks, never through a branch.
+        e0, grad = energy.energy_and_grad(h0)
         nonfinite = ~torch.isfinite(e0) | ~torch.isfinite(grad).all(dim=-1)
-        threshold = energy.threshold if p.gate == "auto" else p.gate
+        threshold = getattr(energy, "threshold", 0.0) if p.gate == "auto" else p.gate
         active = ~nonfinite
         if threshold is not None:
             active &= e0 > threshold
-        h = h0.clone()
+        h = h0
         steps = torch.zeros(h0.shape[0], dtype=torch.long, device=h0.device)
-        e = e0.clone()
         for step in range(p.steps):
             if step > 0:
-                with torch.enable_grad():
-                    x = h.clone().requires_grad_(True)
-                    e_step = energy.energy(x)
-                    (grad,) = torch.autograd.grad(e_step.sum(), x)
-                bad = ~torch.isfinite(e_step.detach()) | ~torch.isfinite(grad).all(dim=-1)
+                e_step, grad = energy.energy_and_grad(h)
+                bad = ~torch.isfinite(e_step) | ~torch.isfinite(grad).all(dim=-1)
                 nonfinite |= bad & active
                 active &= ~bad
-            if not bool(active.any()):
-                break
             direction = (
                 grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12) if p.normalize else grad
             )

@@ -60,6 +60,44 @@ class MLPEnergyModel(EnergyModel):
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         return self.energy(states)
 
+    def energy_and_grad(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies and gradients in closed form (Linear -> LayerNorm -> SiLU, backwards by
+        hand): no autograd graph, no host sync. Dropout is off, as in eval mode, which is the
+        only mode steering runs in; in training mode the autograd default is used."""
+        if self.training:
+            return super().energy_and_grad(states)
+        a = (states.to(self.input_mean.dtype) - self.input_mean) / self.input_std
+        saved = []
+        for linear, norm in self._blocks():
+            z = a @ linear.weight.T + linear.bias
+            mean = z.mean(-1, keepdim=True)
+            rstd = (z.var(-1, unbiased=False, keepdim=True) + norm.eps).rsqrt()
+            xhat = (z - mean) * rstd
+            u = xhat * norm.weight + norm.bias
+            gate = torch.sigmoid(u)
+            a = u * gate
+            saved.append((linear, norm, xhat, rstd, u, gate))
+        head = self.net[-1]
+        assert isinstance(head, nn.Linear)
+        energy = a @ head.weight[0] + head.bias[0]
+        grad = head.weight[0].expand_as(a)
+        for linear, norm, xhat, rstd, u, gate in reversed(saved):
+            grad = grad * gate * (1 + u * (1 - gate))  # SiLU'
+            grad = grad * norm.weight
+            grad = rstd * (grad - grad.mean(-1, keepdim=True)
+                           - xhat * (grad * xhat).mean(-1, keepdim=True))  # LayerNorm'
+            grad = grad @ linear.weight
+        return energy, grad / self.input_std
+
+    def _blocks(self) -> list[tuple[nn.Linear, nn.LayerNorm]]:
+        """The hidden (Linear, LayerNorm) pairs of ``net``, in order (SiLU and Dropout skipped)."""
+        modules = list(self.net)
+        pairs = []
+        for first, second in zip(modules, modules[1:], strict=False):
+            if isinstance(first, nn.Linear) and isinstance(second, nn.LayerNorm):
+                pairs.append((first, second))
+        return pairs
+
     def config(self) -> dict[str, Any]:
         return {
             "hidden_size": self.hidden_size,

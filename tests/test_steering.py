@@ -196,3 +196,23 @@ def test_energies_without_generation(guard: Guardrail) -> None:
             # Layer 1 sees unsteered input in both; deeper layers see layer 1's steering.
             if item.layer == 1:
                 assert measured.energy_before == pytest.approx(item.energy_before, abs=1e-4)
+
+
+@pytest.mark.parametrize("hidden", [[16], [32, 16, 8]])
+def test_mlp_closed_form_gradient_matches_autograd(hidden: list[int]) -> None:
+    from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
+
+    from guardrail.components import EnergyModel
+
+    torch.manual_seed(0)
+    model = MLPEnergyModel(24, MLPEnergyParams(hidden=hidden, dropout=0.2)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+        model.set_standardisation(torch.randn(24), torch.rand(24) + 0.5)
+    states = torch.randn(5, 24) * 3
+    energy, grad = model.energy_and_grad(states)
+    ref_energy, ref_grad = EnergyModel.energy_and_grad(model, states)  # autograd
+    assert torch.allclose(energy, ref_energy, atol=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-5, rtol=1e-4)
+    assert grad.abs().sum() > 0

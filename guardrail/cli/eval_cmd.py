@@ -32,6 +32,9 @@ def add_parser(subparsers: Any) -> None:
     _common(sw, suites=SWEEP_SUITES)
     sw.add_argument("--eta", type=_floats, default=[0.05, 0.1, 0.2, 0.5, 1.0],
                     help="comma-separated step sizes (default 0.05,0.1,0.2,0.5,1)")
+    sw.add_argument("--strength", type=_floats, default=[],
+                    help="comma-separated strengths for steerers that take one (an ablation); "
+                    "default: such a policy is one point")
     sw.add_argument("--steps", type=_ints, default=[1, 3, 6],
                     help="comma-separated step counts (default 1,3,6)")
     sw.set_defaults(func=run_sweep, out="reports/sweep")
@@ -162,7 +165,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     env = _setup(args)
     points, _ = sweep(env["guards"], env["suites"], env["settings"], env["cache"],
-                      etas=args.eta, steps=args.steps, progress=args.progress)
+                      etas=args.eta, steps=args.steps, strengths=args.strength,
+                      progress=args.progress)
     paths = write_sweep(points, args.out)
     print(sweep_table(points))
     print(f"wrote {paths['table']}, {paths['json']} and {paths['plot']}")

@@ -45,9 +45,9 @@ def plot_tradeoff(points: Sequence[SweepPoint], path: str | Path, *, title: str 
         # Points that land on the same spot share one label: "0.2,0.5,1".
         labels: dict[tuple[float, float], list[str]] = {}
         for p, x, y in zip(group, xs, ys, strict=True):
-            if p.eta is not None:
-                labels.setdefault((x, y), []).append(f"{p.eta:g}" + (f" ({p.bad} bad)"
-                                                                       if p.bad else ""))
+            if p.setting:
+                labels.setdefault((x, y), []).append(p.setting + (f" ({p.bad} bad)"
+                                                                  if p.bad else ""))
         for (x, y), names in labels.items():
             # Each line labels at its own height, so coinciding points of two lines stay legible.
             ax.annotate(",".join(names), (x, y), textcoords="offset points",
@@ -58,7 +58,7 @@ def plot_tradeoff(points: Sequence[SweepPoint], path: str | Path, *, title: str 
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(title or "Trade-off: labels are eta (and empty/degenerate answers)")
+    ax.set_title(title or "Trade-off: labels are eta or strength (and empty/degenerate answers)")
     return _save(fig, path, plt)
 
 

@@ -64,6 +64,8 @@ class SweepConfig(Strict):
     limit: int | None = None
     eta: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0])
     steps: list[int] = Field(default_factory=lambda: [1, 3, 6])
+    strength: list[float] = Field(default_factory=list, description="Strengths for steerers "
+                                  "that take one (an ablation); empty: such a policy is a point.")
 
 
 class ResultsConfig(Strict):
@@ -152,7 +154,8 @@ def build_results(
         sweep_suites = [load_suite(_spec(s, here), registry, data_dir=data_dir,
                                    limit=cfg.sweep.limit, seed=cfg.seed) for s in cfg.sweep.suites]
         points, _ = run_sweep(chosen, sweep_suites, settings, cache, etas=cfg.sweep.eta,
-                              steps=cfg.sweep.steps, progress=progress)
+                              steps=cfg.sweep.steps, strengths=cfg.sweep.strength,
+                              progress=progress)
         figures["sweep"] = write_sweep(points, assets)["plot"]
         sweep_md = sweep_table(points)
         commands["sweep"] = _sweep_command(cfg, [g.policy.path for g in chosen], data_dir, here)
@@ -270,6 +273,8 @@ def _sweep_command(cfg: ResultsConfig, policies: list[Path | None], data_dir: Pa
     args += ["--seed", str(cfg.seed), "--max-new-tokens", str(cfg.max_new_tokens),
              "--eta", ",".join(f"{e:g}" for e in cfg.sweep.eta),
              "--steps", ",".join(str(k) for k in cfg.sweep.steps)]
+    if cfg.sweep.strength:
+        args += ["--strength", ",".join(f"{v:g}" for v in cfg.sweep.strength)]
     if cfg.data_dir:
         args += ["--data-dir", _rel(data_dir, root)]
     if cfg.batch_size:

@@ -27,12 +27,15 @@ class Contender:
     """One column of the comparison: a guardrail run steered, or unsteered as the base.
 
     ``scope`` is what its cached answers depend on, computed once per guardrail.
+    ``gates=False`` steers every row whatever the rails' gates say (a gate's curve is read off
+    those answers and the base model's).
     """
 
     label: str
     guard: Guardrail
     steer: bool
     scope: Scope
+    gates: bool = True
 
     @property
     def policy(self) -> str:
@@ -187,7 +190,8 @@ def evaluate(
     answerers = {id(c.guard): Answerer(c.guard, settings, cache, c.scope) for c in contenders}
     # All suites in one call per contender: fuller batches, and shared prompts generated once.
     everything = [item.prompt for suite in suites for item in suite.items]
-    answered = [answerers[id(c.guard)].answer(everything, steer=c.steer, progress=progress)
+    answered = [answerers[id(c.guard)].answer(everything, steer=c.steer, progress=progress,
+                                              gates=c.gates)
                 for c in contenders]
     results = []
     offset = 0

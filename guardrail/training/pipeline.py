@@ -199,12 +199,12 @@ def train_policy(
         )
     finally:
         bar.close()
+    clock.lap("train")
     gate = fit_gate(spec, registry, train, val, num_layers) if spec.gate is not None else None
     clock.lap("gate")
     top_k = min(options.top_k or section.selection.top_k, len(candidates))
     selected = select_layers(trained.metrics, section.selection.metric, top_k)
     output = Path(options.output or spec.energy_model.artifact)
-    clock.lap("train")
     seconds = clock.laps
     report = TrainReport(
         policy=policy.name, rail=spec.name, model=session.guard.loaded.name, artifact=output,

@@ -99,6 +99,7 @@ class AblateSteerer(Steerer):
     name = "ablate"
     Params = AblateParams
     params: AblateParams
+    sweep_params = ("strength",)
 
     def steer(self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
               ) -> SteerOutcome:
