@@ -3,8 +3,9 @@
 The main job on a fresh machine: the packaged Qwen model is fetched when missing, a demo
 subset of the policy's training data is labelled and captured (cached), an energy model is
 trained per layer, and a few benign-but-scary prompts and clearly harmful ones are answered
-with and without steering. A trained artifact for the policy (``guardrail train``) is used
-instead when it exists.
+with and without steering. A trained artifact for the policy (``guardrail train``, or one
+shipped with the policy) is used instead when it exists. The demo's own artifact goes to the
+guardrail cache (``$GUARDRAIL_CACHE_DIR/demo``), never next to a shipped policy.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guardrail.errors import GuardrailError, PolicyError
+from guardrail.defaults import DEFAULT_POLICY
+from guardrail.errors import DataError, GuardrailError, PolicyError
 from guardrail.generation import user_turns
 from guardrail.policy import Policy, load_policy
-
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_POLICY = ROOT / "policies" / "eds-qwen2.5-coder-0.5b.yaml"
 
 # Benign requests that sound risky (the packaged Qwen model refuses the first), then requests
 # that must stay refused. None of them is in the training data.
@@ -44,8 +43,9 @@ def add_parser(subparsers: Any) -> None:
         "policy's training data (cached), then answer benign-but-scary and harmful prompts with "
         "and without steering.",
     )
-    demo.add_argument("--policy", default=str(DEFAULT_POLICY),
-                      help=f"policy with a training: section (default {DEFAULT_POLICY.name})")
+    demo.add_argument("--policy", default=DEFAULT_POLICY,
+                      help="policy file or shipped policy name, with a training: section "
+                      f"(default {DEFAULT_POLICY})")
     demo.add_argument("--model", help="model source overriding the policy's (the demo trains "
                       "for it)")
     demo.add_argument("--prompts", type=int,
@@ -105,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"harmful refused:           base {sum(base_refused[n:])}/{len(harmful)}, "
           f"steered {sum(steered_refused[n:])}/{len(harmful)}")
     if args.tally and section.validation:
-        _tally(guard, section, args)
+        try:
+            _tally(guard, section, args)
+        except DataError as exc:
+            _say(f"tally skipped: {exc}")
     print(f"artifact {artifact} (layers {[r.layers for r in guard.rails]}); "
           f"demo took {time.perf_counter() - started:.0f}s")
     print(f"try: guardrail generate --policy {args.policy} --compare \"your prompt\"")
@@ -181,12 +184,12 @@ def _train_demo(policy: Policy, loaded: Any, args: argparse.Namespace) -> Path:
 
 
 def demo_artifact_path(policy: Policy, rail: str) -> Path:
-    """Where the demo writes its artifact: ``artifacts/demo/`` next to the policy's artifact."""
-    spec = next(r for r in policy.rails if r.name == rail)
-    assert spec.energy_model is not None and spec.energy_model.artifact is not None
-    trained = Path(spec.energy_model.artifact)
+    """Where the demo writes its artifact: ``<guardrail cache>/demo/``, one per policy, rail
+    and model (a shipped policy's folder may be read-only, and is no place for it)."""
+    from guardrail.model_cache import cache_root
+
     model = re.sub(r"[^\w.-]+", "_", Path(policy.model.source).name)
-    return trained.parent / "demo" / f"{policy.name}-{model}.safetensors"
+    return cache_root() / "demo" / f"{policy.name}-{rail}-{model}.safetensors"
 
 
 def _usable_artifact(policy: Policy, fingerprint: dict[str, Any], retrain: bool) -> Path | None:

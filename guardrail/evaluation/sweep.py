@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guardrail.components import Steerer
 from guardrail.evaluation.cache import GenerationCache, Scopes
 from guardrail.evaluation.metrics import Rate
 from guardrail.evaluation.runner import Contender, SuiteResult, evaluate
@@ -78,8 +77,7 @@ def variants(policy: Policy, registry: Registry, etas: Sequence[float], steps: S
 
 def _axes(registry: Registry, steerer: str) -> set[str]:
     """The grid axes a steerer lets the sweep set."""
-    cls = registry.get("steerer", steerer).cls
-    return set(AXES) & set(cls.sweep_params) if issubclass(cls, Steerer) else set()
+    return set(AXES) & set(registry.get("steerer", steerer).attribute("sweep_params"))
 
 
 def run_sweep(
