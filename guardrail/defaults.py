@@ -1,8 +1,9 @@
 """The built-in plugins and the component names the core falls back on.
 
 The one place the core names a plugin: the modules registered as built-ins, the components a
-policy gets when it names none, and the suites the evaluation commands use by default. A
-third-party package registers through the ``guardrail`` entry-point group instead.
+policy gets when it names none, and the suites the evaluation commands use by default (and the
+shipped policy the demo runs). A third-party package registers through the ``guardrail``
+entry-point group instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("suites", "guardrail_plugins.suites"),
     ("baselines", "guardrail_plugins.baselines"),
 )
+
+# The shipped policy `guardrail demo` runs and `guardrail policy init` starts from.
+DEFAULT_POLICY = "eds-qwen2.5-coder-0.5b"
 
 # component kind -> the registered name a policy gets when it names none.
 DEFAULT_COMPONENTS: dict[str, str] = {

@@ -34,8 +34,31 @@ def last_user(conversation: Conversation) -> str:
 
 
 def merge_settings(defaults: GenerationSection, overrides: Mapping[str, Any]) -> GenerationSection:
-    """The policy's generation defaults with every override that is not ``None``."""
-    return defaults.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    """The policy's generation defaults with every override that is not ``None``, validated.
+
+    An unknown setting (``num_beams=4``, say) or a bad value raises :class:`GuardrailError`
+    naming it, rather than being dropped or passed on unchecked.
+    """
+    from pydantic import ValidationError
+
+    from guardrail.errors import GuardrailError
+
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    known = type(defaults).model_fields
+    unknown = sorted(set(updates) - set(known))
+    if unknown:
+        raise GuardrailError(
+            f"generation settings {unknown} are not supported; expected any of "
+            f"{', '.join(known)}"
+        )
+    try:
+        return type(defaults).model_validate({**defaults.model_dump(), **updates})
+    except ValidationError as exc:
+        from guardrail.policy import format_validation_error
+
+        raise GuardrailError(
+            "generation settings: " + "; ".join(format_validation_error(exc))
+        ) from None
 
 
 def generate_kwargs(settings: GenerationSection, pad_token_id: int | None) -> dict[str, Any]:

@@ -1,8 +1,14 @@
-"""``Guardrail``: a policy's model, rails and classifier, with steered generation."""
+"""``Guardrail``: a policy's model, rails and classifier, with steered generation.
+
+The model is the policy's (``Guardrail.from_policy(policy)``) or one the caller loaded
+(``from_policy(policy, model=..., tokenizer=...)``); ``attach()`` steers a model object's own
+``generate`` and forward calls, and ``stream()`` yields an answer's text as it is generated.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,7 +20,7 @@ import torch
 
 from guardrail.components import RefusalClassifier, Verdict
 from guardrail.energy import EnergyArtifact
-from guardrail.errors import PluginError, PolicyError
+from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.gating import mean_prompt_states, steered_rows
 from guardrail.generation import (
     Conversation,
@@ -81,14 +87,31 @@ class Guardrail:
         cls,
         policy: Policy | str | Path,
         *,
+        model: Any = None,
+        tokenizer: Any = None,
         loaded: Any = None,
         device: str | None = None,
         plugin_manager: Any = None,
     ) -> Guardrail:
-        """Load a policy file (or object), its model (unless ``loaded`` is given) and artifacts."""
+        """Load a policy (a file, a shipped policy's name, or a :class:`Policy`), its rails'
+        artifacts and, unless given, its model.
+
+        ``model`` and ``tokenizer``: a Hugging Face causal LM and its tokenizer that you
+        loaded yourself (any dtype, quantised or not, on any device); the policy's
+        ``model:`` section is then not used, and neither object is changed. The artifacts
+        must have been trained for this model's architecture (checked by fingerprint).
+        ``loaded`` is a :class:`~guardrail.models.LoadedModel` from ``load_model``.
+        """
         ensure_logging()
         if not isinstance(policy, Policy):
             policy = load_policy(policy)
+        if model is not None or tokenizer is not None:
+            if loaded is not None:
+                raise GuardrailError("from_policy: pass model= and tokenizer=, or loaded=, "
+                                     "not both")
+            from guardrail.models.loading import adopt_model
+
+            loaded = adopt_model(model, tokenizer)
         pm = plugin_manager or get_plugin_manager()
         registry = Registry.from_plugin_manager(pm)
         where = str(policy.path or policy.name)
@@ -160,7 +183,8 @@ class Guardrail:
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise rendered prompts with left padding, on the model's device."""
         enc = self.tokenizer(
-            list(texts), return_tensors="pt", padding=True, add_special_tokens=False
+            list(texts), return_tensors="pt", padding=True, padding_side="left",
+            add_special_tokens=False,
         )
         return {k: v.to(self.loaded.device) for k, v in enc.items()}
 
@@ -391,11 +415,35 @@ class Guardrail:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
+    def stream(
+        self, conversation: Conversation, *, steer: bool = True, **overrides: Any
+    ) -> GenerationStream:
+        """Generate one answer and yield its text as it is produced.
+
+        Iterate the returned :class:`GenerationStream` for text pieces; once it is exhausted
+        its ``result`` is the finished :class:`GenerationResult`, telemetry included.
+        ``overrides`` are those of :meth:`generate` (checked before anything runs).
+        """
+        from transformers import TextIteratorStreamer
+
+        merge_settings(self.policy.generation, overrides)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=True)
+        return GenerationStream(
+            streamer,
+            lambda: self.generate_batch([conversation], steer=steer, streamer=streamer,
+                                        **overrides)[0],
+        )
+
     @contextlib.contextmanager
     def attach(self, model: Any = None) -> Iterator[SteeringSession]:
         """Steer ``model.generate(...)`` / forward calls on a model object of your own.
 
         The model must be the one the artifacts were trained for (checked by fingerprint).
+        Prompts must be left-padded, as Hugging Face generation wants them: a row's last
+        prompt token is then the last position, which the rails steer. A right-padded batch
+        (an attention mask ending in 0) is refused with :class:`PaddingError`, since its
+        last position would be padding.
         """
         target = model if model is not None else self.model
         if target is not self.model:
@@ -403,9 +451,74 @@ class Guardrail:
             for rail in self.rails:
                 if rail.energies:
                     EnergyArtifact.compare(rail.fingerprint, fingerprint, f"rail {rail.name!r}")
-        session = SteeringSession(target, self.rails)
-        with session:
-            yield session
+        check = target.register_forward_pre_hook(_refuse_right_padding, with_kwargs=True)
+        try:
+            with SteeringSession(target, self.rails) as session:
+                yield session
+        finally:
+            check.remove()
+
+
+class PaddingError(GuardrailError, ValueError):
+    """A batch is right-padded where steering needs each row's last prompt token last."""
+
+
+def _refuse_right_padding(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:
+        mask = args[1]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] < 2:
+        return
+    padded = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    if padded:
+        raise PaddingError(
+            f"Guardrail.attach: rows {padded} of the batch are right-padded (their attention "
+            "mask ends in 0), so their last position is padding, not the last prompt token "
+            "the rails steer; tokenise with padding_side='left' (tokenizer.padding_side = "
+            "'left'), as generation with a decoder-only model needs anyway"
+        )
+
+
+class GenerationStream:
+    """An answer's text as it is generated (iterate it); ``result`` once it has finished.
+
+    Generation runs in a background thread; an error there is raised by the iteration.
+    """
+
+    def __init__(self, streamer: Any, run: Any) -> None:
+        self.result: GenerationResult | None = None
+        self._streamer = streamer
+        self._error: BaseException | None = None
+        self._consumed = False
+
+        def target() -> None:
+            try:
+                self.result = run()
+            except BaseException as exc:  # re-raised in the consumer's thread
+                self._error = exc
+                streamer.end()
+
+        self._thread = threading.Thread(target=target, name="guardrail-stream", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[str]:
+        if not self._consumed:
+            self._consumed = True
+            for text in self._streamer:
+                if text:
+                    yield text
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def text(self) -> str:
+        """The whole answer (after iterating, or waiting for it now)."""
+        if self.result is None:
+            for _ in self:
+                pass
+        assert self.result is not None
+        return self.result.text
 
 
 

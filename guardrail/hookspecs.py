@@ -32,7 +32,9 @@ def guardrail_register_energy_models(register: Register) -> None:
     """Register :class:`guardrail.components.EnergyModel` classes.
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing. An energy model can be
-    built, saved to and loaded from an artifact, and scores a batch of hidden states.
+    built, saved to and loaded from an artifact, and scores a batch of hidden states. Being an
+    ``nn.Module``, it is best registered by import path, ``register("pkg.mod:Class",
+    name=..., params=Params)``, so that registering it imports no torch.
     """
 
 

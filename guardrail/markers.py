@@ -17,9 +17,17 @@ hookimpl = HookimplMarker(PROJECT_NAME)
 
 
 class Register(Protocol):
-    """What a registration hook receives: ``register(cls, name=None, aliases=())``."""
+    """What a registration hook receives: ``register(cls, name=None, aliases=())``.
+
+    ``register("package.module:Class", name=..., params=Params, **attributes)`` registers a
+    class that is imported on first use (see :mod:`guardrail.registry`).
+    """
 
     def __call__(
-        self, component: type[Any], name: str | None = None, aliases: Iterable[str] = ()
+        self,
+        component: type[Any] | str,
+        name: str | None = None,
+        aliases: Iterable[str] = (),
+        **declared: Any,
     ) -> None:
         """Register ``component`` under ``name`` (default: its ``name``) and ``aliases``."""

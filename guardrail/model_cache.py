@@ -35,10 +35,20 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "guardrail"
 
 
-def cache_entry_path(name: str, sha256: str, cache_dir: str | Path | None = None) -> Path:
-    """Where the dequantised copy of the GGUF with this name and sha256 lives."""
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes a dequantised copy is kept in: float32, or the model's compute dtype."""
+
+
+def cache_entry_path(
+    name: str, sha256: str, cache_dir: str | Path | None = None, dtype: str = "float32"
+) -> Path:
+    """Where the dequantised copy in ``dtype`` of the GGUF with this name and sha256 lives
+    (float32 entries keep the name they always had)."""
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype {dtype!r}; expected one of {', '.join(CACHE_DTYPES)}")
     safe = re.sub(r"[^\w.-]+", "_", name)
-    return cache_root(cache_dir) / "models" / f"{safe}-{sha256[:16]}"
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    return cache_root(cache_dir) / "models" / f"{safe}-{sha256[:16]}{suffix}"
 
 
 def is_cached(entry: Path) -> bool:

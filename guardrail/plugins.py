@@ -1,45 +1,91 @@
-"""Plugin manager factory and the component registry the registration hooks fill."""
+"""The plugin manager: built-ins, installed entry points (contained), and the plugin report.
+
+An installed plugin that fails to import or to register is not fatal: it is left out,
+recorded with its entry point, distribution and error, listed by ``guardrail plugins`` and
+logged once (``plugin.failed``) by other commands. A policy that names one of its components
+gets an error saying which plugin failed. Built-in plugins, and plugins an application
+registers itself, still fail loudly: those are bugs to see at once.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pluggy
 import structlog
-from pydantic import BaseModel, ValidationError
 
 from guardrail import __version__, hookspecs
-from guardrail.components import (
-    ActivationSource,
-    Component,
-    EnergyModel,
-    Gate,
-    RefusalClassifier,
-    Steerer,
-    Suite,
-)
 from guardrail.defaults import DEFAULT_PLUGINS
-from guardrail.errors import PluginError
-from guardrail.markers import PROJECT_NAME, Register
+from guardrail.markers import PROJECT_NAME
+from guardrail.registry import KINDS, Registration, Registry
+
+__all__ = [
+    "DISABLE_ENV",
+    "ENTRYPOINT_GROUP",
+    "KINDS",
+    "InstalledPlugin",
+    "PluginManager",
+    "Registration",
+    "Registry",
+    "build_plugin_manager",
+    "disabled_plugins",
+    "get_plugin_manager",
+    "plugin_report",
+    "set_plugin_manager",
+]
 
 log = structlog.get_logger("guardrail.plugins")
 
 ENTRYPOINT_GROUP = "guardrail"
 DISABLE_ENV = "GUARDRAIL_DISABLE_PLUGINS"
 
-# kind -> (registration hook name, base class); a new kind is one more row and one hookspec.
-KINDS: dict[str, tuple[str, type[Component]]] = {
-    "activation_source": ("guardrail_register_activation_sources", ActivationSource),
-    "energy_model": ("guardrail_register_energy_models", EnergyModel),
-    "steerer": ("guardrail_register_steerers", Steerer),
-    "gate": ("guardrail_register_gates", Gate),
-    "refusal_classifier": ("guardrail_register_refusal_classifiers", RefusalClassifier),
-    "suite": ("guardrail_register_suites", Suite),
-}
+
+@dataclass
+class InstalledPlugin:
+    """A plugin from the ``guardrail`` entry-point group: where it came from, and whether it
+    failed (``error``: at which stage and why)."""
+
+    name: str
+    entry_point: str
+    distribution: str | None
+    version: str | None
+    error: str | None = None
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's plugin manager, plus the installed (entry-point) plugins it tried to load."""
+
+    def __init__(self) -> None:
+        super().__init__(PROJECT_NAME)
+        self.installed: dict[str, InstalledPlugin] = {}
+        self._warned: set[str] = set()
+
+    def fail(self, name: str, error: str) -> None:
+        """Unregister installed plugin ``name`` (if registered) and record ``error``."""
+        if self.get_plugin(name) is not None:
+            self.unregister(name=name)
+        self.installed[name].error = error
+
+    def failures(self) -> dict[str, InstalledPlugin]:
+        """The installed plugins that failed, by name."""
+        return {name: p for name, p in self.installed.items() if p.error is not None}
+
+    def warn_failed(self) -> None:
+        """Log each failed installed plugin once: ``plugin.failed``, with its entry point,
+        distribution and error."""
+        for name, plugin in self.failures().items():
+            if name in self._warned:
+                continue
+            self._warned.add(name)
+            log.warning(
+                "plugin.failed", plugin=name, entry_point=plugin.entry_point,
+                distribution=plugin.distribution, version=plugin.version, error=plugin.error,
+                effect="left out; policies that do not use it work",
+            )
 
 
 def disabled_plugins() -> set[str]:
@@ -48,13 +94,15 @@ def disabled_plugins() -> set[str]:
     return {name.strip() for name in raw.split(",") if name.strip()}
 
 
-def build_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManager:
+def build_plugin_manager(*, load_entrypoints: bool = True) -> PluginManager:
     """A new plugin manager with the built-ins and, optionally, installed entry points.
 
-    Built-ins come from :data:`~guardrail.defaults.DEFAULT_PLUGINS`, third-party plugins from
-    the ``guardrail`` entry-point group; a hook name no spec knows fails here, loudly.
+    Built-ins come from :data:`~guardrail.defaults.DEFAULT_PLUGINS`; a hook name no spec
+    knows fails here, loudly. Third-party plugins come from the ``guardrail`` entry-point
+    group one at a time: one that fails to import or to register (a misspelled hook name
+    included) is unregistered and recorded, and the rest load.
     """
-    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     for name in disabled_plugins():
         pm.set_blocked(name)
@@ -62,10 +110,31 @@ def build_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManag
         if pm.is_blocked(name):
             continue
         pm.register(importlib.import_module(module_name), name=name)
-    if load_entrypoints:
-        pm.load_setuptools_entrypoints(ENTRYPOINT_GROUP)
     pm.check_pending()
+    if load_entrypoints:
+        _load_entrypoints(pm)
     return pm
+
+
+def _load_entrypoints(pm: PluginManager) -> None:
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRYPOINT_GROUP or ep.name in pm.installed:
+                continue
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            pm.installed[ep.name] = InstalledPlugin(
+                name=ep.name, entry_point=f"{ep.name} = {ep.value}",
+                distribution=dist.metadata["name"], version=dist.version,
+            )
+            stage = "import"
+            try:
+                plugin = ep.load()
+                stage = "registration"
+                pm.register(plugin, name=ep.name)
+                pm.check_pending()
+            except Exception as exc:
+                pm.fail(ep.name, f"{stage} failed: {type(exc).__name__}: {exc}")
 
 
 _PLUGIN_MANAGER: pluggy.PluginManager | None = None
@@ -85,138 +154,14 @@ def set_plugin_manager(pm: pluggy.PluginManager | None) -> None:
     _PLUGIN_MANAGER = pm
 
 
-@dataclass(frozen=True)
-class Registration:
-    """One registered component class and the plugin that registered it."""
-
-    kind: str
-    name: str
-    cls: type[Component]
-    plugin: str
-    aliases: tuple[str, ...] = ()
-
-
-class Registry:
-    """All registered components by kind and name (aliases resolve to the same entry)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
-
-    @classmethod
-    def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Registry:
-        """Call every registration hook, one implementation at a time, so errors name the plugin."""
-        registry = cls()
-        for kind, (hook_name, _base) in KINDS.items():
-            caller = getattr(pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):
-                register = registry._register_fn(kind, impl.plugin_name)
-                try:
-                    impl.function(register=register)
-                except PluginError:
-                    raise
-                except Exception as exc:
-                    raise PluginError(
-                        f"plugin {impl.plugin_name!r} raised in hook {hook_name}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-        return registry
-
-    def _register_fn(self, kind: str, plugin: str) -> Register:
-        def register(
-            component: type[Component], name: str | None = None, aliases: Iterable[str] = ()
-        ) -> None:
-            self.add(kind, component, plugin=plugin, name=name, aliases=tuple(aliases))
-
-        return register
-
-    def add(
-        self,
-        kind: str,
-        component: type[Component],
-        *,
-        plugin: str,
-        name: str | None = None,
-        aliases: tuple[str, ...] = (),
-    ) -> None:
-        """Register ``component`` under ``name`` (default: its ``name`` attribute)."""
-        base = KINDS[kind][1]
-        if not (isinstance(component, type) and issubclass(component, base)):
-            raise PluginError(
-                f"plugin {plugin!r} registered {component!r} as a {kind}, "
-                f"expected a subclass of {base.__module__}.{base.__qualname__}"
-            )
-        if not (isinstance(component.Params, type) and issubclass(component.Params, BaseModel)):
-            raise PluginError(
-                f"plugin {plugin!r}: {component.__qualname__}.Params must be a pydantic model"
-            )
-        name = name or component.name
-        if not name:
-            raise PluginError(f"plugin {plugin!r} registered a {kind} without a name")
-        if issubclass(component, Steerer):
-            unknown = set(component.sweep_params) - set(component.Params.model_fields)
-            if unknown:
-                raise PluginError(
-                    f"plugin {plugin!r}: {component.__qualname__}.sweep_params names "
-                    f"{sorted(unknown)}, which are not fields of its Params"
-                )
-        table = self._entries[kind]
-        entry = Registration(kind=kind, name=name, cls=component, plugin=plugin, aliases=aliases)
-        for key in (name, *aliases):
-            if key in table:
-                raise PluginError(
-                    f"{kind} name {key!r} is registered twice: by plugin "
-                    f"{table[key].plugin!r} and by plugin {plugin!r}"
-                )
-            table[key] = entry
-
-    def names(self, kind: str) -> list[str]:
-        """Canonical names (no aliases) of the registered components of ``kind``."""
-        return sorted({entry.name for entry in self._entries[kind].values()})
-
-    def registrations(self, kind: str) -> list[Registration]:
-        """Each registered component of ``kind`` once (aliases not repeated), by name."""
-        unique = {entry.name: entry for entry in self._entries[kind].values()}
-        return [unique[name] for name in sorted(unique)]
-
-    def get(self, kind: str, name: str) -> Registration:
-        """Look a component up; an unknown name raises :class:`PluginError` listing known ones."""
-        try:
-            return self._entries[kind][name]
-        except KeyError:
-            known = ", ".join(self.names(kind)) or "none"
-            raise PluginError(f"unknown {kind} {name!r}; registered: {known}") from None
-
-    def params(self, kind: str, name: str, values: dict[str, Any]) -> BaseModel:
-        """Validate ``values`` against the component's ``Params`` (raises pydantic's error)."""
-        return self.get(kind, name).cls.Params.model_validate(values)
-
-    def create(self, kind: str, name: str, values: dict[str, Any]) -> Component:
-        """Instantiate a component with validated parameters."""
-        entry = self.get(kind, name)
-        try:
-            params = entry.cls.Params.model_validate(values)
-        except ValidationError as exc:
-            raise PluginError(f"invalid parameters for {kind} {name!r}: {exc}") from exc
-        if issubclass(entry.cls, EnergyModel):
-            raise PluginError(
-                "energy models are built or loaded, not created; see guardrail.energy"
-            )
-        try:
-            return entry.cls(params)
-        except Exception as exc:
-            raise PluginError(
-                f"plugin {entry.plugin!r} failed to create {kind} {name!r}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-
-
 def plugin_report(
     pm: pluggy.PluginManager, *, include_builtins: bool = False
 ) -> list[dict[str, Any]]:
-    """What ``guardrail plugins`` prints: name, version, hooks (and components) per plugin."""
+    """What ``guardrail plugins`` prints: name, version, hooks and components per plugin,
+    then each installed plugin that failed, with its entry point, distribution and error."""
     builtin_names = {name for name, _ in DEFAULT_PLUGINS}
-    dist_info = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
-    registry = Registry.from_plugin_manager(pm)
+    registry = Registry.from_plugin_manager(pm, warn=False)
+    installed: dict[str, InstalledPlugin] = getattr(pm, "installed", {})
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:
@@ -224,20 +169,19 @@ def plugin_report(
         builtin = name in builtin_names
         if builtin and not include_builtins:
             continue
-        dist = dist_info.get(id(plugin))
-        version = __version__ if builtin else (dist.version if dist is not None else None)
+        origin = installed.get(name)
+        version = __version__ if builtin else (origin.version if origin is not None else None)
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
         components = {
             kind: [e.name for e in registry.registrations(kind) if e.plugin == name]
             for kind in KINDS
         }
-        rows.append(
-            {
-                "name": name,
-                "version": version,
-                "builtin": builtin,
-                "hooks": hooks,
-                "components": {k: v for k, v in components.items() if v},
-            }
-        )
+        row: dict[str, Any] = {"name": name, "version": version, "builtin": builtin}
+        if origin is not None:
+            row.update(distribution=origin.distribution, entry_point=origin.entry_point)
+        row.update(hooks=hooks, components={k: v for k, v in components.items() if v})
+        rows.append(row)
+    for failed in sorted(installed.values(), key=lambda p: p.name):
+        if failed.error is not None:
+            rows.append({**asdict(failed), "builtin": False, "hooks": [], "components": {}})
     return rows

@@ -3,21 +3,25 @@
 A policy names the model, generation defaults, an ordered list of steering rails and the
 refusal classifier. Rails stack in order. Relative paths are resolved against the file that
 defines them, after ``${VAR}`` / ``${VAR:-default}`` environment expansion.
+
+``extends: PARENT`` (a path, or a shipped policy's name) starts from the parent file:
+mappings merge key by key, rails merge by ``name`` (:func:`merge_rails`), and every other
+list or value replaces the parent's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from guardrail.defaults import DEFAULT_COMPONENTS
 from guardrail.errors import PluginError, PolicyError
+from guardrail.shipped import resolve_policy, shipped_policy
 from guardrail.training_config import CalibrationSection, TrainingSection
 
 
@@ -63,6 +67,19 @@ class PluginSpec(StrictModel):
 def _default(kind: str) -> Any:
     """A factory of the :class:`PluginSpec` naming the default component of ``kind``."""
     return lambda: PluginSpec(plugin=DEFAULT_COMPONENTS[kind])
+
+
+def _default_plugins(data: Any, sections: dict[str, str]) -> Any:
+    """Fill ``plugin`` of each ``{key: kind}`` section given without one with the default
+    component of its kind (``steerer: {params: {eta: 0.5}}`` is the default steerer)."""
+    if not isinstance(data, dict):
+        return data
+    filled = dict(data)
+    for key, kind in sections.items():
+        section = filled.get(key)
+        if isinstance(section, dict) and "plugin" not in section:
+            filled[key] = {"plugin": DEFAULT_COMPONENTS[kind], **section}
+    return filled
 
 
 class EnergyModelSpec(StrictModel):
@@ -114,6 +131,12 @@ class RailSpec(StrictModel):
     gate: GateSpec | None = Field(
         None, description="Steer only the rows this gate lets through (default: every row).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_plugins(cls, data: Any) -> Any:
+        return _default_plugins(data, {"activation_source": "activation_source",
+                                       "steerer": "steerer"})
+
 
 class Policy(StrictModel):
     """A whole policy file."""
@@ -133,6 +156,11 @@ class Policy(StrictModel):
     )
 
     _path: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_plugins(cls, data: Any) -> Any:
+        return _default_plugins(data, {"classifier": "refusal_classifier"})
 
     @property
     def path(self) -> Path | None:
@@ -173,11 +201,44 @@ def _resolve_paths(node: Any, base: Path, key: str | None = None) -> Any:
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge recursively; lists and scalars in ``override`` replace those in ``base``."""
+    """A child policy (``override``) over its parent: ``rails`` merge by name
+    (:func:`merge_rails`), other mappings merge recursively, and other lists and scalars in
+    ``override`` replace those in ``base``."""
+    merged = _merge_mappings(base, {k: v for k, v in override.items() if k != "rails"})
+    if "rails" in override:
+        rails = override["rails"]
+        parent = base.get("rails")
+        both = isinstance(rails, list) and isinstance(parent, list)
+        merged["rails"] = merge_rails(parent, rails) if both else rails
+    return merged
+
+
+def merge_rails(parent: list[Any], child: list[Any]) -> list[Any]:
+    """The parent's rails with the child's merged in by ``name``.
+
+    A child rail whose name the parent has is deep-merged into it, in the parent's place
+    (``enabled: false`` removes it instead); a rail with a new name is appended.
+    """
+    rails = list(parent)
+    where = {rail["name"]: i for i, rail in enumerate(rails)
+             if isinstance(rail, dict) and isinstance(rail.get("name"), str)}
+    dropped: set[int] = set()
+    for rail in child:
+        name = rail.get("name") if isinstance(rail, dict) else None
+        if not isinstance(name, str) or name not in where:
+            rails.append(rail)  # new (or nameless: validation reports it)
+        elif rail.get("enabled") is False:
+            dropped.add(where[name])
+        else:
+            rails[where[name]] = _merge_mappings(rails[where[name]], rail)
+    return [rail for i, rail in enumerate(rails) if i not in dropped]
+
+
+def _merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+            merged[key] = _merge_mappings(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -211,7 +272,11 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
     if not parent_path.is_file():
-        raise PolicyError(str(path), [f"extends: {parent!r} not found (looked at {parent_path})"])
+        shipped = shipped_policy(parent)
+        if shipped is None:
+            raise PolicyError(str(path), [f"extends: {parent!r} not found (looked at "
+                                          f"{parent_path}, and it is not a shipped policy name)"])
+        parent_path = shipped
     return merge(load_raw(parent_path, (*_seen, path)), data)
 
 
@@ -248,8 +313,9 @@ def parse_policy(data: dict[str, Any], path: str | Path = "<policy>") -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Load, merge and validate a policy file (schema only; see :func:`check_plugins`)."""
-    resolved = Path(path).expanduser().resolve()
+    """Load, merge and validate a policy file or shipped policy name (schema only; see
+    :func:`check_plugins`)."""
+    resolved = resolve_policy(path).resolve()
     return parse_policy(load_raw(resolved), resolved)
 
 
@@ -259,15 +325,7 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
 
     def check(kind: str, spec: PluginSpec | EnergyModelSpec | GateMemberSpec, where: str
               ) -> None:
-        try:
-            registry.get(kind, spec.plugin)
-        except PluginError as exc:
-            problems.append(f"{where}.plugin: got {spec.plugin!r}; {exc}")
-            return
-        try:
-            registry.params(kind, spec.plugin, spec.params)
-        except ValidationError as exc:
-            problems.extend(format_validation_error(exc, prefix=f"{where}.params"))
+        problems.extend(_check_spec(registry, kind, spec.plugin, spec.params, where))
 
     for i, rail in enumerate(policy.rails):
         where = f"rails[{i}]"
@@ -277,7 +335,7 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
             check("energy_model", rail.energy_model, f"{where}.energy_model")
         elif (
             _is_registered(registry, rail)
-            and registry.get("steerer", rail.steerer.plugin).cls.requires_energy_model
+            and registry.get("steerer", rail.steerer.plugin).attribute("requires_energy_model")
         ):
             problems.append(
                 f"{where}.energy_model: missing; steerer {rail.steerer.plugin!r} needs one"
@@ -294,6 +352,55 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"rails: name {name!r} is used twice; rail names must be unique")
     check("refusal_classifier", policy.classifier, "classifier")
+    return problems
+
+
+def _check_spec(
+    registry: Any, kind: str, plugin: str, params: dict[str, Any], where: str
+) -> list[str]:
+    """The problems of one ``{plugin, params}`` section: an unknown name, or bad params."""
+    try:
+        registry.get(kind, plugin)
+    except PluginError as exc:
+        return [f"{where}.plugin: got {plugin!r}; {exc}"]
+    try:
+        registry.params(kind, plugin, params)
+    except ValidationError as exc:
+        return format_validation_error(exc, prefix=f"{where}.params")
+    return []
+
+
+_RAIL_SPECS = (
+    ("activation_source", "activation_source"), ("steerer", "steerer"),
+    ("energy_model", "energy_model"),
+)
+
+
+def check_plugin_sections(data: dict[str, Any], registry: Any) -> list[str]:
+    """Plugin names and params of a policy mapping the schema may reject elsewhere.
+
+    What :func:`check_plugins` checks per section, for each section whose shape allows it,
+    so that ``guardrail validate`` reports schema and plugin problems in one pass.
+    """
+    sections: list[tuple[str, Any, str]] = []
+    rails = data.get("rails")
+    for i, rail in enumerate(rails if isinstance(rails, list) else []):
+        if isinstance(rail, dict):
+            sections += [(kind, rail.get(key, {} if key != "energy_model" else None),
+                          f"rails[{i}].{key}") for key, kind in _RAIL_SPECS]
+            gate = rail.get("gate")
+            members = gate.get("members") if isinstance(gate, dict) else None
+            sections += [("gate", member, f"rails[{i}].gate.members[{j}]")
+                         for j, member in enumerate(members if isinstance(members, list) else [])]
+    sections.append(("refusal_classifier", data.get("classifier", {}), "classifier"))
+    problems: list[str] = []
+    for kind, section, where in sections:
+        if not isinstance(section, dict):
+            continue
+        plugin = section.get("plugin", DEFAULT_COMPONENTS[kind])
+        params = section.get("params", {})
+        if isinstance(plugin, str) and isinstance(params, dict):
+            problems += _check_spec(registry, kind, plugin, params, where)
     return problems
 
 
@@ -325,7 +432,7 @@ def _artifact_command(registry: Any, plugin: str) -> str | None:
     if registry is None:
         return None
     try:
-        command: str | None = registry.get("energy_model", plugin).cls.artifact_command
+        command: str | None = registry.get("energy_model", plugin).attribute("artifact_command")
     except PluginError:
         return None  # validation reports the unknown plugin
     return command
@@ -340,14 +447,18 @@ def _is_registered(registry: Any, rail: RailSpec) -> bool:
 
 
 def validate_policy_file(path: str | Path, registry: Any) -> Policy:
-    """Schema plus plugin checks; raise one :class:`PolicyError` with every problem."""
-    policy = load_policy(path)
+    """Schema plus plugin checks; raise one :class:`PolicyError` with every problem.
+
+    A file the schema rejects still has its plugin sections checked, so one run reports
+    both kinds of problem.
+    """
+    resolved = resolve_policy(path).resolve()
+    data = load_raw(resolved)
+    try:
+        policy = parse_policy(data, resolved)
+    except PolicyError as exc:
+        raise PolicyError(exc.path, exc.problems + check_plugin_sections(data, registry)) from None
     problems = check_plugins(policy, registry)
     if problems:
         raise PolicyError(str(policy.path or path), problems)
     return policy
-
-
-def policy_json_schema() -> str:
-    """The JSON Schema of a policy file."""
-    return json.dumps(Policy.model_json_schema(), indent=2)

@@ -1,7 +1,9 @@
 """Prompt files: JSON, JSONL, CSV/TSV and plain text, with a field, a row filter and a sample.
 
 Relative data file names (the built-in suites', the baselines' defaults) are looked up in
-the data directory :func:`resolve_data_dir` names.
+the data directory :func:`resolve_data_dir` names: ``--data-dir``, else ``$GUARDRAIL_DATA``
+(which ``guardrail --data-dir DIR`` sets for a whole run, shipped policies' training data
+included), else ``../shared/data`` from the current directory or from a source checkout.
 
 Training (``guardrail train``) and evaluation suites read prompt sets through
 :func:`load_prompts`. A *filter* keeps the rows whose columns match, one condition per
@@ -36,7 +38,8 @@ from guardrail.errors import DataError
 log = structlog.get_logger("guardrail.prompts")
 
 DATA_ENV = "GUARDRAIL_DATA"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Where a source checkout keeps pyproject.toml (in an installed wheel there is none).
+_CHECKOUT = Path(__file__).resolve().parents[1]
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
            ".txt": "text"}
 FILTER_OPERATORS = ("not", "prefix", "not_prefix", "regex")
@@ -45,20 +48,32 @@ Filter = Mapping[str, Any]
 
 
 def resolve_data_dir(explicit: str | Path | None = None) -> Path:
-    """``explicit``, else ``$GUARDRAIL_DATA``, else ``../shared/data`` next to the project root."""
+    """``explicit``, else ``$GUARDRAIL_DATA``, else the first existing of ``../shared/data``
+    from the current directory and from the source checkout guardrail runs from (if any).
+
+    Raises :class:`DataError` naming every place it looked and how to point elsewhere.
+    """
     if explicit is not None:
-        where, path = "--data-dir", Path(explicit)
+        candidates = [("--data-dir", Path(explicit))]
     elif os.environ.get(DATA_ENV):
-        where, path = f"${DATA_ENV}", Path(os.environ[DATA_ENV])
+        candidates = [(f"${DATA_ENV}", Path(os.environ[DATA_ENV]))]
     else:
-        where, path = "default", PROJECT_ROOT.parent / "shared" / "data"
-    path = path.expanduser().resolve()
-    if not path.is_dir():
-        raise DataError(
-            f"data directory {path} ({where}) does not exist; pass --data-dir DIR or set "
-            f"{DATA_ENV} to the folder holding xstest_v2_prompts.csv and the *_val.json files"
-        )
-    return path
+        candidates = [("default: ../shared/data from the current directory",
+                       Path.cwd().parent / "shared" / "data")]
+        if (_CHECKOUT / "pyproject.toml").is_file():
+            candidates.append(("default: ../shared/data from the checkout",
+                               _CHECKOUT.parent / "shared" / "data"))
+    looked = []
+    for where, path in candidates:
+        path = path.expanduser().resolve()
+        if path.is_dir():
+            return path
+        looked.append(f"{path} ({where})")
+    raise DataError(
+        f"no data directory: looked at {'; '.join(dict.fromkeys(looked))}. Pass --data-dir DIR "
+        f"or set {DATA_ENV} to the folder holding the prompt sets (xstest_v2_prompts.csv, "
+        "the *_train.json and *_val.json files)"
+    )
 
 
 @dataclass(frozen=True)
@@ -125,7 +140,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             f"expected one of {', '.join(sorted(FORMATS))}"
         )
     if not path.is_file():
-        raise DataError(f"{path}: prompt file not found")
+        state = f"set to {os.environ[DATA_ENV]}" if os.environ.get(DATA_ENV) else "unset"
+        raise DataError(
+            f"{path}: prompt file not found (${DATA_ENV} is {state}; if this is one of the "
+            f"prompt sets, point ${DATA_ENV} or `guardrail --data-dir DIR` at their folder)"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

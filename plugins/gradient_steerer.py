@@ -1,14 +1,22 @@
-"""Steerer: gradient descent on the energy, h <- h - eta * g, for K steps (EDS)."""
+"""Steerer: gradient descent on the energy, h <- h - eta * g, for K steps (EDS).
+
+torch is imported inside :meth:`GradientSteerer.steer`: registering this plugin must not
+pay for importing it.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
-from guardrail.components import EnergyModel, SteerContext, Steerer, SteerOutcome
+from guardrail.components import SteerContext, Steerer, SteerOutcome
+
+if TYPE_CHECKING:
+    import torch
+
+    from guardrail.energy_model import EnergyModel
 
 
 class GradientSteererParams(BaseModel):
@@ -38,6 +46,8 @@ class GradientSteerer(Steerer):
     def steer(
         self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
     ) -> SteerOutcome:
+        import torch
+
         if energy is None:
             raise ValueError(f"rail {ctx.rail!r}: the gradient steerer needs an energy model")
         p = self.params

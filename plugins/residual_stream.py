@@ -1,15 +1,21 @@
-"""Activation source: the residual stream at the output of each decoder block."""
+"""Activation source: the residual stream at the output of each decoder block.
+
+torch is imported inside the methods: registering this plugin (``guardrail validate``,
+``guardrail plugins``, ``guardrail --help``) must not pay for importing it.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
 from guardrail import hookimpl
 from guardrail.components import ActivationSource, Phase
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class ResidualStreamParams(BaseModel):
@@ -22,6 +28,8 @@ class ResidualStreamParams(BaseModel):
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a causal LM (Llama/Qwen/Mistral/GPT-2 style layouts)."""
+    from torch import nn
+
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
         node: Any = model
@@ -48,9 +56,13 @@ class ResidualStreamSource(ActivationSource):
         return list(decoder_layers(model))
 
     def read(self, output: Any) -> torch.Tensor:
+        import torch
+
         return output if isinstance(output, torch.Tensor) else output[0]
 
     def write(self, output: Any, states: torch.Tensor) -> Any:
+        import torch
+
         if isinstance(output, torch.Tensor):
             return states
         return (states, *output[1:])

@@ -66,7 +66,7 @@ def test_data_dir_from_env_and_a_missing_one(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv(DATA_ENV, str(tmp_path))
     assert resolve_data_dir() == tmp_path.resolve()
     assert resolve_data_dir(tmp_path / ".") == tmp_path.resolve()
-    with pytest.raises(DataError, match=r"nowhere \(--data-dir\) does not exist.*GUARDRAIL_DATA"):
+    with pytest.raises(DataError, match=r"looked at .*nowhere \(--data-dir\).*GUARDRAIL_DATA"):
         resolve_data_dir(tmp_path / "nowhere")
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "gone"))
     with pytest.raises(DataError, match=r"\(\$GUARDRAIL_DATA\)"):

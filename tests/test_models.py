@@ -356,12 +356,29 @@ def test_gguf_is_dequantised_once_then_loaded_from_cache(tiny_gguf: Path, tmp_pa
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_bfloat16_loads_get_their_own_half_size_cache_entry(tiny_gguf: Path, tmp_path: Path) -> None:
+    sha = file_sha256(tiny_gguf)
+    half = load_model(str(tiny_gguf), device="cpu", dtype="bfloat16", cache_dir=tmp_path)
+    entry = cache_entry_path("tiny-test", sha, tmp_path, "bfloat16")
+    assert entry.name == f"tiny-test-{sha[:16]}-bfloat16" and is_cached(entry)
+    assert not is_cached(cache_entry_path("tiny-test", sha, tmp_path))  # no float32 copy made
+    assert json.loads((entry / CACHE_MANIFEST).read_text())["dtype"] == "bfloat16"
+    assert next(half.model.parameters()).dtype is torch.bfloat16
+    full = load_model(str(tiny_gguf), device="cpu", dtype="float32", cache_dir=tmp_path)
+    fp32 = cache_entry_path("tiny-test", sha, tmp_path)
+    assert is_cached(fp32) and next(full.model.parameters()).dtype is torch.float32
+    size = lambda e: (e / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(entry) < 0.6 * size(fp32)
+    # Same architecture either way: an artifact trained on one steers the other.
+    assert model_fingerprint(half.model, half.name) == model_fingerprint(full.model, full.name)
+
+
 def test_failed_dequantise_leaves_no_entry_and_no_temp_dir(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = gguf._dequantise
 
-    def crash_after_partial_write(gguf: Any, out: Path, name: str) -> dict[str, Any]:
+    def crash_after_partial_write(gguf: Any, out: Path, name: str, dtype: Any) -> dict[str, Any]:
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt  # what an interrupted write looks like
 

@@ -140,15 +140,39 @@ def installed(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     return install
 
 
-def test_misspelled_hook_in_an_installed_plugin_fails_loudly(installed) -> None:  # type: ignore[no-untyped-def]
+def test_misspelled_hook_in_an_installed_plugin_is_reported_and_left_out(installed) -> None:  # type: ignore[no-untyped-def]
     class Typo:
         @hookimpl
         def guardrail_register_steerer(self, register: Any) -> None:  # missing "s"
             pass
 
     installed("typo", Typo())
+    pm = build_plugin_manager(load_entrypoints=True)
+    assert pm.get_plugin("typo") is None
+    [row] = plugin_report(pm)
+    assert row["name"] == "typo" and row["distribution"] == "typo" and row["version"] == "9.9"
+    assert row["entry_point"] == "typo = typo_module"
+    assert "registration failed: PluginValidationError" in row["error"]
+    assert "unknown hook 'guardrail_register_steerer'" in row["error"]
+
+
+def test_misspelled_hook_in_a_builtin_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import guardrail.plugins
+
+    module = types.ModuleType("typo_builtin")
+
+    @hookimpl
+    def guardrail_register_steerer(register: Any) -> None:  # missing "s"
+        pass
+
+    module.guardrail_register_steerer = guardrail_register_steerer  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "typo_builtin", module)
+    monkeypatch.setattr(guardrail.plugins, "DEFAULT_PLUGINS",
+                        (*guardrail.plugins.DEFAULT_PLUGINS, ("typo", "typo_builtin")))
     with pytest.raises(PluginValidationError, match="unknown hook 'guardrail_register_steerer'"):
-        build_plugin_manager(load_entrypoints=True)
+        build_plugin_manager(load_entrypoints=False)
 
 
 def test_installed_plugin_is_registered_after_the_builtins(installed) -> None:  # type: ignore[no-untyped-def]

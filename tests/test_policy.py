@@ -167,3 +167,177 @@ def test_schema_command_prints_json_schema(capsys: pytest.CaptureFixture[str]) -
     assert schema["title"] == "Policy"
     assert {"model", "rails", "classifier", "generation"} <= set(schema["properties"])
     assert schema["additionalProperties"] is False
+
+
+# --- extends: rails merge by name -----------------------------------------------------------
+def _rail(name: str, **extra: object) -> dict:
+    return {"name": name, "energy_model": {"plugin": "mlp", "artifact": f"{name}.safetensors",
+                                           "params": {"hidden": [8, 4], "dropout": 0.3}},
+            "activation_source": {"plugin": "residual-stream",
+                                  "params": {"prompt_positions": "last", "generated": False}},
+            **extra}
+
+
+def _family(tmp_path: Path, child: dict) -> Path:
+    write_policy(tmp_path / "parent.yaml", _policy(rails=[_rail("a"), _rail("b")]))
+    return write_policy(tmp_path / "child.yaml", {"extends": "parent.yaml", "name": "c", **child})
+
+
+def test_extends_deep_merges_a_rail_of_the_same_name(tmp_path: Path) -> None:
+    child = _family(tmp_path, {"rails": [
+        {"name": "a", "energy_model": {"artifact": "mine.safetensors"},
+         "steerer": {"params": {"eta": 0.5}}}]})
+    policy = load_policy(child)
+    assert [r.name for r in policy.rails] == ["a", "b"]
+    a = policy.rails[0]
+    assert a.energy_model is not None
+    assert a.energy_model.artifact == str(tmp_path / "mine.safetensors")
+    # What the child does not say stays as the parent had it.
+    assert a.energy_model.params == {"hidden": [8, 4], "dropout": 0.3}
+    assert a.activation_source.params == {"prompt_positions": "last", "generated": False}
+    assert a.steerer.params == {"eta": 0.5}
+
+
+def test_extends_appends_new_rails_and_enabled_false_drops_one(tmp_path: Path) -> None:
+    child = _family(tmp_path, {"rails": [{"name": "b", "enabled": False}, _rail("z")]})
+    assert [r.name for r in load_policy(child).rails] == ["a", "z"]
+
+
+def test_extends_replaces_other_lists(tmp_path: Path) -> None:
+    child = _family(tmp_path, {"rails": [{"name": "a", "energy_model": {
+        "params": {"hidden": [16]}}}]})
+    assert load_policy(child).rails[0].energy_model.params["hidden"] == [16]  # type: ignore[union-attr]
+
+
+def test_the_own_prompts_example_of_the_training_docs_keeps_the_rail(tmp_path: Path) -> None:
+    # docs/training.md: a child naming only the rail's artifact must not change the rail.
+    text = (ROOT / "docs" / "training.md").read_text()
+    block = text.split("### Your own prompts", 1)[1].split("cat > my-policy.yaml <<'EOF'\n", 1)[1]
+    yaml_text = block.split("\nEOF", 1)[0]
+    (tmp_path / "my_benign.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "my_harmful.jsonl").write_text('{"text": "ho"}\n')
+    mine = load_policy(write_text(tmp_path / "my-policy.yaml", yaml_text))
+    shipped = load_policy("eds-qwen2.5-coder-0.5b")
+    ours, theirs = mine.rails[0], shipped.rails[0]
+    assert ours.energy_model is not None and theirs.energy_model is not None
+    assert ours.energy_model.artifact == str(tmp_path / "artifacts" / "my-eds.safetensors")
+    assert ours.energy_model.params == theirs.energy_model.params
+    assert ours.activation_source == theirs.activation_source
+    assert ours.steerer == theirs.steerer
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_extends_and_policy_arguments_take_shipped_names(tmp_path: Path) -> None:
+    child = write_text(tmp_path / "c.yaml", "extends: base-qwen2.5-coder-0.5b\nname: c\n")
+    policy = load_policy(child)
+    assert policy.model.source == "qwen2.5-coder-0.5b-instruct"
+    assert load_policy("eds-qwen2.5-coder-0.5b").path == (
+        ROOT / "policies" / "eds-qwen2.5-coder-0.5b.yaml").resolve()
+    with pytest.raises(PolicyError, match="not a shipped policy name.*did you mean 'eds-qwen2.5"):
+        load_policy("eds-qwen2.5-coder-0.5")
+    bad = write_text(tmp_path / "d.yaml", "extends: no-such-policy\nname: d\n")
+    with pytest.raises(PolicyError, match="extends: 'no-such-policy' not found"):
+        load_policy(bad)
+
+
+# --- the JSON Schema --------------------------------------------------------------------------
+def _schema(capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main(["policy", "schema"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_every_shipped_policy_file_passes_the_exported_schema(capsys) -> None:  # type: ignore[no-untyped-def]
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_schema(capsys))
+    files = sorted((ROOT / "policies").glob("*.yaml"))
+    for path in files:
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+        assert not errors, (path.name, errors)
+
+
+def test_schema_types_plugin_params_and_requires_a_complete_file_without_extends(capsys) -> None:  # type: ignore[no-untyped-def]
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_schema(capsys))
+    ok = _policy(rails=[{"name": "r", "steerer": {"plugin": "eds", "params": {"eta": 0.5}}}])
+    assert not list(validator.iter_errors(ok))
+    typo = _policy(rails=[{"name": "r", "steerer": {"plugin": "gradient-descent",
+                                                    "params": {"eta": "fast", "stepz": 2}}}])
+    messages = " | ".join(e.message for e in validator.iter_errors(typo))
+    assert "'fast' is not of type 'number'" in messages and "stepz" in messages
+    unknown = _policy(classifier={"plugin": "gpt-judge"})
+    assert "'gpt-judge' is not one of" in " ".join(e.message for e in validator.iter_errors(unknown))
+    default_params = _policy(rails=[{"name": "r", "energy_model": {"params": {"hiden": [1]}}}])
+    assert list(validator.iter_errors(default_params))  # the default (mlp) Params apply
+    assert list(validator.iter_errors({"name": "no-model"}))
+    # A child file may leave out everything but each rail's name...
+    partial = {"extends": "base.yaml", "rails": [{"name": "eds", "steerer": {"params": {"eta": 2}}}]}
+    assert not list(validator.iter_errors(partial))
+    # ...and is still type-checked.
+    assert list(validator.iter_errors({"extends": "b.yaml", "rails": [{"steerer": {}}]}))
+    assert list(validator.iter_errors({"extends": "b.yaml", "generation": {"max_new_tokens": 0}}))
+
+
+def test_validate_reports_schema_and_plugin_errors_in_one_pass(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    path = write_policy(tmp_path / "bad.yaml", _policy(
+        generation={"max_new_tokens": -3},
+        rails=[{"name": "r", "steerer": {"plugin": "gradient-descent", "params": {"eta": "fast"}},
+                "energy_model": {"plugin": "mlp", "artifact": "x.safetensors"}}],
+        classifier={"plugin": "gpt-judge"}))
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "generation.max_new_tokens: got -3" in err
+    assert "rails[0].steerer.params.eta: got 'fast'" in err
+    assert "classifier.plugin: got 'gpt-judge'" in err
+
+
+def test_validate_takes_a_shipped_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "base-qwen2.5-coder-0.5b"]) == 0
+    assert "ok base-qwen2.5-coder-0.5b: policy 'base-qwen2.5-coder-0.5b'" in capsys.readouterr().out
+
+
+# --- policy list | show | init ---------------------------------------------------------------
+def test_policy_list_names_every_shipped_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "list"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == sorted(p.stem for p in (ROOT / "policies").glob("*.yaml"))
+    eds = next(r for r in rows if r["name"] == "eds-qwen2.5-coder-0.5b")
+    assert eds["extends"] == "base-qwen2.5-coder-0.5b"
+    assert eds["artifacts"][0]["path"].endswith("artifacts/eds-qwen2.5-coder-0.5b.safetensors")
+
+
+def test_policy_show_prints_the_merged_policy_or_the_source(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["policy", "show", "eds-qwen2.5-coder-0.5b"]) == 0
+    merged = yaml.safe_load(capsys.readouterr().out)
+    assert merged["model"]["source"] == "qwen2.5-coder-0.5b-instruct"  # from the parent
+    assert "extends" not in merged
+    assert main(["policy", "show", "--source", "eds-qwen2.5-coder-0.5b"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["extends"] == "base-qwen2.5-coder-0.5b.yaml"
+
+
+def test_policy_init_writes_a_starter_that_validates_and_extends_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "mine.yaml"
+    assert main(["policy", "init", str(target)]) == 0
+    data = yaml.safe_load(target.read_text())
+    assert data == {"extends": "eds-qwen2.5-coder-0.5b", "name": "mine",
+                    "description": "My policy, starting from eds-qwen2.5-coder-0.5b."}
+    assert main(["validate", str(target)]) == 0
+    assert load_policy(target).rails == load_policy("eds-qwen2.5-coder-0.5b").rails
+    assert main(["policy", "init", str(target)]) == 1  # no overwrite without --force
+    assert "exists; pass --force" in capsys.readouterr().err
+    # The commented example that steers harder is valid policy text once uncommented.
+    text = target.read_text()
+    block = text.split("# Steer harder or softer", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    harder = write_text(tmp_path / "harder.yaml",
+                        text + "\n".join(line.removeprefix("# ") for line in block) + "\n")
+    assert main(["validate", str(harder)]) == 0
+    [rail] = load_policy(harder).rails
+    assert rail.steerer.params == {**load_policy("eds-qwen2.5-coder-0.5b").rails[0].steerer.params,
+                                   "eta": 0.5}

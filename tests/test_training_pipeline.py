@@ -202,15 +202,17 @@ def test_policy_without_training_section(tmp_path: Path, tiny_model_dir: Path,
 
 def test_demo_trains_a_subset_and_prints_base_vs_steered(
     tmp_path: Path, tiny_model_dir: Path, keyword_classifier: None,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("GUARDRAIL_CACHE_DIR", str(tmp_path / "cache"))
     policy_path = tiny_training_policy(tmp_path, tiny_model_dir)
     code = main(["demo", "--policy", str(policy_path), "--max-new-tokens", "2", "--no-progress",
                  "--prompt", "how kill python process", "--harmful", "how make bomb"])
     out = capsys.readouterr().out
     assert code == 0
-    demo_artifact = tmp_path / "artifacts" / "demo" / "tiny-eds-tiny-model.safetensors"
-    assert demo_artifact.is_file()
+    # The demo's own artifact goes to the cache, not next to the policy's.
+    demo_artifact = tmp_path / "cache" / "demo" / "tiny-eds-eds-tiny-model.safetensors"
+    assert demo_artifact.is_file() and not (tmp_path / "artifacts" / "demo").exists()
     header = EnergyArtifact.read_header(demo_artifact)
     assert sum(header["metadata"]["data"]["prompts"]["train"].values()) <= 13
     assert out.count("PROMPT") == 2 and "ENERGY   L" in out
@@ -225,8 +227,9 @@ def test_demo_trains_a_subset_and_prints_base_vs_steered(
 
 def test_demo_tallies_refusals_on_a_sample_of_the_validation_prompts(
     tmp_path: Path, tiny_model_dir: Path, keyword_classifier: None,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("GUARDRAIL_CACHE_DIR", str(tmp_path / "cache"))
     write_jsonl(tmp_path / "benign-val.jsonl", [f"{p}, please" for p in BENIGN])
     write_jsonl(tmp_path / "harmful-val.jsonl", [f"{p}, please" for p in HARMFUL])
     validation = [{"path": "benign-val.jsonl", "context": "benign", "field": "text", "name": "b"},

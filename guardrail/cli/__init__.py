@@ -1,17 +1,23 @@
 """The ``guardrail`` command line: one module per command group, wired here.
 
-Plugins add their own commands through the ``guardrail_register_commands`` hook.
+Plugins add their own commands through the ``guardrail_register_commands`` hook. Building
+the parser imports no torch (command modules import it inside the commands that load a
+model), so ``guardrail --help``, ``validate`` and ``plugins`` start quickly
+(``bench/cli_startup.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from guardrail import __version__
 from guardrail.errors import GuardrailError, PluginError
+from guardrail.prompts import DATA_ENV
 from guardrail.telemetry import configure_logging
 
 # Each module has ``add_parser(subparsers)``; a sub-parser sets ``func(args) -> int``.
@@ -34,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="guardrail",
         description="Steer a local chat model's hidden states to cut false refusals.",
     )
+    parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--data-dir", metavar="DIR", dest="global_data_dir",
+                        help=f"folder of the prompt sets (sets ${DATA_ENV} for this run: the "
+                        "shipped policies' training data and the evaluation suites)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
@@ -50,18 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_commands(subparsers: Any) -> None:
-    """Let each plugin add its commands, one implementation at a time, so errors name it."""
+    """Let each plugin add its commands, one implementation at a time, so errors name it.
+
+    An installed plugin that raises is left out (``guardrail plugins`` shows why); any
+    other plugin's error stops the command line.
+    """
     from guardrail.plugins import get_plugin_manager
 
-    hook = get_plugin_manager().hook.guardrail_register_commands
-    for impl in reversed(hook.get_hookimpls()):
+    pm = get_plugin_manager()
+    installed = getattr(pm, "installed", {})
+    for impl in reversed(pm.hook.guardrail_register_commands.get_hookimpls()):
         try:
             impl.function(subparsers=subparsers)
         except Exception as exc:
-            raise PluginError(
-                f"plugin {impl.plugin_name!r} raised in hook guardrail_register_commands: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            message = (f"plugin {impl.plugin_name!r} raised in hook guardrail_register_commands: "
+                       f"{type(exc).__name__}: {exc}")
+            if impl.plugin_name not in installed:
+                raise PluginError(message) from exc
+            pm.fail(impl.plugin_name, f"registration failed: {message}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,9 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     args = parser.parse_args(argv)
     configure_logging(json=args.log_json, level=args.log_level.upper())
+    if args.global_data_dir:
+        os.environ[DATA_ENV] = os.path.abspath(os.path.expanduser(args.global_data_dir))
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    if args.command != "plugins":  # which lists them itself
+        _warn_failed_plugins()
     try:
         return int(args.func(args) or 0)
     except GuardrailError as exc:
@@ -84,6 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _warn_failed_plugins() -> None:
+    from guardrail.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    if hasattr(pm, "warn_failed"):
+        pm.warn_failed()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ policy's shipped artifact (trained by ``guardrail train`` and calibrated by ``gu
 calibrate``, committed beside the policies) is loaded, and a few benign-but-scary prompts and
 clearly harmful ones are answered with and without steering, then refusals are counted on a
 seeded sample of the validation prompts. ``--retrain`` trains and calibrates a demo-sized
-artifact instead (a few minutes more, and a smaller effect, which the demo says).
+artifact instead (a few minutes more, and a smaller effect, which the demo says); it goes to
+the guardrail cache (``$GUARDRAIL_CACHE_DIR/demo``), never next to a shipped policy.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guardrail.errors import GuardrailError, PolicyError
+from guardrail.defaults import DEFAULT_POLICY
+from guardrail.errors import DataError, GuardrailError, PolicyError
 from guardrail.generation import user_turns
 from guardrail.policy import Policy, load_policy
-
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_POLICY = ROOT / "policies" / "eds-qwen2.5-coder-0.5b.yaml"
 
 # Benign requests that sound risky (the packaged Qwen model refuses the first), then requests
 # that must stay refused. None of them is in the training data.
@@ -45,8 +44,9 @@ def add_parser(subparsers: Any) -> None:
         "policy's training data (cached), then answer benign-but-scary and harmful prompts with "
         "and without steering.",
     )
-    demo.add_argument("--policy", default=str(DEFAULT_POLICY),
-                      help=f"policy with a training: section (default {DEFAULT_POLICY.name})")
+    demo.add_argument("--policy", default=DEFAULT_POLICY,
+                      help="policy file or shipped policy name, with a training: section "
+                      f"(default {DEFAULT_POLICY})")
     demo.add_argument("--model", help="model source overriding the policy's (the demo trains "
                       "for it)")
     demo.add_argument("--prompts", type=int,
@@ -111,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"harmful refused:           base {sum(base_refused[n:])}/{len(harmful)}, "
           f"steered {sum(steered_refused[n:])}/{len(harmful)}")
     if args.tally and section.validation:
-        _tally(guard, section, args)
+        try:
+            _tally(guard, section, args)
+        except DataError as exc:
+            _say(f"tally skipped: {exc}")
     print(f"artifact {artifact} (layers {[r.layers for r in guard.rails]}); "
           f"demo took {time.perf_counter() - started:.0f}s")
     print(f"try: guardrail generate --policy {args.policy} --compare \"your prompt\"")
@@ -220,12 +223,12 @@ def _calibrate_demo(policy: Policy, rail: str, artifact: Path, loaded: Any,
 
 
 def demo_artifact_path(policy: Policy, rail: str) -> Path:
-    """Where the demo writes its artifact: ``artifacts/demo/`` next to the policy's artifact."""
-    spec = next(r for r in policy.rails if r.name == rail)
-    assert spec.energy_model is not None and spec.energy_model.artifact is not None
-    trained = Path(spec.energy_model.artifact)
+    """Where the demo writes its artifact: ``<guardrail cache>/demo/``, one per policy, rail
+    and model (a shipped policy's folder may be read-only, and is no place for it)."""
+    from guardrail.model_cache import cache_root
+
     model = re.sub(r"[^\w.-]+", "_", Path(policy.model.source).name)
-    return trained.parent / "demo" / f"{policy.name}-{model}.safetensors"
+    return cache_root() / "demo" / f"{policy.name}-{rail}-{model}.safetensors"
 
 
 def _usable_artifact(policy: Policy, fingerprint: dict[str, Any], retrain: bool) -> Path | None:

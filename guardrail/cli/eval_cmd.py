@@ -12,7 +12,7 @@ from typing import Any
 from guardrail.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 from guardrail.errors import GuardrailError
 
-DATA_HELP = "data folder (default $GUARDRAIL_DATA or ../shared/data)"
+DATA_HELP = "data folder (default $GUARDRAIL_DATA, else ../shared/data from here or the checkout)"
 CACHE_HELP = "cache root (default $GUARDRAIL_CACHE_DIR or ~/.cache/guardrail)"
 
 
@@ -55,7 +55,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _common(parser: argparse.ArgumentParser, suites: tuple[str, ...] = EVAL_SUITES) -> None:
     parser.add_argument("--policy", action="append", required=True, metavar="POLICY",
-                        help="policy file; repeat to compare several")
+                        help="policy file or shipped policy name; repeat to compare several")
     parser.add_argument("--suite", action="append", metavar="SUITE",
                         help=f"suite name or PATH[:benign|:harmful]; repeatable "
                              f"(default {' '.join(suites)})")

@@ -6,18 +6,20 @@ import argparse
 import json
 import sys
 import textwrap
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.generation import user_turns
-from guardrail.guard import GenerationResult, Guardrail
-from guardrail.telemetry import GenerationTelemetry
+
+if TYPE_CHECKING:  # guardrail.guard imports torch: only the commands themselves load it
+    from guardrail.guard import GenerationResult, Guardrail
+    from guardrail.telemetry import GenerationTelemetry
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``generate`` and ``chat``."""
     gen = subparsers.add_parser("generate", help="answer prompts with a policy")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
-    gen.add_argument("--policy", required=True)
+    gen.add_argument("--policy", required=True, help="a policy file or a shipped policy's name")
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true", help="base and steered side by side")
     mode.add_argument("--no-steer", action="store_true", help="the unsteered model only")
@@ -26,7 +28,7 @@ def add_parser(subparsers: Any) -> None:
     gen.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser("chat", help="multi-turn chat with a policy (type /help)")
-    chat.add_argument("--policy", required=True)
+    chat.add_argument("--policy", required=True, help="a policy file or a shipped policy's name")
     _generation_args(chat)
     chat.set_defaults(func=run_chat)
 
@@ -76,6 +78,8 @@ def _verdict(guard: Guardrail, prompt: str, result: GenerationResult) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Answer each prompt; ``--compare`` prints base and steered answers and the energies."""
+    from guardrail.guard import Guardrail
+
     guard = Guardrail.from_policy(args.policy, device=args.device)
     conversations = user_turns(args.prompts)
     overrides = _overrides(args)
@@ -120,6 +124,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     """A multi-turn REPL; ``/base`` toggles steering, ``/reset`` clears, ``/quit`` leaves."""
+    from guardrail.guard import Guardrail
+
     guard = Guardrail.from_policy(args.policy, device=args.device)
     history: list[dict[str, str]] = []
     steer = True

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from guardrail.errors import GuardrailError
 from guardrail.policy import Policy, load_policy
 
 
@@ -21,7 +22,8 @@ def add_parser(subparsers: Any) -> None:
         description="Label the policy's prompts with the frozen model, capture their states at "
         "every layer (cached), train an energy model per layer and keep the best layers.",
     )
-    train.add_argument("--policy", required=True, help="policy file with a training: section")
+    train.add_argument("--policy", required=True,
+                       help="policy file or shipped policy name, with a training: section")
     train.add_argument("--rail", help="rail to train (default: training.rail or the first rail "
                        "with an energy model)")
     train.add_argument("--output", help="artifact path (default: the rail's energy_model.artifact)")
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.training.report import plot_layers, report_dict, summary_text
 
     policy = load_policy(args.policy)
+    if args.output is None:
+        _refuse_installed_artifact(policy, args.rail)
     options = TrainOptions(output=args.output, cache_dir=args.cache_dir, device=args.device,
                            progress=not args.no_progress, top_k=args.top_k,
                            threads=args.threads or None)
@@ -85,6 +89,22 @@ def _command(args: argparse.Namespace) -> str:
     if args.top_k:
         parts += ["--top-k", str(args.top_k)]
     return " ".join(parts)
+def _refuse_installed_artifact(policy: Policy, rail: str | None) -> None:
+    """An installed wheel's shipped artifacts are not overwritten by default."""
+    from guardrail.shipped import artifacts_dir, is_checkout
+    from guardrail.training.pipeline import pick_rail
+
+    if is_checkout() or policy.training is None:
+        return
+    _, spec = pick_rail(policy, rail or policy.training.rail)
+    assert spec.energy_model is not None and spec.energy_model.artifact is not None
+    artifact = Path(spec.energy_model.artifact).resolve()
+    if artifact.is_relative_to(artifacts_dir().resolve()):
+        raise GuardrailError(
+            f"rail {spec.name!r} writes {artifact}, a shipped artifact of the installed "
+            "guardrail package; pass --output FILE, or start a policy of your own with "
+            "`guardrail policy init` and give its rail an artifact path"
+        )
 
 
 def policy_using(policy: Policy, rail: str, artifact: Path, destination: str) -> str:

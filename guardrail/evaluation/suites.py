@@ -68,7 +68,7 @@ def create_suite(spec: SuiteSpec, registry: Registry, data_dir: str | Path | Non
     """Instantiate a suite; ``data_dir`` is passed to suites whose parameters take one."""
     entry = registry.get("suite", spec.plugin)
     values = dict(spec.params)
-    if data_dir is not None and "data_dir" in entry.cls.Params.model_fields:
+    if data_dir is not None and "data_dir" in entry.Params.model_fields:
         values.setdefault("data_dir", str(data_dir))
     suite = registry.create("suite", spec.plugin, values)
     assert isinstance(suite, Suite)

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from guardrail.components import Steerer
 from guardrail.evaluation.cache import GenerationCache, Scopes
 from guardrail.evaluation.metrics import Rate
 from guardrail.evaluation.runner import Contender, SuiteResult, evaluate
@@ -112,8 +111,7 @@ def strength_variants(policy: Policy, registry: Registry, strengths: Sequence[fl
 
 def _axes(registry: Registry, steerer: str) -> set[str]:
     """The grid axes a steerer lets the sweep set."""
-    cls = registry.get("steerer", steerer).cls
-    return set(AXES) & set(cls.sweep_params) if issubclass(cls, Steerer) else set()
+    return set(AXES) & set(registry.get("steerer", steerer).attribute("sweep_params"))
 
 
 def run_sweep(

@@ -171,6 +171,8 @@ def fetch_packaged(name: str) -> None:
     )
 
 
-def packaged_cache_path(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Cache entry path of packaged model ``name``."""
-    return cache_entry_path(name, packaged(name).sha256, cache_dir)
+def packaged_cache_path(
+    name: str, cache_dir: str | Path | None = None, dtype: str = "float32"
+) -> Path:
+    """Cache entry path of packaged model ``name``, dequantised to ``dtype``."""
+    return cache_entry_path(name, packaged(name).sha256, cache_dir, dtype)

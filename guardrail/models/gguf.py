@@ -66,16 +66,17 @@ def existing_gguf(path: Path) -> Iterator[Path]:
     yield path
 
 
-def _dequantise(gguf: AbstractContextManager[Path], out: Path, name: str) -> dict[str, Any]:
-    """Load a GGUF through transformers and save it as a plain float32 checkpoint in ``out``."""
+def _dequantise(
+    gguf: AbstractContextManager[Path], out: Path, name: str, dtype: torch.dtype
+) -> dict[str, Any]:
+    """Load a GGUF through transformers and save it as a plain ``dtype`` checkpoint in ``out``."""
     with gguf as path:
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         seconds = time.perf_counter() - started
-        log.info("model.dequantise", name=name, path=str(path), seconds=round(seconds, 2))
+        log.info("model.dequantise", name=name, path=str(path), dtype=_dtype_name(dtype),
+                 seconds=round(seconds, 2))
     # A GGUF-loaded model refuses save_pretrained; its weights are already dequantised.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
@@ -87,18 +88,31 @@ def _dequantise(gguf: AbstractContextManager[Path], out: Path, name: str) -> dic
     gc.collect()
     return {
         "name": name,
+        "dtype": _dtype_name(dtype),
         "dequantise_seconds": round(seconds, 2),
         "fingerprint": fingerprint,
     }
 
 
-def dequantise_into(entry: Path, *, source: str, name: str, sha256: str, gguf: GGUFSource) -> None:
-    """Fill the cache entry ``entry`` with the dequantised ``gguf(entry.parent)``."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dequantise_into(
+    entry: Path,
+    *,
+    source: str,
+    name: str,
+    sha256: str,
+    gguf: GGUFSource,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Fill the cache entry ``entry`` with ``gguf(entry.parent)`` dequantised to ``dtype``."""
     fill_cache_entry(
         entry,
         lambda tmp: {
             "source": source,
             "sha256": sha256,
-            **_dequantise(gguf(entry.parent), tmp, name),
+            **_dequantise(gguf(entry.parent), tmp, name, dtype),
         },
     )

@@ -6,6 +6,7 @@ Hugging Face directory or a hub id. GGUF sources load through the dequantised ca
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -184,13 +185,17 @@ def _load_gguf(
 ) -> LoadedModel:
     """Load through the cache, dequantising ``gguf(scratch_dir)`` on a miss.
 
-    A cache hit that fails to load is discarded and rebuilt once.
+    The cache keeps the model in its compute dtype when that is bfloat16 or float16 (half
+    the disk and load time of float32), else in float32. A cache hit that fails to load is
+    discarded and rebuilt once.
     """
-    entry = cache_entry_path(name, sha256, cache_dir)
+    cache_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    entry = cache_entry_path(name, sha256, cache_dir, str(cache_dtype).removeprefix("torch."))
     for attempt in range(2):
         hit = is_cached(entry)
         if not hit:
-            dequantise_into(entry, source=source, name=name, sha256=sha256, gguf=gguf)
+            dequantise_into(entry, source=source, name=name, sha256=sha256, gguf=gguf,
+                            dtype=cache_dtype)
         started = time.perf_counter()
         try:
             model, tokenizer = _from_pretrained(entry, dtype)
@@ -217,6 +222,44 @@ def _from_pretrained(
     tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
     return model, tokenizer
+
+
+def adopt_model(model: Any, tokenizer: Any, *, name: str | None = None) -> LoadedModel:
+    """A causal LM and tokenizer the caller loaded, as a :class:`LoadedModel`, unchanged.
+
+    Any dtype, quantisation or device placement is kept as it is: the model is steered
+    where it lives. A tokenizer without a pad token is copied (not changed) and pads with its
+    eos token; padding side is chosen per call. ``name`` (default: the model's
+    ``name_or_path``) labels logs and artifact fingerprints.
+    """
+    if not (hasattr(model, "generate") and hasattr(model, "config")):
+        raise GuardrailError(
+            f"model=: got {type(model).__name__}; expected a Hugging Face causal LM (for "
+            "example from AutoModelForCausalLM.from_pretrained)"
+        )
+    if tokenizer is None or not callable(tokenizer):
+        raise GuardrailError(
+            f"tokenizer=: got {type(tokenizer).__name__}; expected the model's tokenizer "
+            "(for example from AutoTokenizer.from_pretrained)"
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise GuardrailError(
+                "tokenizer=: it has neither a pad nor an eos token; expected at least an eos "
+                "token to pad with"
+            )
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "training", False):
+        log.warning("model.training_mode", hint="call model.eval(): dropout makes answers and "
+                    "energies random")
+    first = next(iter(model.parameters()), None)
+    device = getattr(model, "device", None) or (first.device if first is not None else None)
+    dtype = getattr(model, "dtype", None) or (first.dtype if first is not None else None)
+    label = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+    label = Path(label).name if label.startswith((".", "/", "~")) else label.replace("/", "--")
+    return LoadedModel(model, tokenizer, source=f"<{type(model).__name__} object>", name=label,
+                       device=torch.device(device or "cpu"), dtype=dtype or torch.float32)
 
 
 def _prepare(

