@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,12 +11,17 @@ from torch import nn
 from guardrail import hookimpl
 from guardrail.components import EnergyModel
 
+# Wider than any energy model needs; a larger width is a typo that would exhaust memory.
+MAX_WIDTH = 1 << 16
+
 
 class MLPEnergyParams(BaseModel):
     """Hidden widths (default: four hidden layers, as in the paper) and training-time dropout."""
 
-    model_config = ConfigDict(extra="forbid")
-    hidden: list[int] = Field(default_factory=lambda: [512, 256, 128, 64], min_length=1)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        default_factory=lambda: [512, 256, 128, 64], min_length=1, max_length=16
+    )
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
 

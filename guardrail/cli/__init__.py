@@ -23,6 +23,16 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available command."""
     parser = argparse.ArgumentParser(
@@ -30,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Steer a local chat model's hidden states to cut false refusals.",
     )
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default="INFO", type=_log_level,
+                        help=", ".join(LOG_LEVELS) + " (default INFO)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
@@ -47,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guardrail`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(json=args.log_json, level=args.log_level.upper())
+    configure_logging(json=args.log_json, level=args.log_level)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
