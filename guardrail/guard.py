@@ -17,7 +17,7 @@ from guardrail.energy import EnergyArtifact
 from guardrail.errors import ArtifactError, PolicyError
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import Policy, RailSpec, check_plugins, load_policy
-from guardrail.steering import Rail, SteeringSession
+from guardrail.steering import Rail, SteeringSession, log_nonfinite
 from guardrail.telemetry import GenerationTelemetry, ensure_logging
 
 log = structlog.get_logger("guardrail")
@@ -98,7 +98,9 @@ class Guardrail:
             "guardrail.loaded",
             policy=policy.name,
             model=loaded.name,
-            rails=[{"name": r.name, "layers": r.layers} for r in rails],
+            rails=[{"name": r.name, "layers": r.layers, **({"disabled": r.disabled}
+                                                           if r.disabled else {})}
+                   for r in rails],
         )
         return cls(policy, loaded, rails, classifier, registry, pm)
 
@@ -274,6 +276,7 @@ class Guardrail:
             lengths.append(len(ids) + (1 if finish == "stop" else 0))
             results.append((ids, finish))
         per_row = session.telemetry(lengths)
+        log_nonfinite(per_row, policy=self.policy.name)
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
         return [
             GenerationResult(
@@ -303,7 +306,9 @@ class Guardrail:
             enc = self.encode(texts[start : start + size])
             with self.session(measure_only=True) as session, torch.no_grad():
                 self.model(**enc, use_cache=False)
-            for layers in session.telemetry([0] * enc["input_ids"].shape[0]):
+            rows = session.telemetry([0] * enc["input_ids"].shape[0])
+            log_nonfinite(rows, policy=self.policy.name)
+            for layers in rows:
                 out.append(
                     GenerationTelemetry(steered=False, policy=self.policy.name, layers=layers)
                 )
@@ -355,6 +360,7 @@ def build_rail(
     )
     steerer = registry.create("steerer", spec.steerer.plugin, spec.steerer.params)
     energies = {}
+    disabled: dict[int, str] = {}
     layers: list[int] = [] if spec.layers == "auto" else list(spec.layers)
     if spec.energy_model is not None:
         if spec.energy_model.artifact is None:
@@ -366,15 +372,22 @@ def build_rail(
             raise ArtifactError(f"{where}: {key}.energy_model.artifact: {exc}") from exc
         artifact.check_model(fingerprint, f"{where}: {key}.energy_model.artifact {artifact_path}")
         if spec.layers == "auto":
-            layers = artifact.layers
-        missing = [layer for layer in layers if layer not in artifact.models]
+            layers = sorted({*artifact.layers, *artifact.disabled})
+        stored = sorted({*artifact.layers, *artifact.disabled})
+        missing = [layer for layer in layers if layer not in stored]
         if missing:
             raise PolicyError(
                 where,
-                [
-                    f"{key}.layers: {missing} are not in the artifact {artifact_path} "
-                    f"(it has {artifact.layers})"
-                ],
+                [f"{key}.layers: {missing} are not in the artifact {artifact_path} "
+                 f"(it has {stored})"],
+            )
+        disabled = {layer: artifact.disabled[layer] for layer in layers
+                    if layer in artifact.disabled}
+        layers = [layer for layer in layers if layer not in disabled]
+        if not layers:
+            raise ArtifactError(
+                f"{where}: {key}.energy_model.artifact {artifact_path}: every layer the rail "
+                f"steers is disabled ({', '.join(f'{k}: {v}' for k, v in disabled.items())})"
             )
         energies = {layer: artifact.models[layer] for layer in layers}
     elif spec.layers == "auto":
@@ -391,6 +404,7 @@ def build_rail(
             "steerer": spec.steerer.plugin,
         },
         fingerprint=fingerprint,
+        disabled=disabled,
     )
     return rail
 

@@ -3,6 +3,10 @@
 Prefill (a forward over more than one position) steers the positions the activation source
 names for prompts (default: the last prompt token); decoding steers each new token. Rails
 stack in policy order. Telemetry is kept per row, per rail and layer.
+
+A position whose energy (or steered state) is not finite is left as it was: a skip, counted
+in the row's ``nonfinite_positions`` and logged once per row and layer by
+:func:`log_nonfinite` after the call, not once per decoding step.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Rail:
     energies: dict[int, EnergyModel] = field(default_factory=dict)
     plugins: dict[str, str] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    #: Layers the policy names that are not steered, and why (non-finite artifact weights).
+    disabled: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,26 +130,17 @@ class SteeringSession:
                     f"(rail {rail.name!r}, layer {layer}, {phase}): {type(exc).__name__}: {exc}"
                 ) from exc
             new_flat = outcome.states
+            # A steerer must never return non-finite states; if one does, those rows keep
+            # their input and count as skipped.
             bad_rows = ~torch.isfinite(new_flat).all(dim=-1)
-            if bool(bad_rows.any()):
-                log.warning(
-                    "steer.nonfinite_output", rail=rail.name, layer=layer, rows=int(bad_rows.sum())
-                )
-                new_flat = torch.where(bad_rows[:, None], flat, new_flat)
-            if outcome.nonfinite is not None and bool(outcome.nonfinite.any()):
-                log.warning(
-                    "steer.nonfinite_energy",
-                    rail=rail.name,
-                    layer=layer,
-                    phase=phase,
-                    rows=int(outcome.nonfinite.sum()),
-                )
+            new_flat = torch.where(bad_rows[:, None], flat, new_flat)
+            nonfinite = bad_rows if outcome.nonfinite is None else outcome.nonfinite | bad_rows
             record = _Record(
                 outcome.energy_before,
                 outcome.energy_after,
                 outcome.steps,
                 outcome.steered,
-                outcome.nonfinite,
+                nonfinite,
             )
         record = _last_position(record, batch, positions)
         self.records[(rail.name, layer)][phase].append(record)
@@ -200,23 +197,30 @@ class SteeringSession:
         return rows
 
 
+def log_nonfinite(rows: list[list[LayerTelemetry]], **fields: Any) -> None:
+    """One ``steer.nonfinite_skipped`` warning per row (request) and layer that skipped."""
+    for row, layers in enumerate(rows):
+        for item in layers:
+            if item.nonfinite_positions:
+                log.warning("steer.nonfinite_skipped", rail=item.rail, layer=item.layer,
+                            row=row, positions=item.nonfinite_positions,
+                            action="left unsteered", **fields)
+
+
 def _last_position(record: _Record, batch: int, positions: int) -> _Record:
-    """Keep each row's last steered position (the one telemetry reports)."""
+    """Keep each row's last steered position (the one telemetry reports); a row counts as
+    skipped when any of its positions was."""
 
     def last(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().reshape(batch, positions)[:, -1].cpu()
 
+    nonfinite = record.nonfinite
     return _Record(
-        *(
-            last(t)
-            for t in (
-                record.energy_before,
-                record.energy_after,
-                record.steps,
-                record.steered,
-                record.nonfinite,
-            )
-        )
+        last(record.energy_before),
+        last(record.energy_after),
+        last(record.steps),
+        last(record.steered),
+        None if nonfinite is None else nonfinite.detach().reshape(batch, positions).any(-1).cpu(),
     )
 
 

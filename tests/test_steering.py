@@ -126,19 +126,26 @@ def test_max_displacement_caps_the_move() -> None:
     assert torch.all(out.energy_after <= out.energy_before)
 
 
-def test_nonfinite_energy_leaves_rows_unsteered(tiny_loaded, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    artifact = _artifact(tiny_loaded, layers=(1,))
-    with torch.no_grad():
-        artifact.models[1].net[0].weight[0, 0] = float("nan")
-    path = artifact.save(tmp_path / "nan.safetensors")
+def test_nonfinite_energy_leaves_rows_unsteered_and_is_logged_once_per_row_and_layer(
+    tiny_loaded, tmp_path: Path, capsys  # type: ignore[no-untyped-def]
+) -> None:
+    path = _artifact(tiny_loaded, layers=(1,)).save(tmp_path / "e.safetensors")
     guard = Guardrail.from_policy(_policy(path), loaded=tiny_loaded)  # type: ignore[arg-type]
+    # Finite weights, but inputs scaled past float range: every energy at layer 1 is NaN.
+    guard.rails[0].energies[1].input_std.fill_(1e-45)  # type: ignore[operator]
     base = guard.generate(CONVERSATIONS, steer=False)
+    capsys.readouterr()
     steered = guard.generate(CONVERSATIONS)
     assert [r.token_ids for r in base] == [r.token_ids for r in steered]
-    item = steered[0].telemetry.layers[0]
-    assert item.nonfinite_positions >= 1 and item.steps == 0
+    for result in steered:
+        item = result.telemetry.layers[0]
+        assert item.steps == 0 and item.energy_before is None
+        assert item.nonfinite_positions == 1 + item.generated_positions >= 2
     captured = capsys.readouterr()
-    assert "steer.nonfinite_energy" in captured.out + captured.err
+    lines = [line for line in (captured.out + captured.err).splitlines()
+             if "steer.nonfinite_skipped" in line]
+    assert len(lines) == len(CONVERSATIONS)  # one per request and layer, not one per token
+    assert all("layer=1" in line and "rail=eds" in line for line in lines)
 
 
 def test_artifact_for_other_model_is_refused(tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -49,15 +49,28 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def energy_line(telemetry: GenerationTelemetry) -> str:
-    """``L3 2.31->-0.87`` per steered layer, at the last prompt token."""
+def energy_line(telemetry: GenerationTelemetry, disabled: dict[int, str] | None = None) -> str:
+    """``L3 +2.31->-0.87`` per steered layer, at the last prompt token; layers skipped for a
+    non-finite energy and layers disabled at load say so."""
     parts = []
     for item in telemetry.layers:
+        skipped = (f"skipped at {item.nonfinite_positions} position"
+                   f"{'s' if item.nonfinite_positions > 1 else ''} (non-finite energy)"
+                   if item.nonfinite_positions else "")
         if item.energy_before is None:
+            parts.append(f"L{item.layer} {skipped or 'no prompt energy'}")
             continue
         after = f"{item.energy_after:+.2f}" if item.energy_after is not None else "?"
-        parts.append(f"L{item.layer} {item.energy_before:+.2f}->{after}")
+        parts.append(f"L{item.layer} {item.energy_before:+.2f}->{after}"
+                     + (f" {skipped}" if skipped else ""))
+    for layer, why in sorted((disabled or {}).items()):
+        parts.append(f"L{layer} disabled ({why})")
     return "  ".join(parts) if parts else "(no energy model)"
+
+
+def disabled_layers(guard: Guardrail) -> dict[int, str]:
+    """Layers of the guardrail's rails that were disabled at load, and why."""
+    return {layer: why for rail in guard.rails for layer, why in rail.disabled.items()}
 
 
 def _verdict(guard: Guardrail, prompt: str, result: GenerationResult) -> str:
@@ -105,7 +118,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 textwrap.indent(textwrap.fill(body, width - 9, replace_whitespace=False), " " * 9)
             )
         if steered is not None:
-            print(f"ENERGY   {energy_line(steered[i].telemetry)}")
+            print(f"ENERGY   {energy_line(steered[i].telemetry, disabled_layers(guard))}")
     return 0
 
 
@@ -141,4 +154,4 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": result.text})
         print(f"bot> {result.text.strip()}")
         if steer:
-            print(f"     energy {energy_line(result.telemetry)}")
+            print(f"     energy {energy_line(result.telemetry, disabled_layers(guard))}")
