@@ -134,7 +134,8 @@ class _PlainDataConstructor(SafeConstructor):
         return str(self.construct_scalar(node))
 
     def construct_refused(self, node: Node) -> Any:
-        raise _Refused(f"tag {node.tag!r} is not allowed in a policy file (plain data only)",
+        tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+        raise _Refused(f"tag {_short(tag)!r} is not allowed in a policy file (plain data only)",
                        node.start_mark)
 
 
