@@ -183,3 +183,20 @@ def test_bad_cli_options_get_an_argparse_message(capsys: pytest.CaptureFixture[s
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "guardrail: error: argument --log-level: got 'FOO'; expected one of DEBUG, INFO" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--policy", "p.yaml", "--max-new-tokens", "-5", "hi"],
+    ["generate", "--policy", "p.yaml", "--temperature", "nan", "hi"],
+    ["generate", "--policy", "p.yaml", "--top-p", "5", "hi"],
+    ["train", "--policy", "p.yaml", "--top-k", "0"],
+    ["eval", "--policy", "p.yaml", "--batch-size", "many"],
+    ["serve", "--policy", "p.yaml", "--request-timeout", "-1"],
+])
+def test_bad_sizes_on_the_command_line_are_argparse_errors(argv: list[str],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    option, value = next((a, b) for a, b in zip(argv, argv[1:]) if a.startswith("--") and a != "--policy")
+    assert f"error: argument {option}: got '{value}'; expected" in capsys.readouterr().err

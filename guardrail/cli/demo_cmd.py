@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from guardrail.cli.arg_types import non_negative_int, positive_int
 from guardrail.errors import GuardrailError, PolicyError
 from guardrail.policy import Policy, load_policy
 
@@ -47,16 +48,16 @@ def add_parser(subparsers: Any) -> None:
                       help=f"policy with a training: section (default {DEFAULT_POLICY.name})")
     demo.add_argument("--model", help="model source overriding the policy's (the demo trains "
                       "for it)")
-    demo.add_argument("--prompts", type=int,
+    demo.add_argument("--prompts", type=positive_int,
                       help="training prompts (default: training.demo.prompts)")
     demo.add_argument("--retrain", action="store_true",
                       help="train the demo artifact even when a usable one exists")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=48)
     demo.add_argument("--prompt", action="append", dest="benign", metavar="TEXT",
                       help="a benign-but-scary prompt to show (repeatable; replaces the defaults)")
     demo.add_argument("--harmful", action="append", metavar="TEXT",
                       help="a harmful prompt to show (repeatable; replaces the defaults)")
-    demo.add_argument("--tally", type=int, default=48, metavar="N",
+    demo.add_argument("--tally", type=non_negative_int, default=48, metavar="N",
                       help="also count refusals, base vs steered, on a seeded sample of N of the "
                       "policy's validation prompts (0: off)")
     demo.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from typing import Any
 
+from guardrail.cli.arg_types import positive_float, positive_int, probability
 from guardrail.guard import GenerationResult, Guardrail
 from guardrail.telemetry import GenerationTelemetry
 
@@ -31,10 +32,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _generation_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--max-new-tokens", type=positive_int)
     parser.add_argument("--do-sample", action="store_true", default=None)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--temperature", type=positive_float)
+    parser.add_argument("--top-p", type=probability)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
 

@@ -3,56 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from typing import Any
 
 import structlog
 
+from guardrail.cli.arg_types import non_negative_float, port, positive_float, positive_int
 from guardrail.errors import GuardrailError
 from guardrail.serving.auth import ENV_VAR
 
 log = structlog.get_logger("guardrail.serving")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"got {text!r}; expected a finite number > 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"got {text!r}; expected a finite number >= 0")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"got {text!r}; expected 0..65535")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -67,27 +27,27 @@ def add_parser(subparsers: Any) -> None:
                        help="a policy file to serve (repeat for several)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--port", type=port, default=8000)
     serve.add_argument("--device", help="auto, cpu, cuda (overrides the policies)")
-    serve.add_argument("--threads", type=_positive_int,
+    serve.add_argument("--threads", type=positive_int,
                        help="torch CPU threads (1 is fastest on a busy shared CPU)")
     limits = serve.add_argument_group("batching and limits")
-    limits.add_argument("--max-batch-size", type=_positive_int,
+    limits.add_argument("--max-batch-size", type=positive_int,
                         help="requests per forward pass (default: each policy's batch_size)")
-    limits.add_argument("--max-queue", type=_positive_int, default=64,
+    limits.add_argument("--max-queue", type=positive_int, default=64,
                         help="requests waiting per model before answering 503 (default 64)")
-    limits.add_argument("--batch-wait-ms", type=_non_negative_float, default=5.0,
+    limits.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0,
                         help="how long a first request waits for company (default 5)")
-    limits.add_argument("--max-tokens-limit", type=_positive_int, default=1024,
+    limits.add_argument("--max-tokens-limit", type=positive_int, default=1024,
                         help="largest max_tokens a request may ask for (default 1024)")
-    limits.add_argument("--max-prompt-tokens", type=_positive_int, default=4096,
+    limits.add_argument("--max-prompt-tokens", type=positive_int, default=4096,
                         help="longest prompt accepted, in tokens (default 4096)")
-    limits.add_argument("--max-request-bytes", type=_positive_int, default=1 << 20,
+    limits.add_argument("--max-request-bytes", type=positive_int, default=1 << 20,
                         help="largest request body (default 1 MiB)")
-    limits.add_argument("--request-timeout", type=_positive_float, default=300.0,
+    limits.add_argument("--request-timeout", type=positive_float, default=300.0,
                         help="seconds a request may take, queue included (default 300)")
     limits.add_argument("--drain-timeout", "--shutdown-timeout", dest="drain_timeout",
-                        type=_positive_float, default=30.0, metavar="SECONDS",
+                        type=positive_float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM/SIGINT, seconds running requests may take to finish; "
                              "queued ones get 503 at once (default 30)")
     access = serve.add_argument_group("access")
