@@ -164,7 +164,11 @@ def _resolve_paths(node: Any, base: Path, problems: list[str], key: str | None =
         return text
     if not text:
         return text  # schema validation names the empty value
-    candidate = Path(text).expanduser()
+    try:
+        candidate = Path(text).expanduser()
+    except RuntimeError:  # ~name of a user that does not exist
+        problems.append(f"{where}: got {_shown(text)}; cannot expand '~' (no such user's home)")
+        return node
     return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
 
 
@@ -198,6 +202,9 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         parent_path = Path(expand_env(parent)).expanduser()
     except UnsetVariableError as exc:
         raise PolicyError(str(path), [exc.problem("extends")]) from None
+    except RuntimeError:
+        raise PolicyError(str(path), [f"extends: got {_shown(parent)}; cannot expand '~' (no "
+                                      "such user's home)"]) from None
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
     if not _is_file(parent_path):

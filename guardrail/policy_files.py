@@ -9,8 +9,9 @@ so quickly and in bounded memory:
 - at most :data:`MAX_DEPTH` levels of nesting and :data:`MAX_NODES` nodes, counting every
   node an alias stands for (so a "billion laughs" alias bomb is refused after a few
   thousand nodes, and the message never echoes the value);
-- no recursive aliases, no duplicate keys, only string keys, no NUL characters or lone
-  surrogates in strings, no tags beyond YAML's plain data types (timestamps stay strings).
+- no recursive aliases, no duplicate keys, only string keys, no NUL or other control
+  characters (tab and newlines are fine) or lone surrogates in strings, no tags beyond
+  YAML's plain data types (timestamps stay strings).
 
 Events come from libyaml when PyYAML has it (fast), else from PyYAML's pure-Python parser;
 the composer that turns them into nodes is PyYAML's, with the limits added.
@@ -50,7 +51,9 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
             Scanner.__init__(self)
             Parser.__init__(self)
 
-_BAD_CHARACTER = re.compile("[\x00\ud800-\udfff]")
+# NUL (no path may hold one), other C0 controls but tab and newlines (terminal escapes in a
+# policy name would reach the terminal), DEL, and lone surrogates (not encodable text).
+_BAD_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -217,5 +220,10 @@ def _bad_character_message(value: str) -> str:
     found = _BAD_CHARACTER.search(value)
     assert found is not None
     char = found.group()
-    what = "a NUL character" if char == "\x00" else f"a lone surrogate ({char!r})"
+    if char == "\x00":
+        what = "a NUL character"
+    elif "\ud800" <= char <= "\udfff":
+        what = f"a lone surrogate ({char!r})"
+    else:
+        what = f"a control character (U+{ord(char):04X})"
     return f"a string contains {what} at position {found.start()}; expected plain text"

@@ -71,6 +71,10 @@ def test_oversize_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
     ("NUL in a path", (HEAD + 'rails: [{name: r, energy_model: {artifact: "a\\0b"}}]\n').encode(),
      "a string contains a NUL character"),
     ("lone surrogate", (HEAD + 'description: "\\ud800"\n').encode(), "not valid YAML"),
+    ("terminal escape", (HEAD + 'description: "\\x1b[2J"\n').encode(),
+     "a string contains a control character (U+001B)"),
+    ("unknown user's home", (HEAD + "rails: [{name: r, energy_model: {artifact: '~nosuchuser/a'}}]\n").encode(),
+     "rails[0].energy_model.artifact: got '~nosuchuser/a'; cannot expand '~'"),
     ("duplicate key", (HEAD + "name: q\n").encode(),
      "line 3, column 1: duplicate key 'name' (first at line 1)"),
     ("non-string key", (HEAD + "1: x\n").encode(), "mapping key 1 (int) is not a string"),
@@ -198,5 +202,5 @@ def test_bad_sizes_on_the_command_line_are_argparse_errors(argv: list[str],
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    option, value = next((a, b) for a, b in zip(argv, argv[1:]) if a.startswith("--") and a != "--policy")
+    option, value = next((a, b) for a, b in zip(argv, argv[1:], strict=False) if a.startswith("--") and a != "--policy")
     assert f"error: argument {option}: got '{value}'; expected" in capsys.readouterr().err

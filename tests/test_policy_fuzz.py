@@ -41,6 +41,7 @@ FRAGMENTS = [
     b"\xff", b"\x00", b"~", b".inf", b".nan", b"-1", b"0", b"1.0e+30", b"9" * 5000, b"layers: []",
     b"layers: auto", b"artifact: /", b"artifact: .", b"hidden: [-5, 0]", b"rail: nosuchrail",
     b"sample: 1.0e+30", b"name: name\nname: x\n", b"2024-01-01", b"\xe2\x80\xae", b"\\",
+    b"~nosuchuser/", b"artifact: ~nosuchuser/a", b"source: ~nosuchuser", b"a" * 5000 + b"/",
 ]
 
 

@@ -308,13 +308,15 @@ RUNNING = 20
 QUEUED = 6
 
 
-def _slow_server(tiny_dir: Path, name: str, drain_timeout: str) -> LiveServer:
+def _slow_server(tiny_dir: Path, name: str, drain_timeout: str, batch: int = RUNNING
+                 ) -> LiveServer:
     """A server whose batches take seconds: 40 gradient steps at 4 layers for every token.
 
-    The first request waits up to 5 s for company, so requests sent together share a batch.
+    The first request waits up to 5 s for ``batch - 1`` others, so requests sent together
+    share a batch.
     """
-    policy = _policy(tiny_dir, name, steps=40, batch=RUNNING)
-    return start_server([policy], tiny_dir / f"{name}.log", "--max-batch-size", str(RUNNING),
+    policy = _policy(tiny_dir, name, steps=40, batch=batch)
+    return start_server([policy], tiny_dir / f"{name}.log", "--max-batch-size", str(batch),
                         "--max-queue", "32", "--batch-wait-ms", "5000", "--max-tokens-limit",
                         "200", "--drain-timeout", drain_timeout)
 
@@ -403,7 +405,7 @@ def test_sigterm_lets_running_requests_finish_and_answers_queued_ones_503(tiny_d
 
 
 def test_past_the_drain_timeout_running_requests_are_answered_503(tiny_dir: Path) -> None:
-    server = _slow_server(tiny_dir, "drain-short", "1")
+    server = _slow_server(tiny_dir, "drain-short", "1", batch=4)
     try:
         with ThreadPoolExecutor(4) as pool, _client() as client:
             running = [pool.submit(_send, client, server, i, 200, i == 0) for i in range(4)]

@@ -6,6 +6,7 @@ request, 401s included), then :class:`BearerAuth` when an API key is set, then t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,9 @@ from guardrail.serving.request_log import RequestLog
 from guardrail.serving.schemas import ChatCompletionRequest, EnergiesRequest, parse_body
 
 log = structlog.get_logger("guardrail.serving")
+
+# Bodies up to this size are parsed on the event loop (microseconds); larger ones in a thread.
+PARSE_INLINE_BYTES = 64 * 1024
 
 
 def create_app(pool: PolicyPool, config: ServeConfig | None = None, *,
@@ -116,7 +120,7 @@ def create_app(pool: PolicyPool, config: ServeConfig | None = None, *,
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         """Steered chat completion; ``stream: true`` answers with server-sent events."""
-        req: ChatCompletionRequest = parse_body(ChatCompletionRequest, await body_of(request))
+        req: ChatCompletionRequest = await parsed(ChatCompletionRequest, await body_of(request))
         fields = completions.log_fields(request)
         fields.update(policy=req.model, stream=req.stream)
         served = pool.get(req.model)
@@ -135,12 +139,19 @@ def create_app(pool: PolicyPool, config: ServeConfig | None = None, *,
     @app.post("/v1/guardrail/energies")
     async def check_energies(request: Request) -> dict[str, Any]:
         """Energies of a conversation's prompt per rail and layer, without generating."""
-        req: EnergiesRequest = parse_body(EnergiesRequest, await body_of(request))
+        req: EnergiesRequest = await parsed(EnergiesRequest, await body_of(request))
         served = pool.get(req.model)
         result = await completions.energies(request, served, req, config)
         return result.model_dump(mode="json")
 
     return app
+
+
+async def parsed(model: type[Any], raw: bytes) -> Any:
+    """:func:`parse_body`; a large body is decoded and checked off the event loop."""
+    if len(raw) < PARSE_INLINE_BYTES:
+        return parse_body(model, raw)
+    return await asyncio.to_thread(parse_body, model, raw)
 
 
 def _too_large(size: int, config: ServeConfig, at_least: bool = False) -> ApiError:
