@@ -2,23 +2,33 @@
 
 One artifact holds the energy models of one rail, one per selected layer, with the
 fingerprint of the model they were trained on. Loading it for another model is refused.
+
+Loading checks every header field and every tensor against the energy-model plugin's own
+rebuild of the layer; anything off is an :class:`ArtifactError` naming the file, the layer
+and the field. A layer whose weights hold NaN or infinity is disabled (one warning names
+them all) rather than steering with garbage; an artifact with no usable layer is an error.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from guardrail.components import EnergyModel
 from guardrail.errors import ArtifactError, PluginError
+from guardrail.gating import TENSOR_PREFIX as GATE_TENSOR_PREFIX
 from guardrail.gating import GateSet
+
+log = structlog.get_logger("guardrail.energy")
 
 FORMAT = "guardrail-energy/1"
 HEADER_KEY = "guardrail"
@@ -34,6 +44,8 @@ class EnergyArtifact:
     models: dict[int, EnergyModel]
     metadata: dict[str, Any] = field(default_factory=dict)
     gate: GateSet | None = None
+    #: Layers found unusable at load (layer -> why), left out of ``models``.
+    disabled: dict[int, str] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -79,8 +91,10 @@ class EnergyArtifact:
 
     @staticmethod
     def read_header(path: str | Path) -> dict[str, Any]:
-        """Read and check the JSON header without loading tensors."""
+        """Read and check the JSON header (every field) without loading tensors."""
         path = Path(path)
+        if path.is_dir():
+            raise ArtifactError(f"energy-model artifact {path} is a directory, not a file")
         if not path.is_file():
             raise ArtifactError(f"energy-model artifact {path} not found")
         try:
@@ -92,19 +106,28 @@ class EnergyArtifact:
             raise ArtifactError(f"{path}: no '{HEADER_KEY}' header; not a guardrail artifact")
         try:
             header = json.loads(meta[HEADER_KEY])
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ArtifactError(f"{path}: header is not valid JSON ({exc})") from exc
+        if not isinstance(header, dict):
+            raise ArtifactError(f"{path}: header is a JSON {type(header).__name__}; expected "
+                                "an object")
         if header.get("format") != FORMAT:
-            raise ArtifactError(
-                f"{path}: header key 'format' is {header.get('format')!r}; expected {FORMAT!r}"
-            )
+            raise ArtifactError(f"{path}: header key 'format' is "
+                                f"{_shown(header.get('format'))}; expected {FORMAT!r}")
+        problems = header_problems(header)
+        if problems:
+            raise ArtifactError(f"{path}: " + "; ".join(problems))
         return header
 
     @classmethod
     def load(
         cls, path: str | Path, registry: Any, device: torch.device | str = "cpu"
     ) -> EnergyArtifact:
-        """Load an artifact; the energy-model plugin named in its header must be registered."""
+        """Load an artifact; the energy-model plugin named in its header must be registered.
+
+        Layers with non-finite weights are left out of ``models`` and listed in ``disabled``
+        (one ``artifact.nonfinite_weights`` warning); if that leaves none, it is an error.
+        """
         path = Path(path)
         header = cls.read_header(path)
         plugin = header["energy_model"]
@@ -112,15 +135,48 @@ class EnergyArtifact:
             model_cls = registry.get("energy_model", plugin).cls
         except PluginError as exc:
             raise ArtifactError(f"{path}: header key 'energy_model': {exc}") from exc
-        tensors = load_file(str(path), device="cpu")
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+        layers: list[int] = header["layers"]
+        claimed = (*(f"layers.{layer}." for layer in layers),
+                   *((GATE_TENSOR_PREFIX,) if header.get("gate") is not None else ()))
+        strays = sorted(name for name in tensors if not name.startswith(claimed))
+        if strays:
+            raise ArtifactError(f"{path}: tensors {_shown(strays)} belong to no layer in the "
+                                f"header's 'layers' {layers}" + ("" if header.get("gate") else
+                                                                 " and there is no gate"))
+        hidden_size = header["model"].get("hidden_size")
         models: dict[int, EnergyModel] = {}
-        for layer in header["layers"]:
+        disabled: dict[int, str] = {}
+        for layer in layers:
             prefix = f"layers.{layer}."
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            where = f"{path}: layer {layer}"
             if not own:
-                raise ArtifactError(f"{path}: header lists layer {layer} but it has no tensors")
-            model = model_cls.from_artifact(header["configs"][str(layer)], own)
+                raise ArtifactError(f"{where}: the header lists it but the file has no tensors "
+                                    f"named {prefix}*")
+            config = header["configs"][str(layer)]
+            if _is_index(hidden_size) and config.get("hidden_size", hidden_size) != hidden_size:
+                raise ArtifactError(f"{where}: config field 'hidden_size' is "
+                                    f"{_shown(config['hidden_size'])} but the header's model has "
+                                    f"hidden_size {hidden_size}")
+            model = _rebuild(model_cls, config, own, where)
+            _check_input_size(model, hidden_size, where)
+            bad = sorted(name for name, t in own.items()
+                         if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+            if bad:
+                disabled[int(layer)] = f"non-finite weights in {', '.join(bad)}"
+                continue
             models[int(layer)] = model.to(device).eval().requires_grad_(False)
+        if disabled:
+            log.warning("artifact.nonfinite_weights", path=str(path), layers=sorted(disabled),
+                        detail={str(k): v for k, v in sorted(disabled.items())},
+                        action="layers disabled")
+        if not models:
+            raise ArtifactError(f"{path}: every layer ({sorted(disabled)}) has non-finite "
+                                "(NaN or infinite) weights; retrain the artifact")
         gate = None
         if header.get("gate") is not None:
             gate = GateSet.from_header(header["gate"], tensors, registry, str(path))
@@ -130,6 +186,7 @@ class EnergyArtifact:
             models=models,
             metadata=header.get("metadata", {}),
             gate=gate,
+            disabled=disabled,
         )
 
     @staticmethod
@@ -163,3 +220,106 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, Any])
     save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
     os.replace(tmp, path)
 
+def header_problems(header: dict[str, Any]) -> list[str]:
+    """Every header field checked for type and consistency; one line per problem."""
+    problems = []
+    plugin = header.get("energy_model")
+    if not isinstance(plugin, str) or not plugin:
+        problems.append(f"header field 'energy_model': got {_shown(plugin)}; expected the "
+                        "name of an energy-model plugin")
+    model = header.get("model")
+    if not isinstance(model, dict):
+        problems.append(f"header field 'model': got {_shown(model)}; expected the fingerprint "
+                        f"object ({', '.join(FINGERPRINT_KEYS)})")
+    else:
+        for key in FINGERPRINT_KEYS:
+            if key not in model:
+                problems.append(f"header field 'model.{key}': missing")
+        for key in ("hidden_size", "num_layers"):
+            value = model.get(key)
+            if key in model and not (_is_index(value) and value != 0):
+                problems.append(f"header field 'model.{key}': got {_shown(value)}; expected an "
+                                "integer >= 1")
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not layers or not all(_is_index(v) for v in layers):
+        problems.append(f"header field 'layers': got {_shown(layers)}; expected a non-empty "
+                        "list of layer indices >= 0")
+        layers = []
+    elif len(set(layers)) != len(layers):
+        problems.append(f"header field 'layers': {layers} lists a layer twice")
+    configs = header.get("configs")
+    if not isinstance(configs, dict):
+        problems.append(f"header field 'configs': got {_shown(configs)}; expected an object "
+                        "with one config per layer")
+    else:
+        for layer in layers:
+            if not isinstance(configs.get(str(layer)), dict):
+                problems.append(f"header field 'configs.{layer}': got "
+                                f"{_shown(configs.get(str(layer)))}; expected the layer's "
+                                "config object")
+        extra = sorted(set(configs) - {str(layer) for layer in layers})
+        if extra:
+            problems.append(f"header field 'configs': has configs for {extra}, which are not "
+                            "in 'layers'")
+    if not isinstance(header.get("metadata", {}), dict):
+        problems.append(f"header field 'metadata': got {_shown(header.get('metadata'))}; "
+                        "expected an object")
+    return problems
+
+
+def _rebuild(model_cls: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+             where: str) -> EnergyModel:
+    """The plugin's ``from_artifact``; whatever it raises becomes an :class:`ArtifactError`."""
+    try:
+        model = model_cls.from_artifact(config, tensors)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{where}: {exc}") from exc
+    except Exception as exc:  # a plugin's KeyError or load_state_dict's RuntimeError
+        detail = _first_line(exc) if isinstance(exc, ValueError) else (
+            f"{type(exc).__name__}: {_first_line(exc)}")
+        raise ArtifactError(f"{where}: config {_shown(config, 200)} and its tensors do not "
+                            f"rebuild a {model_cls.__name__}: {detail}") from exc
+    if not isinstance(model, EnergyModel):
+        raise ArtifactError(f"{where}: {model_cls.__name__}.from_artifact returned a "
+                            f"{type(model).__name__}, not an EnergyModel")
+    return model
+
+
+def _check_input_size(model: EnergyModel, hidden_size: Any, where: str) -> None:
+    """The rebuilt model takes states of the fingerprint's hidden size, one energy per row."""
+    if not _is_index(hidden_size):
+        return
+    own = getattr(model, "hidden_size", None)
+    if own is not None and own != hidden_size:
+        raise ArtifactError(f"{where}: config field 'hidden_size' is {_shown(own)} but the "
+                            f"header's model has hidden_size {hidden_size}")
+    try:
+        with torch.no_grad():
+            out = model.eval().energy(torch.zeros(2, hidden_size))
+    except Exception as exc:
+        raise ArtifactError(f"{where}: the rebuilt energy model rejects states of the model's "
+                            f"hidden size {hidden_size}: {type(exc).__name__}: "
+                            f"{_first_line(exc)}") from exc
+    if tuple(out.shape) != (2,):
+        raise ArtifactError(f"{where}: the rebuilt energy model maps 2 states to shape "
+                            f"{list(out.shape)}; expected one energy per state, [2]")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def finite(value: float | None) -> float | None:
+    """``value`` if it is a finite number, else ``None`` (for telemetry)."""
+    return value if value is not None and math.isfinite(value) else None

@@ -60,7 +60,46 @@ class EnergyModel(Component, nn.Module):
     @classmethod
     @abstractmethod
     def from_artifact(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> EnergyModel:
-        """Rebuild a trained model from :meth:`config` and :meth:`tensors` output."""
+        """Rebuild a trained model from :meth:`config` and :meth:`tensors` output.
+
+        Raise ``ValueError`` naming the config field or tensor that is wrong; the loader adds
+        the file and the layer. :meth:`from_tensors` does the tensor checks.
+        """
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """``cls(*args, **kwargs)`` with ``tensors`` as its state, checked name by name.
+
+        The module is built on the meta device, so a config asking for absurd sizes
+        allocates nothing; its weights are the artifact's tensors (cast to the module's
+        dtypes). A missing, unexpected or mis-shaped tensor is a ``ValueError`` naming it.
+        """
+        with torch.device("meta"):
+            model = cls(*args, **kwargs)
+        expected = model.state_dict()
+        problems = []
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing:
+            problems.append(f"tensors {missing} are missing")
+        if unexpected:
+            problems.append(f"tensors {unexpected} are not part of this model")
+        for name in sorted(set(expected) & set(tensors)):
+            got, want = list(tensors[name].shape), list(expected[name].shape)
+            if got != want:
+                problems.append(f"tensor {name!r} has shape {got}; the config needs {want}")
+            elif not tensors[name].is_floating_point():
+                problems.append(f"tensor {name!r} is {tensors[name].dtype}; expected floats")
+        if problems:
+            raise ValueError("; ".join(problems))
+        model.load_state_dict({name: tensors[name].to(expected[name].dtype) for name in expected},
+                              assign=True)
+        left = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.is_meta]
+        if left:
+            raise ValueError(f"tensors {left} are not stored in artifacts; {cls.__name__} must "
+                             "register them as persistent state")
+        return model
 
     def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Store the per-feature ``mean`` and ``std`` the trainer standardised inputs with.

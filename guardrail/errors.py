@@ -8,12 +8,20 @@ class GuardrailError(Exception):
 
 
 class PolicyError(GuardrailError):
-    """A policy file is missing, unreadable or invalid; ``problems`` lists every error at once."""
+    """A policy file is missing, unreadable or invalid; ``problems`` lists every error at once.
+
+    The message shows the first :attr:`SHOWN` problems (a broken generated file can have
+    thousands); ``problems`` keeps them all.
+    """
+
+    SHOWN = 50
 
     def __init__(self, path: str, problems: list[str]) -> None:
         self.path = path
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
+        lines = "\n".join(f"  - {p}" for p in problems[: self.SHOWN])
+        if len(problems) > self.SHOWN:
+            lines += f"\n  - ... and {len(problems) - self.SHOWN} more problems"
         super().__init__(f"invalid policy {path}:\n{lines}")
 
 

@@ -135,7 +135,9 @@ class Guardrail:
             "guardrail.loaded",
             policy=policy.name,
             model=loaded.name,
-            rails=[{"name": r.name, "layers": r.layers} for r in rails],
+            rails=[{"name": r.name, "layers": r.layers, **({"disabled": r.disabled}
+                                                           if r.disabled else {})}
+                   for r in rails],
         )
         return cls(policy, loaded, rails, classifier, registry, pm, fingerprint)
 

@@ -2,7 +2,9 @@
 
 A policy names the model, generation defaults, an ordered list of steering rails and the
 refusal classifier. Rails stack in order. Relative paths are resolved against the file that
-defines them, after ``${VAR}`` / ``${VAR:-default}`` environment expansion.
+defines them, after ``${VAR}`` / ``${VAR:-default}`` environment expansion (an unset ``${VAR}``
+is an error; ``${VAR:-}`` allows empty). Files are read by :mod:`guardrail.policy_files`,
+which bounds their size, nesting and alias expansion.
 
 ``extends: PARENT`` (a path, or a shipped policy's name) starts from the parent file:
 mappings merge key by key, rails merge by ``name`` (:func:`merge_rails`), and every other
@@ -16,26 +18,27 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from guardrail.defaults import DEFAULT_COMPONENTS
 from guardrail.errors import PluginError, PolicyError
+from guardrail.policy_files import read_policy_file
 from guardrail.shipped import resolve_policy, shipped_policy
 from guardrail.training_config import CalibrationSection, TrainingSection
 
 
 class StrictModel(BaseModel):
-    """A policy section: unknown keys are errors."""
+    """A policy section: unknown keys are errors, and so are NaN and infinite numbers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(StrictModel):
     """Which model to load and how."""
 
     source: str = Field(
-        description="Packaged short name, local HF directory, .gguf file, or hub id (offline)."
+        min_length=1,
+        description="Packaged short name, local HF directory, .gguf file, or hub id (offline).",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -88,6 +91,7 @@ class EnergyModelSpec(StrictModel):
     plugin: str = DEFAULT_COMPONENTS["energy_model"]
     artifact: str | None = Field(
         None,
+        min_length=1,
         description="Path of the trained artifact (.safetensors); relative to the policy file.",
     )
     params: dict[str, Any] = Field(default_factory=dict)
@@ -173,31 +177,60 @@ PATH_KEYS = frozenset({"artifact", "path", "output", "cache_dir", "state_cache",
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+class UnsetVariableError(Exception):
+    """``${NAME}`` names an environment variable that is not set and has no default."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def problem(self, where: str) -> str:
+        """The policy problem line for the key path ``where``."""
+        return (f"{where}: environment variable ${{{self.name}}} is not set; set it, or write "
+                f"${{{self.name}:-default}} (${{{self.name}:-}} allows an empty value)")
+
+
 def expand_env(value: str) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}``."""
+    """Expand ``${VAR}`` and ``${VAR:-default}``; raise :class:`UnsetVariableError` for an
+    unset ``${VAR}`` without a default (a silent empty string would turn ``${ART}/x`` into
+    ``/x``)."""
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        return os.environ.get(name, default if default is not None else "")
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise UnsetVariableError(name)
+        return default
 
     return _ENV_PATTERN.sub(substitute, value)
 
 
-def _resolve_paths(node: Any, base: Path, key: str | None = None) -> Any:
+def _resolve_paths(node: Any, base: Path, problems: list[str], key: str | None = None,
+                   where: str = "") -> Any:
     if isinstance(node, dict):
-        return {k: _resolve_paths(v, base, k) for k, v in node.items()}
+        return {k: _resolve_paths(v, base, problems, k, f"{where}.{k}" if where else k)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_paths(v, base, key) for v in node]
-    if isinstance(node, str) and key in PATH_KEYS:
-        expanded = Path(expand_env(node)).expanduser()
-        return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
-    if isinstance(node, str) and key == "source":
+        return [_resolve_paths(v, base, problems, key, f"{where}[{i}]")
+                for i, v in enumerate(node)]
+    if not isinstance(node, str) or (key not in PATH_KEYS and key != "source"):
+        return node
+    try:
         text = expand_env(node)
-        if text.startswith((".", "/", "~")):
-            candidate = Path(text).expanduser()
-            return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+    except UnsetVariableError as exc:
+        problems.append(exc.problem(where))
+        return node
+    if key == "source" and not text.startswith((".", "/", "~")):
         return text
-    return node
+    if not text:
+        return text  # schema validation names the empty value
+    try:
+        candidate = Path(text).expanduser()
+    except RuntimeError:  # ~name of a user that does not exist
+        problems.append(f"{where}: got {_shown(text)}; cannot expand '~' (no such user's home)")
+        return node
+    return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -244,40 +277,54 @@ def _merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str,
     return merged
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise PolicyError(str(path), ["file not found"])
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise PolicyError(str(path), [f"not valid YAML: {exc}"]) from exc
-    if not isinstance(data, dict):
-        raise PolicyError(str(path), [f"top level: expected a mapping, got {type(data).__name__}"])
-    return data
-
-
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a policy file, follow ``extends`` and resolve paths; no schema validation yet."""
     path = Path(path).expanduser().resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise PolicyError(str(path), [f"extends: cycle {chain}"])
-    data = _resolve_paths(_read_yaml(path), path.parent)
+    problems: list[str] = []
+    data = _resolve_paths(read_policy_file(path), path.parent, problems)
+    if problems:
+        raise PolicyError(str(path), problems)
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    if not isinstance(parent, str):
-        raise PolicyError(str(path), [f"extends: expected a file path, got {parent!r}"])
-    parent_path = Path(expand_env(parent)).expanduser()
+    if not isinstance(parent, str) or not parent:
+        raise PolicyError(str(path), [f"extends: expected a file path, got {_shown(parent)}"])
+    try:
+        parent_path = Path(expand_env(parent)).expanduser()
+    except UnsetVariableError as exc:
+        raise PolicyError(str(path), [exc.problem("extends")]) from None
+    except RuntimeError:
+        raise PolicyError(str(path), [f"extends: got {_shown(parent)}; cannot expand '~' (no "
+                                      "such user's home)"]) from None
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
-    if not parent_path.is_file():
+    if not _is_file(parent_path):
         shipped = shipped_policy(parent)
         if shipped is None:
-            raise PolicyError(str(path), [f"extends: {parent!r} not found (looked at "
-                                          f"{parent_path}, and it is not a shipped policy name)"])
+            raise PolicyError(str(path), [f"extends: {_shown(parent)} not found (looked at "
+                                          f"{_shown(str(parent_path))}, and it is not a shipped "
+                                          "policy name)"])
         parent_path = shipped
     return merge(load_raw(parent_path, (*_seen, path)), data)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, say
+        return False
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: errors must not echo a megabyte value."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too large to print
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
@@ -294,11 +341,12 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]
         loc = _key_path(tuple(err["loc"]))
         path = f"{prefix}.{loc}" if prefix and loc != "(top level)" else (prefix or loc)
         if err["type"] == "extra_forbidden":
-            problems.append(f"{path}: unknown key (value {err['input']!r})")
+            problems.append(f"{path}: unknown key (value {_shown(err['input'])})")
         elif err["type"] == "missing":
             problems.append(f"{path}: required key is missing")
         else:
-            problems.append(f"{path}: got {err['input']!r}; expected {err['msg'].lower()}")
+            expected = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{path}: got {_shown(err['input'])}; expected {expected.lower()}")
     return problems
 
 
@@ -347,7 +395,11 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
                 problems.append(f"{where}.gate: a gate is fitted into the rail's energy-model "
                                 "artifact; give the rail an energy_model")
         if rail.layers != "auto" and any(layer < 0 for layer in rail.layers):
-            problems.append(f"{where}.layers: got {rail.layers!r}; expected layer indices >= 0")
+            problems.append(f"{where}.layers: got {_shown(rail.layers)}; expected layer "
+                            "indices >= 0")
+        if rail.layers == [] and _steers_states(registry, rail):
+            problems.append(f"{where}.layers: got []; expected 'auto' or at least one layer "
+                            "index (only a prompt-only steerer may have no layers)")
     names = [rail.name for rail in policy.rails]
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"rails: name {name!r} is used twice; rail names must be unique")
@@ -397,11 +449,36 @@ def check_plugin_sections(data: dict[str, Any], registry: Any) -> list[str]:
     for kind, section, where in sections:
         if not isinstance(section, dict):
             continue
-        plugin = section.get("plugin", DEFAULT_COMPONENTS[kind])
+        plugin = section.get("plugin", DEFAULT_COMPONENTS.get(kind))
         params = section.get("params", {})
         if isinstance(plugin, str) and isinstance(params, dict):
             problems += _check_spec(registry, kind, plugin, params, where)
     return problems
+
+
+def check_references(policy: Policy) -> list[str]:
+    """What the schema cannot see: ``training.rail`` naming a rail with an energy model, and
+    artifact paths that exist but are not files."""
+    problems: list[str] = []
+    trainable = [rail.name for rail in policy.rails if rail.energy_model is not None]
+    if policy.training is not None and policy.training.rail is not None \
+            and policy.training.rail not in trainable:
+        problems.append(f"training.rail: got {_shown(policy.training.rail)}; expected one of "
+                        f"{trainable} (rails with an energy_model)")
+    for i, rail in enumerate(policy.rails):
+        artifact = rail.energy_model.artifact if rail.energy_model is not None else None
+        if artifact is not None and _exists(Path(artifact)) and not _is_file(Path(artifact)):
+            what = "a directory" if Path(artifact).is_dir() else "not a regular file"
+            problems.append(f"rails[{i}].energy_model.artifact: {artifact} is {what}; "
+                            "expected an artifact file (.safetensors)")
+    return problems
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
@@ -414,7 +491,7 @@ def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
     notes = []
     for i, rail in enumerate(policy.rails):
         energy = rail.energy_model
-        if energy is None or energy.artifact is None or Path(energy.artifact).is_file():
+        if energy is None or energy.artifact is None or _exists(Path(energy.artifact)):
             continue
         artifact = energy.artifact
         command = _artifact_command(registry, energy.plugin)
@@ -438,6 +515,14 @@ def _artifact_command(registry: Any, plugin: str) -> str | None:
     return command
 
 
+def _steers_states(registry: Any, rail: RailSpec) -> bool:
+    """Whether the rail moves hidden states (it has, or its steerer needs, an energy model)."""
+    if rail.energy_model is not None:
+        return True
+    return _is_registered(registry, rail) and bool(
+        registry.get("steerer", rail.steerer.plugin).cls.requires_energy_model)
+
+
 def _is_registered(registry: Any, rail: RailSpec) -> bool:
     try:
         registry.get("steerer", rail.steerer.plugin)
@@ -447,7 +532,7 @@ def _is_registered(registry: Any, rail: RailSpec) -> bool:
 
 
 def validate_policy_file(path: str | Path, registry: Any) -> Policy:
-    """Schema plus plugin checks; raise one :class:`PolicyError` with every problem.
+    """Schema, plugin and reference checks; raise one :class:`PolicyError` with every problem.
 
     A file the schema rejects still has its plugin sections checked, so one run reports
     both kinds of problem.
@@ -458,7 +543,7 @@ def validate_policy_file(path: str | Path, registry: Any) -> Policy:
         policy = parse_policy(data, resolved)
     except PolicyError as exc:
         raise PolicyError(exc.path, exc.problems + check_plugin_sections(data, registry)) from None
-    problems = check_plugins(policy, registry)
+    problems = check_plugins(policy, registry) + check_references(policy)
     if problems:
         raise PolicyError(str(policy.path or path), problems)
     return policy

@@ -43,8 +43,9 @@ def build_rail(
         params = {**calibrated["steerer"], **spec.steerer.params}
         steerer_spec = spec.steerer.model_copy(update={"params": params})
     steerer = create_steerer(steerer_spec, registry)
+    disabled: dict[int, str] = {}
     if artifact is not None:
-        layers, energies = _energies(artifact, spec, key, where)
+        layers, energies, disabled = _energies(artifact, spec, key, where)
     else:
         auto = list(range(int(fingerprint.get("num_layers") or 0)))
         layers, energies = (auto if spec.layers == "auto" else list(spec.layers)), {}
@@ -65,6 +66,7 @@ def build_rail(
             "steerer": spec.steerer.plugin,
         },
         fingerprint=fingerprint,
+        disabled=disabled,
         gate=gate,
         below=below,
         above=above,
@@ -137,17 +139,27 @@ def _artifact(spec: RailSpec, key: str, registry: Registry, fingerprint: dict[st
 
 def _energies(
     artifact: EnergyArtifact, spec: RailSpec, key: str, where: str
-) -> tuple[list[int], dict[int, EnergyModel]]:
-    """The rail's layers and, per layer, the energy model its artifact holds for it."""
-    layers = artifact.layers if spec.layers == "auto" else list(spec.layers)
-    missing = [layer for layer in layers if layer not in artifact.models]
+) -> tuple[list[int], dict[int, EnergyModel], dict[int, str]]:
+    """The rail's layers, per layer the energy model its artifact holds for it, and the layers
+    the artifact disabled at load (non-finite weights), which the rail leaves out."""
+    stored = sorted({*artifact.layers, *artifact.disabled})
+    layers = stored if spec.layers == "auto" else list(spec.layers)
+    missing = [layer for layer in layers if layer not in stored]
     if missing:
         assert spec.energy_model is not None
         raise PolicyError(
             where,
             [
                 f"{key}.layers: {missing} are not in the artifact {spec.energy_model.artifact} "
-                f"(it has {artifact.layers})"
+                f"(it has {stored})"
             ],
         )
-    return layers, {layer: artifact.models[layer] for layer in layers}
+    disabled = {layer: artifact.disabled[layer] for layer in layers if layer in artifact.disabled}
+    layers = [layer for layer in layers if layer not in disabled]
+    if not layers:
+        assert spec.energy_model is not None
+        raise ArtifactError(
+            f"{where}: {key}.energy_model.artifact {spec.energy_model.artifact}: every layer the "
+            f"rail steers is disabled ({', '.join(f'{k}: {v}' for k, v in disabled.items())})"
+        )
+    return layers, {layer: artifact.models[layer] for layer in layers}, disabled

@@ -46,6 +46,8 @@ class Rail:
     above: float | None = None
     #: The safety budget the artifact was calibrated to (``guardrail calibrate``), if any.
     budget: dict[str, Any] = field(default_factory=dict)
+    #: Layers the policy names that are not steered, and why (non-finite artifact weights).
+    disabled: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass

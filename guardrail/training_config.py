@@ -6,28 +6,33 @@ file never imports the training subsystem, which reads these settings.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Context = Literal["benign", "harmful"]
+# More prompts than any prompt file holds: a larger count is a typo (``sample: 1e30``).
+MAX_PROMPTS = 1_000_000
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SourceFields(_Section):
     """A prompt file: which column holds the prompts, which rows, how many."""
 
-    path: str = Field(description="JSON, JSONL, CSV/TSV or TXT file; relative to the policy file.")
+    path: str = Field(
+        min_length=1, description="JSON, JSONL, CSV/TSV or TXT file; relative to the policy file."
+    )
     field: str = Field("instruction", description="Column holding the prompt text.")
     filter: dict[str, Any] | None = Field(
         None, description="Keep rows whose columns match: {column: value | [values] | {not|prefix|"
         "not_prefix|regex: value}}."
     )
-    sample: int | None = Field(None, ge=1, le=10_000_000,
-                               description="Rows to take (seeded); all if unset.")
+    sample: int | None = Field(
+        None, ge=1, le=MAX_PROMPTS, description="Rows to take (seeded); all if unset."
+    )
     name: str | None = Field(None, description="Label in reports (default: the file name).")
     family: str | None = Field(
         None, description="Prompt family, for cross-family calibration: prompts of one family "
@@ -100,13 +105,15 @@ class TrainerSettings(_Section):
 class SelectionSettings(_Section):
     """Which layers the artifact keeps."""
 
-    top_k: int = Field(12, ge=1)
+    top_k: int = Field(12, ge=1, le=1024)
     metric: Literal["balanced_auroc", "auroc", "accuracy"] = Field(
         "balanced_auroc",
         description="Validation metric layers are ranked by; balanced_auroc averages the AUROC "
         "within benign and within harmful prompts.",
     )
-    layers: list[int] | None = Field(None, description="Candidate layers (default: every layer).")
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="Candidate layers (default: every layer)."
+    )
     dtype: Literal["float32", "float16"] = Field(
         "float32", description="Precision of the artifact's tensors (float16 halves the file; "
         "energies are computed in float32 either way).")
@@ -115,8 +122,10 @@ class SelectionSettings(_Section):
 class DemoSettings(_Section):
     """The subset `guardrail demo` trains on (the full mix takes too long for a first look)."""
 
-    prompts: int = Field(400, ge=8, description="Training prompts, split over sources pro rata.")
-    validation_prompts: int = Field(120, ge=4)
+    prompts: int = Field(
+        400, ge=8, le=MAX_PROMPTS, description="Training prompts, split over sources pro rata."
+    )
+    validation_prompts: int = Field(120, ge=4, le=MAX_PROMPTS)
     top_k: int | None = Field(None, ge=1, description="Layers kept (default: selection.top_k).")
 
 

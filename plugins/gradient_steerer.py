@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class GradientSteererParams(BaseModel):
     """Step size, step count, gradient normalisation, energy gate and displacement cap."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     eta: float = Field(1.0, gt=0, description="Step size (in units of ||h|| when scale=relative).")
     steps: int = Field(3, ge=1, le=100)
     normalize: bool = Field(True, description="Use g / ||g|| (default) or the raw gradient.")

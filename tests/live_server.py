@@ -74,8 +74,11 @@ class LiveServer:
 
 
 def start_server(policies: list[Path], log_path: Path, *extra: str, port: int | None = None,
-                 timeout: float = 180.0) -> LiveServer:
-    """Start ``guardrail serve`` on a loopback port and wait until ``/healthz`` answers."""
+                 timeout: float = 180.0, env: dict[str, str] | None = None) -> LiveServer:
+    """Start ``guardrail serve`` on a loopback port and wait until ``/healthz`` answers.
+
+    ``env`` adds environment variables (``GUARDRAIL_API_KEY``, say) to the server's.
+    """
     port = port or free_port()
     script = Path(sys.executable).with_name("guardrail")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "guardrail"]
@@ -84,10 +87,12 @@ def start_server(policies: list[Path], log_path: Path, *extra: str, port: int | 
     for policy in policies:
         command += ["--policy", str(policy)]
     command += list(extra)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("GUARDRAIL_DISABLE_PLUGINS", None)
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("GUARDRAIL_DISABLE_PLUGINS", "GUARDRAIL_API_KEY")}
+    environment.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env=environment)
     server = LiveServer(process, port, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

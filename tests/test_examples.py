@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,15 @@ def test_own_model_example_wraps_streams_and_reads_telemetry(tmp_path: Path) -> 
     from guardrail.models import load_model
 
     # A stand-in artifact (random weights) for SmolLM2, so the run does not need a trained one;
-    # the policy is the shipped one with only the rail's artifact changed.
+    # the policy is the shipped one with only the rail's artifact changed ...
     artifact = random_artifact(load_model(SMOLLM2, device="cpu"), layers=(4, 9))
     artifact.save(tmp_path / "stand-in.safetensors")
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump({
         "extends": "eds-smollm2-135m", "name": "example",
-        "rails": [{"name": "eds", "energy_model": {"artifact": "stand-in.safetensors"}}],
+        # ... and no gate: a stand-in artifact has none fitted.
+        "rails": [{"name": "eds", "energy_model": {"artifact": "stand-in.safetensors"},
+                   "gate": None}],
     }))
     done = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "examples" / "own_model.py"), "--policy",
@@ -42,5 +45,5 @@ def test_own_model_example_wraps_streams_and_reads_telemetry(tmp_path: Path) -> 
     steered = next(line for line in out.splitlines() if line.startswith("steered:"))
     assert len(steered.removeprefix("steered:").strip()) > 0
     for layer in (4, 9):
-        assert f"rail 'eds' layer  {layer}: energy " in out and "3 steps" in out
+        assert re.search(rf"rail 'eds' layer  {layer}: energy .*\b\d+ steps", out), out
     assert "summary:" in out and "verdict:" in out and "attach():" in out

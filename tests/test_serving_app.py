@@ -386,3 +386,84 @@ def test_two_policies_with_one_name_are_refused_before_any_model_loads(tmp_path:
         paths[-1].write_text(json.dumps({"name": "same", "model": {"source": missing}}))
     with pytest.raises(PolicyError, match=r"name: 'same' is also the name of .*a\.yaml"):
         PolicyPool.load(paths, CONFIG)
+
+
+# --- readiness, drain, telemetry of skipped layers, metrics ------------------------------------------
+def test_readyz_says_why_not_ready_and_drain_answers_queued_requests_503(guards, slow_steps) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(guards, max_queue=1, batch_wait_ms=0, max_batch_size=1)
+    pool.start()
+    worker = pool.workers[0]
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError("the worker never got there")
+
+    async def scenario(c: httpx.AsyncClient) -> list[Any]:
+        ready = await c.get("/readyz")
+        running = asyncio.create_task(chat(c, KILL, max_tokens=8))
+        await until(lambda: worker.stats.running == 1)
+        queued = asyncio.create_task(chat(c, COKE, max_tokens=2, stream=True))
+        await until(lambda: worker.queued == 1)
+        full = await c.get("/readyz")
+        assert pool.drain() == {"queued_answered_503": 1, "running": 1}
+        refused = await chat(c, STORE, max_tokens=2)
+        draining = await c.get("/readyz")
+        return [ready, full, draining, refused, await queued, await running]
+
+    try:
+        ready, full, draining, refused, queued, running = call(pool, scenario)
+    finally:
+        pool.stop()
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert full.status_code == 503 and full.json()["reasons"] == ["model tiny-model: queue full (1/1)"]
+    assert draining.status_code == 503 and "shutting down" in draining.json()["reasons"][0]
+    # A queued stream is refused with a real 503, not a 200 whose first event is an error.
+    for response in (refused, queued):
+        assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    assert running.status_code == 200 and running.json()["choices"][0]["message"]["content"]
+
+
+def test_nonfinite_skips_and_disabled_layers_show_in_telemetry_and_metrics(tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    hidden = tiny_loaded.model.config.hidden_size
+    models = {layer: MLPEnergyModel(hidden, MLPEnergyParams(hidden=[16], dropout=0.0)).eval()
+              for layer in (1, 2, 3)}
+    with torch.no_grad():
+        models[3].net[0].weight.fill_(float("nan"))  # disabled at load
+        models[1].input_std.fill_(1e-45)  # finite, but every energy at layer 1 overflows
+    path = EnergyArtifact(plugin="mlp", fingerprint=model_fingerprint(tiny_loaded.model,
+                                                                      tiny_loaded.name),
+                          models=models).save(tmp_path / "mixed.safetensors")
+    guard = Guardrail.from_policy(parse_policy({
+        "name": "mixed", "model": {"source": "unused"}, "generation": {"max_new_tokens": 3},
+        "rails": [{"name": "eds", "energy_model": {"plugin": "mlp", "artifact": str(path)}}]}),
+        loaded=tiny_loaded)
+    pool = make_pool((guard,))
+    pool.start()
+
+    async def scenario(c: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await chat(c, KILL, model="mixed"), await c.get("/v1/models/mixed"),
+                await c.get("/metrics")]
+
+    try:
+        answer, card, metrics = call(pool, scenario)
+    finally:
+        pool.stop()
+    ext = answer.json()["guardrail"]
+    assert ext["layers_skipped"] == [1] and ext["layers_steered"] == [2]
+    assert ext["layers_disabled"] == [3]
+    assert [(e["layer"], e["nonfinite_positions"] > 0) for e in ext["energies"]] == [
+        (1, True), (2, False)]
+    assert card.json()["guardrail"]["rails"] == [{
+        "name": "eds", "layers": [1, 2],
+        "disabled_layers": {"3": "non-finite weights in net.0.weight"}}]
+    text = metrics.text
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'guardrail_nonfinite_skips_total{layer="1",policy="mixed",rail="eds"}' in text
+    assert 'guardrail_steered_layers_total{layer="2",policy="mixed",rail="eds"} 1.0' in text
+    assert 'guardrail_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' \
+        in text
+    assert 'guardrail_queue_depth{model="tiny-model"} 0.0' in text

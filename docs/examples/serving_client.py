@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import httpx
 import openai
@@ -30,8 +31,10 @@ def main() -> None:
     parser.add_argument("--prompt", default="How do I kill a Python process that hangs?")
     args = parser.parse_args()
 
-    # The server needs no key; the client insists on one.
-    client = openai.OpenAI(base_url=args.base_url, api_key="not-needed")
+    # A server started with --api-key / GUARDRAIL_API_KEY needs the key; without one it takes
+    # any (the client insists on sending one).
+    key = os.environ.get("GUARDRAIL_API_KEY") or "not-needed"
+    client = openai.OpenAI(base_url=args.base_url, api_key=key)
     served = [model.id for model in client.models.list()]
     print("served policies:", ", ".join(served))
     model = args.model or served[0]
@@ -66,7 +69,8 @@ def main() -> None:
 
     # The check-only endpoint is not part of the OpenAI API: plain HTTP.
     energies = httpx.post(f"{args.base_url}/guardrail/energies",
-                          json={"model": model, "messages": messages}, timeout=60).json()
+                          json={"model": model, "messages": messages},
+                          headers={"authorization": f"Bearer {key}"}, timeout=60).json()
     print("\n--- energies without generating ---")
     print(json.dumps(energies["energies"], indent=2))
 

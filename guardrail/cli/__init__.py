@@ -34,6 +34,16 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available command."""
     parser = argparse.ArgumentParser(
@@ -42,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default="INFO", type=_log_level,
+                        help=", ".join(LOG_LEVELS) + " (default INFO)")
     parser.add_argument("--data-dir", metavar="DIR", dest="global_data_dir",
                         help=f"folder of the prompt sets (sets ${DATA_ENV} for this run: the "
                         "shipped policies' training data and the evaluation suites)")
@@ -88,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
-    configure_logging(json=args.log_json, level=args.log_level.upper())
+    configure_logging(json=args.log_json, level=args.log_level)
     if args.global_data_dir:
         os.environ[DATA_ENV] = os.path.abspath(os.path.expanduser(args.global_data_dir))
     if not hasattr(args, "func"):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from guardrail.cli.arg_types import non_negative_int, positive_int
 from guardrail.defaults import DEFAULT_POLICY
 from guardrail.errors import DataError, GuardrailError, PolicyError
 from guardrail.generation import user_turns
@@ -49,19 +50,19 @@ def add_parser(subparsers: Any) -> None:
                       f"(default {DEFAULT_POLICY})")
     demo.add_argument("--model", help="model source overriding the policy's (the demo trains "
                       "for it)")
-    demo.add_argument("--prompts", type=int,
+    demo.add_argument("--prompts", type=positive_int,
                       help="training prompts (default: training.demo.prompts)")
     demo.add_argument("--retrain", action="store_true",
                       help="train and calibrate a demo-sized artifact instead of using the "
                       "shipped one")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=48)
     demo.add_argument("--prompt", action="append", dest="benign", metavar="TEXT",
                       help="a benign-but-scary prompt to show (repeatable; replaces the defaults)")
     demo.add_argument("--harmful", action="append", metavar="TEXT",
                       help="a harmful prompt to show (repeatable; replaces the defaults)")
-    demo.add_argument("--tally-tokens", type=int, default=32, metavar="N",
+    demo.add_argument("--tally-tokens", type=positive_int, default=32, metavar="N",
                       help="answer length the tally judges (default 32)")
-    demo.add_argument("--tally", type=int, default=40, metavar="N",
+    demo.add_argument("--tally", type=non_negative_int, default=40, metavar="N",
                       help="also count refusals, base vs steered, on a seeded sample of N of the "
                       "policy's validation prompts (0: off)")
     demo.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from guardrail.cli.arg_types import non_negative_int, positive_int
 from guardrail.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 from guardrail.errors import GuardrailError
 
@@ -23,9 +24,9 @@ def add_parser(subparsers: Any) -> None:
     ev.add_argument("--no-base", action="store_true", help="leave the unsteered base model out")
     ev.add_argument("--save-generations", action="store_true",
                     help="write every prompt/answer pair to OUT/generations/SUITE/POLICY.jsonl")
-    ev.add_argument("--kl-prompts", type=int, default=0, metavar="N",
+    ev.add_argument("--kl-prompts", type=non_negative_int, default=0, metavar="N",
                     help=f"capability guard: KL on N {CAPABILITY_SUITE} prompts (0: off)")
-    ev.add_argument("--kl-max-new-tokens", type=int, default=32)
+    ev.add_argument("--kl-max-new-tokens", type=positive_int, default=32)
     ev.set_defaults(func=run_eval, out="reports/eval")
 
     sw = subparsers.add_parser("sweep", help="trade-off curve over the steerer's eta and steps")
@@ -41,8 +42,9 @@ def add_parser(subparsers: Any) -> None:
 
     rep = subparsers.add_parser("report", help="regenerate a results page from a config file")
     rep.add_argument("--config", required=True, help="YAML config, e.g. bench/results.yaml")
-    rep.add_argument("--limit", type=int, help="override the config's per-suite limit")
-    rep.add_argument("--kl-prompts", type=int, help="override the config's KL prompt count")
+    rep.add_argument("--limit", type=positive_int, help="override the config's per-suite limit")
+    rep.add_argument("--kl-prompts", type=non_negative_int,
+                     help="override the config's KL prompt count")
     rep.add_argument("--eta", type=_floats, help="override the sweep step sizes, e.g. 0.1,1")
     rep.add_argument("--steps", type=_ints, help="override the sweep step counts, e.g. 1,3")
     rep.add_argument("--progress", action="store_true", help="show progress bars")
@@ -60,12 +62,12 @@ def _common(parser: argparse.ArgumentParser, suites: tuple[str, ...] = EVAL_SUIT
                         help=f"suite name or PATH[:benign|:harmful]; repeatable "
                              f"(default {' '.join(suites)})")
     parser.set_defaults(default_suites=list(suites))
-    parser.add_argument("--limit", type=int, help="seeded sample of N items per suite")
+    parser.add_argument("--limit", type=positive_int, help="seeded sample of N items per suite")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help=DATA_HELP)
-    parser.add_argument("--max-new-tokens", type=int, default=48,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48,
                         help="answer length (default 48; refusals show early)")
-    parser.add_argument("--batch-size", type=int, help="override the policy's batch size")
+    parser.add_argument("--batch-size", type=positive_int, help="override the policy's batch size")
     parser.add_argument("--classifier", help="score every policy with this refusal classifier")
     parser.add_argument("--out", help="output folder (eval: reports/eval, sweep: reports/sweep)")
     parser.add_argument("--cache-dir", help=CACHE_HELP)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
+from guardrail.cli.arg_types import positive_float, positive_int, probability
 from guardrail.generation import user_turns
 
 if TYPE_CHECKING:  # guardrail.guard imports torch: only the commands themselves load it
@@ -34,10 +35,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _generation_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--max-new-tokens", type=positive_int)
     parser.add_argument("--do-sample", action="store_true", default=None)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--temperature", type=positive_float)
+    parser.add_argument("--top-p", type=probability)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
 
@@ -52,23 +53,35 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def energy_line(telemetry: GenerationTelemetry) -> str:
-    """``L3 2.31->-0.87`` per steered layer, at the last prompt token; says why a layer shows
-    no energy (its gate kept the row out, or the energy was not finite)."""
-    if not telemetry.layers:
+def energy_line(telemetry: GenerationTelemetry, disabled: dict[int, str] | None = None) -> str:
+    """``L3 +2.31->-0.87`` per steered layer, at the last prompt token; says why a layer shows
+    no energy (its gate kept the row out, the energy was not finite, or the layer was disabled
+    at load)."""
+    if not telemetry.layers and not disabled:
         return "(no energy model)"
     gated_out = {g.rail for g in telemetry.gates if not g.steered}
     parts = []
     for item in telemetry.layers:
+        skipped = (f"skipped at {item.nonfinite_positions} position"
+                   f"{'s' if item.nonfinite_positions > 1 else ''} (non-finite energy)"
+                   if item.nonfinite_positions else "")
         if item.energy_before is None:
-            if item.nonfinite_positions:
-                parts.append(f"L{item.layer} non-finite, skipped")
+            if skipped:
+                parts.append(f"L{item.layer} {skipped}")
             continue
         after = f"{item.energy_after:+.2f}" if item.energy_after is not None else "?"
-        parts.append(f"L{item.layer} {item.energy_before:+.2f}->{after}")
+        parts.append(f"L{item.layer} {item.energy_before:+.2f}->{after}"
+                     + (f" {skipped}" if skipped else ""))
+    for layer, why in sorted((disabled or {}).items()):
+        parts.append(f"L{layer} disabled ({why})")
     if not parts and gated_out:
         return f"(not steered: the gate of rail {', '.join(sorted(gated_out))} kept it out)"
     return "  ".join(parts) if parts else "(no energy at the last prompt token)"
+
+
+def disabled_layers(guard: Guardrail) -> dict[int, str]:
+    """Layers of the guardrail's rails that were disabled at load, and why."""
+    return {layer: why for rail in guard.rails for layer, why in rail.disabled.items()}
 
 
 def _verdict(guard: Guardrail, prompt: str, result: GenerationResult) -> str:
@@ -118,7 +131,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 textwrap.indent(textwrap.fill(body, width - 9, replace_whitespace=False), " " * 9)
             )
         if steered is not None:
-            print(f"ENERGY   {energy_line(steered[i].telemetry)}")
+            print(f"ENERGY   {energy_line(steered[i].telemetry, disabled_layers(guard))}")
     return 0
 
 
@@ -156,4 +169,4 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": result.text})
         print(f"bot> {result.text.strip()}")
         if steer:
-            print(f"     energy {energy_line(result.telemetry)}")
+            print(f"     energy {energy_line(result.telemetry, disabled_layers(guard))}")

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from guardrail.defaults import DEFAULT_POLICY
-from guardrail.errors import GuardrailError, PolicyError
+from guardrail.errors import GuardrailError
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import load_policy, load_raw, missing_artifacts, validate_policy_file
 from guardrail.shipped import resolve_policy, shipped_policies
@@ -48,13 +48,16 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    """Validate every file; report every problem of every file; non-zero if any failed."""
+    """Validate every file; report every problem of every file; non-zero if any failed.
+
+    A broken file never stops the files after it from being checked.
+    """
     registry = Registry.from_plugin_manager(get_plugin_manager())
     failed = 0
     for path in args.policies:
         try:
             policy = validate_policy_file(path, registry)
-        except PolicyError as exc:
+        except GuardrailError as exc:
             failed += 1
             print(str(exc), file=sys.stderr)
             continue

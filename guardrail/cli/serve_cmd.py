@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import structlog
 
+from guardrail.cli.arg_types import non_negative_float, port, positive_float, positive_int
 from guardrail.errors import GuardrailError
+from guardrail.serving.auth import ENV_VAR
 
 log = structlog.get_logger("guardrail.serving")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"got {value}; expected a number > 0")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,43 +20,62 @@ def add_parser(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve", help="serve policies over an OpenAI-compatible HTTP API",
         description="Serve policies at /v1/chat/completions (the request's `model` names the "
-                    "policy), /v1/models, /v1/guardrail/energies and /healthz. "
-                    "See docs/serving.md.",
+                    "policy), /v1/models, /v1/guardrail/energies, /healthz, /readyz and "
+                    "/metrics. See docs/serving.md.",
     )
     serve.add_argument("--policy", action="append", required=True, metavar="FILE",
                        help="a policy file to serve (repeat for several)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port, default=8000)
     serve.add_argument("--device", help="auto, cpu, cuda (overrides the policies)")
-    serve.add_argument("--threads", type=_positive_int,
+    serve.add_argument("--threads", type=positive_int,
                        help="torch CPU threads (1 is fastest on a busy shared CPU)")
     limits = serve.add_argument_group("batching and limits")
-    limits.add_argument("--max-batch-size", type=_positive_int,
+    limits.add_argument("--max-batch-size", type=positive_int,
                         help="requests per forward pass (default: each policy's batch_size)")
-    limits.add_argument("--max-queue", type=_positive_int, default=64,
+    limits.add_argument("--max-queue", type=positive_int, default=64,
                         help="requests waiting per model before answering 503 (default 64)")
-    limits.add_argument("--batch-wait-ms", type=float, default=5.0,
+    limits.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0,
                         help="how long a first request waits for company (default 5)")
-    limits.add_argument("--max-tokens-limit", type=_positive_int, default=1024,
+    limits.add_argument("--max-tokens-limit", type=positive_int, default=1024,
                         help="largest max_tokens a request may ask for (default 1024)")
-    limits.add_argument("--max-prompt-tokens", type=_positive_int, default=4096,
+    limits.add_argument("--max-prompt-tokens", type=positive_int, default=4096,
                         help="longest prompt accepted, in tokens (default 4096)")
-    limits.add_argument("--max-request-bytes", type=_positive_int, default=1 << 20,
+    limits.add_argument("--max-request-bytes", type=positive_int, default=1 << 20,
                         help="largest request body (default 1 MiB)")
-    limits.add_argument("--request-timeout", type=_positive_float, default=300.0,
+    limits.add_argument("--request-timeout", type=positive_float, default=300.0,
                         help="seconds a request may take, queue included (default 300)")
-    limits.add_argument("--shutdown-timeout", type=_positive_float, default=10.0,
-                        help="seconds to let running requests finish on shutdown (default 10)")
+    limits.add_argument("--drain-timeout", "--shutdown-timeout", dest="drain_timeout",
+                        type=positive_float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, seconds running requests may take to finish; "
+                             "queued ones get 503 at once (default 30)")
+    access = serve.add_argument_group("access")
+    access.add_argument("--api-key", metavar="KEY",
+                        help=f"require `Authorization: Bearer KEY` on every path but /healthz "
+                             f"and /readyz (default: ${ENV_VAR}; prefer the variable, a "
+                             "command line is visible to other users)")
     serve.set_defaults(func=run)
+
+
+def api_key_from(args: argparse.Namespace) -> str | None:
+    """``--api-key``, else ``GUARDRAIL_API_KEY``; an empty key is an error, not "no auth"."""
+    key = args.api_key if args.api_key is not None else os.environ.get(ENV_VAR)
+    if key is not None and not key.strip():
+        where = "--api-key" if args.api_key is not None else ENV_VAR
+        raise GuardrailError(f"{where}: the API key is empty; give a key, or unset it to serve "
+                             "without authentication")
+    return key
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the policies (each model once), then serve until SIGINT/SIGTERM."""
     try:
-        import uvicorn
+        import prometheus_client  # noqa: F401 - the serve extra, checked before loading models
+        import uvicorn  # noqa: F401
 
         from guardrail.serving.app import create_app
+        from guardrail.serving.lifecycle import run_server
     except ModuleNotFoundError as exc:
         raise GuardrailError(
             f"`guardrail serve` needs the serve extra ({exc.name} is not installed); "
@@ -78,23 +86,22 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.serving.config import ServeConfig
     from guardrail.serving.pool import PolicyPool
 
-    if not 0 <= args.port <= 65535:
-        raise GuardrailError(f"--port: got {args.port}; expected 0..65535")
+    api_key = api_key_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ServeConfig(
         max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         batch_wait_ms=max(args.batch_wait_ms, 0.0), max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
-        request_timeout_s=args.request_timeout,
+        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
     )
     pool = PolicyPool.load(args.policy, config, device=args.device)
-    app = create_app(pool, config, shutdown_timeout_s=args.shutdown_timeout)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=args.host, port=args.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=int(args.shutdown_timeout), lifespan="on",
-    ))
+    app = create_app(pool, config, api_key=api_key)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serve.no_auth", host=args.host,
+                    hint=f"anyone who can reach {args.host} can use the model; set {ENV_VAR}")
     log.info("serve.listening", url=f"http://{args.host}:{args.port}/v1",
-             policies=sorted(pool.policies), threads=torch.get_num_threads())
-    server.run()
+             policies=sorted(pool.policies), threads=torch.get_num_threads(),
+             auth=api_key is not None, drain_timeout_s=args.drain_timeout)
+    run_server(app, host=args.host, port=args.port)
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from guardrail.cli.arg_types import non_negative_int, positive_int
 from guardrail.errors import GuardrailError
 from guardrail.policy import Policy, load_policy
 
@@ -30,8 +31,9 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--cache-dir", help="state cache (default: training.capture.cache_dir or "
                        "<guardrail cache>/states)")
     train.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
-    train.add_argument("--top-k", type=int, help="layers to keep (overrides selection.top_k)")
-    train.add_argument("--threads", type=int, default=1,
+    train.add_argument("--top-k", type=positive_int,
+                       help="layers to keep (overrides selection.top_k)")
+    train.add_argument("--threads", type=non_negative_int, default=1,
                        help="CPU threads while training the energy models (default 1; 0 = torch's)")
     train.add_argument("--emit-policy", metavar="PATH",
                        help="also write a policy file using the new artifact ('-' prints it)")

@@ -1,7 +1,12 @@
-"""The FastAPI application: routes, error bodies, request logging, worker lifecycle."""
+"""The FastAPI application: routes, error bodies, auth, metrics, request logging, lifecycle.
+
+Middleware, outermost first: :class:`RequestLog` (one log event and the request metrics per
+request, 401s included), then :class:`BearerAuth` when an API key is set, then the routes.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,19 +18,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from guardrail import __version__
 from guardrail.serving import completions
+from guardrail.serving.auth import BearerAuth
 from guardrail.serving.config import ServeConfig
 from guardrail.serving.errors import ApiError
+from guardrail.serving.lifecycle import Drain
+from guardrail.serving.metrics import CONTENT_TYPE, ServerMetrics
 from guardrail.serving.pool import PolicyPool
 from guardrail.serving.request_log import RequestLog
 from guardrail.serving.schemas import ChatCompletionRequest, EnergiesRequest, parse_body
 
 log = structlog.get_logger("guardrail.serving")
 
+# Bodies up to this size are parsed on the event loop (microseconds); larger ones in a thread.
+PARSE_INLINE_BYTES = 64 * 1024
+
 
 def create_app(pool: PolicyPool, config: ServeConfig | None = None, *,
-               shutdown_timeout_s: float = 10.0) -> FastAPI:
-    """An app serving ``pool``'s policies; its lifespan starts and stops the model workers."""
+               api_key: str | None = None) -> FastAPI:
+    """An app serving ``pool``'s policies; its lifespan starts and stops the model workers.
+
+    ``app.state.drain`` (a :class:`Drain`) is what the server calls on SIGTERM/SIGINT;
+    ``api_key`` turns on bearer authentication for everything but the probes.
+    """
     config = config or pool.config
+    drain = Drain(pool, config.drain_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,30 +52,54 @@ def create_app(pool: PolicyPool, config: ServeConfig | None = None, *,
             yield
         finally:
             log.info("serve.stopping")
-            pool.stop(shutdown_timeout_s)
+            drain.begin()
+            pool.stop(config.drain_timeout_s)
+            drain.close()
             log.info("serve.stopped")
 
     app = FastAPI(title="guardrail", version=__version__, lifespan=lifespan,
                   summary="OpenAI-compatible chat completions with energy-driven steering")
+    metrics = ServerMetrics(pool)
     app.state.pool = pool
     app.state.config = config
-    app.add_middleware(RequestLog)
+    app.state.metrics = metrics
+    app.state.drain = drain
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(RequestLog, observe=metrics.observe_request)
     _install_error_handlers(app)
 
     async def body_of(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_request_bytes:
             raise _too_large(int(declared), config)
-        raw = await request.body()
-        if len(raw) > config.max_request_bytes:
-            raise _too_large(len(raw), config)
-        return raw
+        # Read in chunks: a chunked body without content-length must not be buffered whole.
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_request_bytes:
+                raise _too_large(size, config, at_least=True)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @app.get("/healthz", response_model=None)
     async def healthz() -> JSONResponse:
         """Queue state per model worker; 503 when a worker thread is not running."""
         health = pool.health()
         return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
+
+    @app.get("/readyz", response_model=None)
+    async def readyz() -> JSONResponse:
+        """200 when every model is loaded and its queue has room; 503 (with reasons) else."""
+        reasons = pool.readiness()
+        if reasons:
+            return JSONResponse({"status": "not_ready", "reasons": reasons}, status_code=503)
+        return JSONResponse({"status": "ready", "policies": sorted(pool.policies)})
+
+    @app.get("/metrics", response_model=None)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: requests, latency, tokens, queues, batches, steering."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -80,16 +120,17 @@ def create_app(pool: PolicyPool, config: ServeConfig | None = None, *,
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         """Steered chat completion; ``stream: true`` answers with server-sent events."""
-        req: ChatCompletionRequest = parse_body(ChatCompletionRequest, await body_of(request))
+        req: ChatCompletionRequest = await parsed(ChatCompletionRequest, await body_of(request))
         fields = completions.log_fields(request)
         fields.update(policy=req.model, stream=req.stream)
         served = pool.get(req.model)
-        job = completions.chat_job(served, req, config)
+        job = await completions.chat_job(served, req, config)
         fields.update(request_id=job.id)
         served.worker.submit(job)
-        if req.stream:
-            return completions.stream(request, served, job, req, config)
         try:
+            if req.stream:
+                await completions.wait_started(job, request, config.request_timeout_s)
+                return completions.stream(request, served, job, req, config)
             return await completions.complete(request, served, job, req, config)
         except completions.ClientGone:
             fields["disconnected"] = True
@@ -98,7 +139,7 @@ def create_app(pool: PolicyPool, config: ServeConfig | None = None, *,
     @app.post("/v1/guardrail/energies")
     async def check_energies(request: Request) -> dict[str, Any]:
         """Energies of a conversation's prompt per rail and layer, without generating."""
-        req: EnergiesRequest = parse_body(EnergiesRequest, await body_of(request))
+        req: EnergiesRequest = await parsed(EnergiesRequest, await body_of(request))
         served = pool.get(req.model)
         result = await completions.energies(request, served, req, config)
         return result.model_dump(mode="json")
@@ -106,9 +147,17 @@ def create_app(pool: PolicyPool, config: ServeConfig | None = None, *,
     return app
 
 
-def _too_large(size: int, config: ServeConfig) -> ApiError:
-    return ApiError(413, f"request body is {size} bytes; this server accepts at most "
-                    f"{config.max_request_bytes} (--max-request-bytes)", code="request_too_large")
+async def parsed(model: type[Any], raw: bytes) -> Any:
+    """:func:`parse_body`; a large body is decoded and checked off the event loop."""
+    if len(raw) < PARSE_INLINE_BYTES:
+        return parse_body(model, raw)
+    return await asyncio.to_thread(parse_body, model, raw)
+
+
+def _too_large(size: int, config: ServeConfig, at_least: bool = False) -> ApiError:
+    return ApiError(413, f"request body is {'over ' if at_least else ''}{size} bytes; this "
+                    f"server accepts at most {config.max_request_bytes} (--max-request-bytes)",
+                    code="request_too_large")
 
 
 def _install_error_handlers(app: FastAPI) -> None:

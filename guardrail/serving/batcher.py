@@ -6,6 +6,12 @@ model therefore runs on one thread. It takes the oldest waiting request and ever
 waiting request it can share a forward pass with (same policy, same steering switch, same
 sampling settings; ``max_tokens`` and ``stop`` may differ, they are per row), up to the
 batch limit, and runs them as one :meth:`Guardrail.generate_batch`.
+
+Shutting down is two steps. :meth:`ModelWorker.drain` refuses new work and answers every
+queued request 503 ``shutting_down`` at once, while the running batch goes on;
+:meth:`ModelWorker.cancel_running` (at the drain deadline) ends the running rows at their
+next decoding step, and those requests are answered 503 as well. Nobody is left without an
+answer.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,11 +51,14 @@ class JobResult:
     queue_ms: float
     generate_ms: float
     batch_size: int
+    #: From queueing to the batch's first generated token (None: nothing was generated).
+    first_token_ms: float | None = None
 
 
 @dataclass(eq=False)
 class Job:
-    """One queued request and the asyncio queue its events go to (``delta``, ``done``, ``error``).
+    """One queued request and the asyncio queue its events go to (``started``, ``delta``,
+    ``done``, ``error``).
 
     ``key`` says which jobs may share a batch; the worker only reads the other fields.
     """
@@ -111,9 +120,12 @@ class ModelWorker:
         self.batch_wait_s = batch_wait_s
         self.policies: list[str] = []
         self.stats = WorkerStats()
+        #: Called with each batch's size (the server's metrics set it).
+        self.observe_batch: Callable[[int], None] | None = None
         self._jobs: deque[Job] = deque()
         self._running: list[Job] = []
         self._cond = threading.Condition()
+        self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -125,6 +137,33 @@ class ModelWorker:
                                             daemon=True)
             self._thread.start()
 
+    def drain(self) -> int:
+        """Refuse new work and answer queued requests 503; the running batch goes on.
+
+        Returns how many queued requests were answered.
+        """
+        with self._cond:
+            self._draining = True
+            queued, self._jobs = list(self._jobs), deque()
+            self._cond.notify_all()
+        for job in queued:
+            job.emit("error", _shutting_down("the server is shutting down; this request was "
+                                             "still queued"))
+        return len(queued)
+
+    def cancel_running(self) -> int:
+        """End the running rows at their next step (answered 503); returns how many."""
+        with self._cond:
+            running = list(self._running)
+        for job in running:
+            job.cancel("shutdown")
+        return len(running)
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` or :meth:`stop` was called."""
+        return self._draining or self._stopping
+
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new work, fail queued requests with 503, end running rows, join the thread."""
         with self._cond:
@@ -134,7 +173,7 @@ class ModelWorker:
                 job.cancel("shutdown")
             self._cond.notify_all()
         for job in queued:
-            job.emit("error", ApiError(503, "the server is shutting down", code="shutting_down"))
+            job.emit("error", _shutting_down("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
             log.info("serve.worker_stopped", model=self.name, alive=self._thread.is_alive(),
@@ -144,8 +183,8 @@ class ModelWorker:
     def submit(self, job: Job) -> None:
         """Queue a job; a full queue or a stopping worker answers 503 right away."""
         with self._cond:
-            if self._stopping:
-                raise ApiError(503, "the server is shutting down", code="shutting_down")
+            if self._stopping or self._draining:
+                raise _shutting_down("the server is shutting down")
             if len(self._jobs) >= self.max_queue:
                 raise ApiError(
                     503, f"server at capacity: {len(self._jobs)} requests already queued for "
@@ -160,11 +199,16 @@ class ModelWorker:
         """Requests waiting (not yet in a batch)."""
         return len(self._jobs)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def health(self) -> dict[str, Any]:
         """Queue depth, rows running and counters."""
         return {"model": self.name, "policies": self.policies, "queued": self.queued,
-                "max_queue": self.max_queue, **self.stats.__dict__,
-                "alive": self._thread is not None and self._thread.is_alive()}
+                "max_queue": self.max_queue, **self.stats.__dict__, "alive": self.alive,
+                "draining": self.draining}
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
@@ -215,8 +259,14 @@ class ModelWorker:
     def _execute(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         self.stats.running = len(batch)
+        if self.observe_batch is not None:
+            self.observe_batch(len(batch))
+        for job in batch:
+            job.emit("started", None)
+        first_token: list[float] = []
         try:
-            outputs = self._chat(batch) if batch[0].kind == "chat" else self._energies(batch)
+            outputs = (self._chat(batch, first_token) if batch[0].kind == "chat"
+                       else self._energies(batch))
         except Exception as exc:
             log.error("serve.batch_failed", model=self.name, policy=batch[0].policy,
                       size=len(batch), error=f"{type(exc).__name__}: {exc}")
@@ -237,13 +287,20 @@ class ModelWorker:
                 self.stats.cancelled += 1
             else:
                 self.stats.completed += 1
+            if finish == "cancelled" and job.cancel_reason == "shutdown":
+                job.emit("error", _shutting_down(
+                    f"the server shut down before this request finished ({len(ids)} tokens "
+                    "generated; the drain timeout ran out)"))
+                continue
             job.emit("done", JobResult(
                 text=text, token_ids=ids, finish_reason=finish, telemetry=telemetry,
                 queue_ms=(started - job.enqueued) * 1000, generate_ms=generate_ms,
                 batch_size=len(batch),
+                first_token_ms=((first_token[0] - job.enqueued) * 1000 if first_token else None),
             ))
 
-    def _chat(self, batch: list[Job]) -> list[tuple[str, list[int], str, GenerationTelemetry]]:
+    def _chat(self, batch: list[Job], first_token: list[float]
+              ) -> list[tuple[str, list[int], str, GenerationTelemetry]]:
         guard = batch[0].guard
         rows = [
             RowText(guard.tokenizer, max_tokens=job.max_tokens, stop=job.stop,
@@ -258,6 +315,8 @@ class ModelWorker:
             max_new_tokens=max(job.max_tokens for job in batch), **batch[0].generation,
         )
         stopper.close()
+        if stopper.first_step_at is not None:
+            first_token.append(stopper.first_step_at)
         outputs = []
         for row, result in zip(rows, results, strict=True):
             # Rows ended by the criterion are padded afterwards; the row's own record is exact.
@@ -269,6 +328,10 @@ class ModelWorker:
         guard = batch[0].guard
         rows = guard.energies([job.conversation for job in batch], batch_size=len(batch))
         return [("", [], "stop", telemetry) for telemetry in rows]
+
+
+def _shutting_down(message: str) -> ApiError:
+    return ApiError(503, message, code="shutting_down")
 
 
 def _delta_sink(job: Job) -> Any:

@@ -65,10 +65,10 @@ def sampling(req: ChatCompletionRequest, served: ServedPolicy) -> dict[str, Any]
             "top_p": req.top_p if req.top_p is not None else defaults.top_p, "seed": req.seed}
 
 
-def check_prompt(served: ServedPolicy, conversation: list[dict[str, str]], *, steer: bool,
-                 max_tokens: int, config: ServeConfig) -> int:
-    """Count prompt tokens; a prompt over the server's or the model's limit is a 400."""
-    tokens = served.prompt_tokens(conversation, steer=steer)
+async def check_prompt(served: ServedPolicy, conversation: list[dict[str, str]], *, steer: bool,
+                       max_tokens: int, config: ServeConfig) -> int:
+    """Count prompt tokens (off the event loop); over the server's or the model's limit: 400."""
+    tokens = await served.count_prompt_tokens(conversation, steer=steer)
     if tokens > config.max_prompt_tokens:
         raise ApiError(400, f"the prompt is {tokens} tokens; this server accepts at most "
                        f"{config.max_prompt_tokens} (--max-prompt-tokens)",
@@ -81,16 +81,12 @@ def check_prompt(served: ServedPolicy, conversation: list[dict[str, str]], *, st
     return tokens
 
 
-def chat_job(served: ServedPolicy, req: ChatCompletionRequest, config: ServeConfig) -> Job:
+async def chat_job(served: ServedPolicy, req: ChatCompletionRequest, config: ServeConfig
+                   ) -> Job:
     """Validate what the schema cannot (server limits, unsupported options) and build the job."""
-    if req.n != 1:
-        raise ApiError(400, f"n: got {req.n}; only n=1 is supported", param="n",
-                       code="unsupported_value")
-    if req.logprobs:
-        raise ApiError(400, "logprobs: not supported", param="logprobs", code="unsupported_value")
-    if req.tools:
-        raise ApiError(400, "tools: tool calling is not supported", param="tools",
-                       code="unsupported_value")
+    unsupported = req.unsupported()
+    if unsupported is not None:
+        raise ApiError(400, unsupported[1], param=unsupported[0], code="unsupported_value")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = (req.max_completion_tokens or req.max_tokens
                   or served.guard.policy.generation.max_new_tokens)
@@ -105,7 +101,7 @@ def chat_job(served: ServedPolicy, req: ChatCompletionRequest, config: ServeConf
                        code="invalid_value")
     conversation = req.conversation()
     steer = req.guardrail.steer
-    check_prompt(served, conversation, steer=steer, max_tokens=max_tokens, config=config)
+    await check_prompt(served, conversation, steer=steer, max_tokens=max_tokens, config=config)
     generation = sampling(req, served)
     key: tuple[Any, ...] = ("chat", served.name, steer, tuple(sorted(generation.items())))
     job = Job(kind="chat", policy=served.name, guard=served.guard, conversation=conversation,
@@ -118,9 +114,22 @@ def chat_job(served: ServedPolicy, req: ChatCompletionRequest, config: ServeConf
     return job
 
 
+def _metrics(request: Request) -> Any:
+    return request.app.state.metrics
+
+
 # --- waiting --------------------------------------------------------------------------------
-async def wait_done(job: Job, request: Request, timeout_s: float) -> JobResult:
-    """The job's result; cancels it on timeout (504) or when the client goes away."""
+async def wait_started(job: Job, request: Request, timeout_s: float) -> None:
+    """Until the worker takes the job into a batch (a stream's headers wait for this, so a
+    request refused while queued, at shutdown say, gets a real 503 rather than an event)."""
+    await wait_done(job, request, timeout_s, until="started")
+
+
+async def wait_done(job: Job, request: Request, timeout_s: float, until: str = "done") -> Any:
+    """The job's result; cancels it on timeout (504) or when the client goes away.
+
+    With ``until="started"``, returns when the job joins a running batch instead.
+    """
     deadline = job.enqueued + timeout_s
     while True:
         remaining = deadline - time.perf_counter()
@@ -136,8 +145,7 @@ async def wait_done(job: Job, request: Request, timeout_s: float) -> JobResult:
                 job.cancel("disconnected")
                 raise ClientGone from None
             continue
-        if kind == "done":
-            assert isinstance(payload, JobResult)
+        if kind == until:
             return payload
         if kind == "error":
             raise payload
@@ -169,6 +177,10 @@ def extension(served: ServedPolicy, result: JobResult, verdict: VerdictBody | No
     return GuardrailExtension(
         policy=served.name, model=served.guard.loaded.name, steered=telemetry.steered,
         layers_steered=sorted({item.layer for item in telemetry.layers if item.steered_positions}),
+        layers_skipped=sorted({item.layer for item in telemetry.layers
+                               if item.nonfinite_positions}),
+        layers_disabled=sorted({layer for rail in served.guard.rails for layer in rail.disabled}
+                               if telemetry.steered else set()),
         energies=energies, verdict=verdict, verdict_error=verdict_error,
         timing=Timing(queue_ms=round(result.queue_ms, 1), generate_ms=round(result.generate_ms, 1),
                       classify_ms=round(classify_ms, 1), total_ms=round(total_ms, 1),
@@ -185,6 +197,7 @@ def _summary(ext: GuardrailExtension, result: JobResult) -> dict[str, Any]:
         "batch_size": result.batch_size, "queue_ms": ext.timing.queue_ms,
         "generate_ms": ext.timing.generate_ms, "steered": ext.steered,
         "layers_steered": ext.layers_steered,
+        **({"layers_skipped": ext.layers_skipped} if ext.layers_skipped else {}),
         "energy_before": round(sum(before) / len(before), 4) if before else None,
         "energy_after": round(sum(after) / len(after), 4) if after else None,
         "refused": ext.verdict.refused if ext.verdict else None,
@@ -205,6 +218,7 @@ async def complete(request: Request, served: ServedPolicy, job: Job, req: ChatCo
     verdict, verdict_error, classify_ms = await classify(served, req, result.text)
     total_ms = (time.perf_counter() - job.enqueued) * 1000
     ext = extension(served, result, verdict, verdict_error, classify_ms, total_ms)
+    _metrics(request).observe_completion(served.name, result, ext)
     body = ChatCompletion(
         id=job.id, created=int(time.time()), model=served.name,
         choices=[Choice(message=AssistantMessage(content=result.text),
@@ -259,6 +273,8 @@ def stream(request: Request, served: ServedPolicy, job: Job, req: ChatCompletion
                     kind, payload = await asyncio.wait_for(job.events.get(), remaining)
                 except asyncio.TimeoutError:
                     continue
+                if kind == "started":
+                    continue
                 if kind == "delta":
                     yield chunk(Delta(content=payload))
                 elif kind == "error":
@@ -270,6 +286,7 @@ def stream(request: Request, served: ServedPolicy, job: Job, req: ChatCompletion
                     verdict, verdict_error, classify_ms = await classify(served, req, result.text)
                     total_ms = (time.perf_counter() - job.enqueued) * 1000
                     ext = extension(served, result, verdict, verdict_error, classify_ms, total_ms)
+                    _metrics(request).observe_completion(served.name, result, ext)
                     fields.update(_summary(ext, result))
                     yield chunk(Delta(), result.finish_reason, guardrail=ext)
                     if req.stream_options is not None and req.stream_options.include_usage:
@@ -293,7 +310,7 @@ async def energies(request: Request, served: ServedPolicy, req: EnergiesRequest,
                    config: ServeConfig) -> EnergiesResponse:
     """Energies at the prompt's last token per rail and layer; nothing is generated."""
     conversation = req.conversation()
-    tokens = check_prompt(served, conversation, steer=True, max_tokens=0, config=config)
+    tokens = await check_prompt(served, conversation, steer=True, max_tokens=0, config=config)
     job = Job(kind="energies", policy=served.name, guard=served.guard, conversation=conversation,
               key=("energies", served.name), loop=asyncio.get_running_loop(),
               max_batch=served.max_batch)

@@ -1,4 +1,4 @@
-"""Limits and knobs of one server: queue size, batching, request sizes, timeouts."""
+"""Limits and knobs of one server: queue size, batching, request sizes, timeouts, drain."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ class ServeConfig:
     max_request_bytes: int = 1 << 20
     request_timeout_s: float = 300.0
     max_stop_sequences: int = 4
+    #: On SIGTERM/SIGINT, how long running requests may take to finish (then they get 503).
+    drain_timeout_s: float = 30.0
 
     def batch_size_for(self, policy_batch_size: int) -> int:
         """The largest batch the worker builds for a policy."""

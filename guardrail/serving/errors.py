@@ -7,12 +7,14 @@ exception classes (``BadRequestError``, ``NotFoundError``, ...) with our message
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
 
 STATUS_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -49,12 +51,17 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
+# Union members and validator wrappers pydantic puts in an error's location ("str",
+# "list[str]", "function-before[...]"), which are not field names.
+_LOC_TAG = re.compile(r"^(str|int|float|bool|bytes|none|[a-z-]+\[.*\]|function-.*)$")
+
+
 def _param(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "str", "list[", "literal")):
+        elif not _LOC_TAG.match(str(part)):
             out += f".{part}" if out else str(part)
     return out
 

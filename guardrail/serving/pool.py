@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,30 +27,51 @@ log = structlog.get_logger("guardrail.serving")
 class ServedPolicy:
     """One policy by name: its guardrail, the worker of its model, and its batch limit.
 
-    ``counter`` is a private copy of the tokenizer for the event-loop thread: a fast
-    tokenizer is not safe to use from two threads while one of them pads a batch.
+    ``counter`` is a private copy of the tokenizer for counting prompt tokens, used only on
+    the ``counting`` thread (one per model): a fast tokenizer is not safe to use from two
+    threads while one of them pads a batch, and a long prompt must not hold up the event
+    loop.
     """
 
     name: str
     guard: Guardrail
     worker: ModelWorker
     counter: Any
+    counting: ThreadPoolExecutor
     max_batch: int
     created: int
 
     def prompt_tokens(self, conversation: list[dict[str, str]], *, steer: bool) -> int:
-        """Tokens in the prompt the model would see (system prompt and template included)."""
+        """Tokens in the prompt the model would see (system prompt and template included).
+
+        A conversation the chat template refuses (roles out of order, say) is a 400.
+        """
         prepared = self.guard.prepare(conversation, steer=steer)
-        text = self.counter.apply_chat_template(prepared, tokenize=False,
-                                                add_generation_prompt=True)
+        try:
+            text = self.counter.apply_chat_template(prepared, tokenize=False,
+                                                    add_generation_prompt=True)
+        except Exception as exc:  # jinja2's TemplateError, or a template's raise_exception
+            raise ApiError(400, f"messages: the model's chat template refuses this "
+                           f"conversation: {str(exc)[:200]}", param="messages",
+                           code="invalid_value") from None
         return len(self.counter(text, add_special_tokens=False)["input_ids"])
+
+    async def count_prompt_tokens(self, conversation: list[dict[str, str]], *,
+                                  steer: bool) -> int:
+        """:meth:`prompt_tokens` on the counting thread, so the event loop keeps serving."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.counting, lambda: self.prompt_tokens(conversation, steer=steer))
 
     def describe(self) -> dict[str, Any]:
         """What ``/v1/models`` says about the policy beyond the OpenAI fields."""
         return {
             "model": self.guard.loaded.name,
             "description": self.guard.policy.description,
-            "rails": [{"name": r.name, "layers": r.layers} for r in self.guard.rails],
+            "rails": [{"name": r.name, "layers": r.layers,
+                       **({"disabled_layers": {str(k): v for k, v in r.disabled.items()}}
+                          if r.disabled else {})}
+                      for r in self.guard.rails],
             "classifier": self.guard.policy.classifier.plugin,
             "max_batch_size": self.max_batch,
         }
@@ -61,7 +84,8 @@ class PolicyPool:
         self.config = config
         self.policies: dict[str, ServedPolicy] = {}
         self.workers: list[ModelWorker] = []
-        by_model: dict[int, tuple[ModelWorker, Any]] = {}
+        self._counting: list[ThreadPoolExecutor] = []
+        by_model: dict[int, tuple[ModelWorker, Any, ThreadPoolExecutor]] = {}
         for guard in guards:
             name = guard.policy.name
             if name in self.policies:
@@ -73,11 +97,14 @@ class PolicyPool:
                 worker = ModelWorker(guard.loaded.name, max_queue=config.max_queue,
                                      batch_wait_s=config.batch_wait_ms / 1000)
                 self.workers.append(worker)
-                by_model[id(guard.model)] = (worker, copy.deepcopy(guard.tokenizer))
-            worker, counter = by_model[id(guard.model)]
+                counting = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"guardrail-count-{worker.name}")
+                self._counting.append(counting)
+                by_model[id(guard.model)] = (worker, copy.deepcopy(guard.tokenizer), counting)
+            worker, counter, counting = by_model[id(guard.model)]
             worker.policies.append(name)
             self.policies[name] = ServedPolicy(
-                name=name, guard=guard, worker=worker, counter=counter,
+                name=name, guard=guard, worker=worker, counter=counter, counting=counting,
                 max_batch=config.batch_size_for(guard.policy.generation.batch_size),
                 created=int(time.time()),
             )
@@ -110,8 +137,9 @@ class PolicyPool:
         try:
             return self.policies[name]
         except KeyError:
+            shown = repr(name) if len(name) <= 100 else repr(name[:100]) + "..."
             raise ApiError(
-                404, f"model {name!r} is not served here; served policies: "
+                404, f"model {shown} is not served here; served policies: "
                 f"{', '.join(sorted(self.policies))}", param="model", code="model_not_found",
             ) from None
 
@@ -120,10 +148,34 @@ class PolicyPool:
         for worker in self.workers:
             worker.start()
 
+    def drain(self) -> dict[str, int]:
+        """Refuse new requests and answer queued ones 503; running batches go on."""
+        running = sum(w.stats.running for w in self.workers)
+        return {"queued_answered_503": sum(w.drain() for w in self.workers), "running": running}
+
+    def cancel_running(self) -> int:
+        """End running rows at their next step (they are answered 503); returns how many."""
+        return sum(w.cancel_running() for w in self.workers)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every worker (queued requests get 503) and join the threads."""
         for worker in self.workers:
             worker.stop(timeout)
+        for counting in self._counting:
+            counting.shutdown(wait=False, cancel_futures=True)
+
+    def readiness(self) -> list[str]:
+        """Why this server should not get traffic now (empty: ready)."""
+        reasons = []
+        for worker in self.workers:
+            if worker.draining:
+                reasons.append(f"model {worker.name}: shutting down")
+            elif not worker.alive:
+                reasons.append(f"model {worker.name}: worker not running")
+            elif worker.queued >= worker.max_queue:
+                reasons.append(f"model {worker.name}: queue full ({worker.queued}/"
+                               f"{worker.max_queue})")
+        return reasons
 
     def health(self) -> dict[str, Any]:
         """``/healthz``: every worker alive, and per worker its queue and counters."""

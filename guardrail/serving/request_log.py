@@ -2,12 +2,15 @@
 
 A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``) so a streamed response is
 logged when its last event was sent or its client went away, not when streaming starts.
-Handlers add fields by updating the ``request.state.log`` mapping.
+Handlers add fields by updating the ``request.state.log`` mapping. When given ``observe``
+(the server's metrics), it is called once per request with its path, method, status and
+seconds, just before the response's last byte is sent.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -20,8 +23,10 @@ ASGIApp = Any
 class RequestLog:
     """Logs ``serve.request`` with method, path, status, milliseconds and the handler's fields."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp,
+                 observe: Callable[[str, str, int, float], None] | None = None) -> None:
         self.app = app
+        self.observe = observe
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -32,10 +37,19 @@ class RequestLog:
         fields: dict[str, Any] = {}
         state["log"] = fields
         status: dict[str, int] = {}
+        observed = False
+
+        def observe(code: int) -> None:
+            nonlocal observed
+            if self.observe is not None and not observed:
+                observed = True
+                self.observe(scope["path"], scope["method"], code, time.perf_counter() - started)
 
         async def send_and_watch(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                observe(status.get("code", 500))
             await send(message)
 
         try:
@@ -47,6 +61,7 @@ class RequestLog:
         finally:
             fields = state.get("log", fields)
             code = status.get("code", 499)  # no response started: the client left first
+            observe(code)
             level = log.warning if code >= 500 else log.info
             level("serve.request", method=scope["method"], path=scope["path"], status=code,
                   ms=round((time.perf_counter() - started) * 1000, 1), **fields)

@@ -11,6 +11,7 @@ receive padding, and the batch ends when every row has finished.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,8 +108,12 @@ class BatchRows(StoppingCriteria):
     def __init__(self, rows: Sequence[RowText], eos_ids: set[int]) -> None:
         self.rows = list(rows)
         self.eos_ids = eos_ids
+        #: ``time.perf_counter()`` at the first call: when the first token was generated.
+        self.first_step_at: float | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
         newest = input_ids[:, -1].tolist()
         for row, token in zip(self.rows, newest, strict=True):
             if row.done:

@@ -57,7 +57,7 @@ class LinearEnergyModel(EnergyModel):
     @classmethod
     def from_artifact(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
                       ) -> LinearEnergyModel:
-        model = cls(int(config["hidden_size"]), separation=float(config.get("separation", 0.0)),
-                    threshold=float(config.get("threshold", 0.0)))
-        model.load_state_dict(tensors)
+        model: LinearEnergyModel = cls.from_tensors(
+            tensors, int(config["hidden_size"]), separation=float(config.get("separation", 0.0)),
+            threshold=float(config.get("threshold", 0.0)))
         return model.eval()

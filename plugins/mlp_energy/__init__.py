@@ -7,7 +7,7 @@ torch; the class is imported the first time an artifact is built or loaded.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,14 +16,20 @@ from guardrail import hookimpl
 if TYPE_CHECKING:
     from guardrail_plugins.mlp_energy.model import MLPEnergyModel
 
-__all__ = ["MLPEnergyModel", "MLPEnergyParams"]
+__all__ = ["MAX_WIDTH", "MLPEnergyModel", "MLPEnergyParams"]
+
+
+# Wider than any energy model needs; a larger width is a typo that would exhaust memory.
+MAX_WIDTH = 1 << 16
 
 
 class MLPEnergyParams(BaseModel):
     """Hidden widths (default: four hidden layers, as in the paper) and training-time dropout."""
 
-    model_config = ConfigDict(extra="forbid")
-    hidden: list[int] = Field(default_factory=lambda: [512, 256, 128, 64], min_length=1)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        default_factory=lambda: [512, 256, 128, 64], min_length=1, max_length=16
+    )
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from guardrail_plugins.mlp_energy import MLPEnergyParams
-from pydantic import BaseModel
+from guardrail_plugins.mlp_energy import MAX_WIDTH, MLPEnergyParams
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from guardrail.energy_model import EnergyModel
+
+
+class MLPArtifactConfig(BaseModel):
+    """A layer's config as :meth:`MLPEnergyModel.config` stores it in an artifact."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    hidden_size: int = Field(ge=1, le=1 << 20)
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(min_length=1, max_length=16)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    threshold: float = 0.0
 
 
 class MLPEnergyModel(EnergyModel):
@@ -101,9 +111,15 @@ class MLPEnergyModel(EnergyModel):
     def from_artifact(
         cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> MLPEnergyModel:
-        params = MLPEnergyParams(hidden=config["hidden"], dropout=config.get("dropout", 0.0))
-        model = cls(int(config["hidden_size"]), params)
-        model.load_state_dict(tensors)
-        model.threshold = float(config.get("threshold", 0.0))
+        try:
+            stored = MLPArtifactConfig.model_validate(config)
+        except ValidationError as exc:
+            raise ValueError("; ".join(
+                f"config field {'.'.join(str(p) for p in err['loc'])!r}: got "
+                f"{repr(err.get('input'))[:80]}; {err['msg'].lower()}" for err in exc.errors()
+            )) from None
+        params = MLPEnergyParams(hidden=stored.hidden, dropout=stored.dropout)
+        model: MLPEnergyModel = cls.from_tensors(tensors, stored.hidden_size, params)
+        model.threshold = stored.threshold
         # Steering always runs the model in eval mode: no dropout noise in the gradient.
         return model.eval()
