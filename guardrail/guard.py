@@ -8,7 +8,6 @@ The model is the policy's (``Guardrail.from_policy(policy)``) or one the caller 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import GenerationSection, Policy, check_plugins, load_policy
 from guardrail.rails import build_rail, with_steerer
 from guardrail.steering import Rail, SteeringSession, log_nonfinite
+from guardrail.streams import GenerationStream, refuse_right_padding
 from guardrail.telemetry import (
     GateTelemetry,
     GenerationTelemetry,
@@ -453,75 +453,12 @@ class Guardrail:
             for rail in self.rails:
                 if rail.energies:
                     EnergyArtifact.compare(rail.fingerprint, fingerprint, f"rail {rail.name!r}")
-        check = target.register_forward_pre_hook(_refuse_right_padding, with_kwargs=True)
+        check = target.register_forward_pre_hook(refuse_right_padding, with_kwargs=True)
         try:
             with SteeringSession(target, self.rails) as session:
                 yield session
         finally:
             check.remove()
-
-
-class PaddingError(GuardrailError, ValueError):
-    """A batch is right-padded where steering needs each row's last prompt token last."""
-
-
-def _refuse_right_padding(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1:
-        mask = args[1]
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] < 2:
-        return
-    padded = (mask[:, -1] == 0).nonzero().flatten().tolist()
-    if padded:
-        raise PaddingError(
-            f"Guardrail.attach: rows {padded} of the batch are right-padded (their attention "
-            "mask ends in 0), so their last position is padding, not the last prompt token "
-            "the rails steer; tokenise with padding_side='left' (tokenizer.padding_side = "
-            "'left'), as generation with a decoder-only model needs anyway"
-        )
-
-
-class GenerationStream:
-    """An answer's text as it is generated (iterate it); ``result`` once it has finished.
-
-    Generation runs in a background thread; an error there is raised by the iteration.
-    """
-
-    def __init__(self, streamer: Any, run: Any) -> None:
-        self.result: GenerationResult | None = None
-        self._streamer = streamer
-        self._error: BaseException | None = None
-        self._consumed = False
-
-        def target() -> None:
-            try:
-                self.result = run()
-            except BaseException as exc:  # re-raised in the consumer's thread
-                self._error = exc
-                streamer.end()
-
-        self._thread = threading.Thread(target=target, name="guardrail-stream", daemon=True)
-        self._thread.start()
-
-    def __iter__(self) -> Iterator[str]:
-        if not self._consumed:
-            self._consumed = True
-            for text in self._streamer:
-                if text:
-                    yield text
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    @property
-    def text(self) -> str:
-        """The whole answer (after iterating, or waiting for it now)."""
-        if self.result is None:
-            for _ in self:
-                pass
-        assert self.result is not None
-        return self.result.text
-
 
 
 def _but_steerer_params(policy: Policy) -> dict[str, Any]:
