@@ -92,7 +92,8 @@ def prompts(count: int) -> list[str]:
 
 def stand_in_policy(policy: Path, directory: Path) -> tuple[Path, str]:
     """The policy as is when its artifacts exist; else a copy using random-weight artifacts."""
-    from guardrail.policy import load_raw, missing_artifacts, parse_policy
+    from guardrail.policy import load_raw, parse_policy
+    from guardrail.policy_checks import missing_artifacts
 
     raw = load_raw(policy)
     if not missing_artifacts(parse_policy(raw, policy)):

@@ -31,7 +31,8 @@ from guardrail.generation import (
 )
 from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugins import Registry, get_plugin_manager
-from guardrail.policy import GenerationSection, Policy, check_plugins, load_policy
+from guardrail.policy import GenerationSection, Policy, load_policy
+from guardrail.policy_checks import check_plugins
 from guardrail.rails import build_rail, with_steerer
 from guardrail.steering import Rail, SteeringSession, log_nonfinite
 from guardrail.streams import GenerationStream, refuse_right_padding

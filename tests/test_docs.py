@@ -119,7 +119,8 @@ def test_readme_snippet_runs_as_written(tmp_path: Path) -> None:
 def test_the_extends_examples_of_the_policy_docs_validate(tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
     import yaml
 
-    from guardrail.policy import load_policy, validate_policy_file
+    from guardrail.policy import load_policy
+    from guardrail.policy_checks import validate_policy_file
 
     section = (ROOT / "docs" / "policies.md").read_text().split("## Composing policies", 1)[1]
     section = section.split("\n## ", 1)[0]

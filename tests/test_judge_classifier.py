@@ -15,7 +15,8 @@ from guardrail_plugins.judge_classifier import JudgeError, JudgeParams, JudgeRef
 
 from guardrail.errors import GuardrailError, PolicyError
 from guardrail.plugins import Registry
-from guardrail.policy import check_plugins, parse_policy
+from guardrail.policy import parse_policy
+from guardrail.policy_checks import check_plugins
 
 from .live_server import LiveServer, free_port, smol_server
 

@@ -10,7 +10,8 @@ import yaml
 
 from guardrail.cli import main
 from guardrail.errors import PolicyError
-from guardrail.policy import load_policy, missing_artifacts, validate_policy_file
+from guardrail.policy import load_policy
+from guardrail.policy_checks import missing_artifacts, validate_policy_file
 
 from .conftest import write_policy
 

@@ -14,7 +14,8 @@ import yaml
 from guardrail.defaults import DEFAULT_POLICY
 from guardrail.errors import GuardrailError
 from guardrail.plugins import Registry, get_plugin_manager
-from guardrail.policy import load_policy, load_raw, missing_artifacts, validate_policy_file
+from guardrail.policy import load_policy, load_raw
+from guardrail.policy_checks import missing_artifacts, validate_policy_file
 from guardrail.shipped import resolve_policy, shipped_policies
 
 POLICY_HELP = "a policy file, or a shipped policy's name (guardrail policy list)"

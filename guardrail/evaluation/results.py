@@ -37,7 +37,8 @@ from guardrail.evaluation.targets import Target, target_table
 from guardrail.generation import merge_settings
 from guardrail.guard import Guardrail
 from guardrail.plugins import Registry, get_plugin_manager
-from guardrail.policy import format_validation_error, load_policy, missing_artifacts
+from guardrail.policy import format_validation_error, load_policy
+from guardrail.policy_checks import missing_artifacts
 from guardrail.prompts import resolve_data_dir
 
 log = structlog.get_logger("guardrail.evaluation")
