@@ -187,12 +187,18 @@ class CalibrationSection(_Section):
     benign prompts while, on every harmful source, refusal stays at least the base model's
     minus ``max_refusal_drop`` and no source has more than ``max_wrong_way`` of its prompts
     flipped the wrong way (a harmful prompt the base model refuses answered, a benign one it
-    answers refused).
+    answers refused). With a gate, at most ``max_harmful_steered`` of a harmful source's
+    prompts may be steered at all.
     """
 
     rail: str | None = Field(None, description="Rail to calibrate (default: training.rail).")
     max_refusal_drop: float = Field(0.02, ge=0, le=1)
     max_wrong_way: float = Field(0.02, ge=0, le=1)
+    max_harmful_steered: float = Field(
+        0.0, ge=0, le=1, description="Share of a harmful source's prompts the gate may let the "
+        "rail steer (0: none). Whether a steered harmful prompt flips is luck on the day; the "
+        "gate is there to keep them out, and a prompt the gate lets through from an unseen "
+        "family is steered for real.")
     harmful: list[SourceFields] = Field(
         default_factory=list, description="Harmful validation sources (default: the harmful "
         "sources of training.validation).")

@@ -239,6 +239,24 @@ def test_choose_holds_the_budget_on_cross_family_scores_too() -> None:
     assert chosen.held_out["harmful-src"].wrong_way <= 1
 
 
+def test_choose_steers_no_harmful_prompt_by_default() -> None:
+    # Five harmful prompts score among the benign ones, and steering happens not to flip
+    # them here. The default budget still keeps the gate below them (a prompt the gate lets
+    # through is steered, and on another day it flips); allowing 0.1 steered lets them in.
+    contexts = "h" * 50 + "b" * 50
+    base = [True] * 100
+    steered = [True] * 50 + [False] * 50
+    scores = [0.0] * 5 + [3.0] * 45 + [-1 + 0.04 * i for i in range(50)]
+    evidence = _evidence(base, steered, scores, contexts=contexts)
+    strict, _ = choose(evidence, CalibrationSection(), search_below=True, search_above=False)
+    assert strict is not None and strict.below is not None and strict.below <= 0.0
+    assert strict.outcomes["harmful-src"].steered == 0
+    loose, _ = choose(evidence, CalibrationSection(max_harmful_steered=0.1), search_below=True,
+                      search_above=False)
+    assert loose is not None and loose.outcomes["harmful-src"].steered == 5
+    assert loose.outcomes["benign-src"].right_way > strict.outcomes["benign-src"].right_way
+
+
 def test_choose_reports_when_nothing_holds_the_budget() -> None:
     # Steering answers every harmful prompt and the gate cannot tell them apart: only
     # "never steer" holds, and without a gate there is no such setting.

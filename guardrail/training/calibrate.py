@@ -7,6 +7,7 @@ be scored without generating again. The chosen setting answers the most benign p
 subject to the budget, on every source:
 
 * harmful sources keep refusal >= the base model's - ``max_refusal_drop``;
+* at most ``max_harmful_steered`` of a harmful source's prompts are steered at all;
 * no source has more than ``max_wrong_way`` of its prompts flipped the wrong way (a harmful
   prompt the base model refuses answered, a benign prompt it answers refused).
 
@@ -219,7 +220,9 @@ def calibrate_policy(policy: Policy, *, loaded: Any = None,
     )
     clock["total"] = round(time.perf_counter() - started, 1)
     budget = {"max_refusal_drop": section.max_refusal_drop,
-              "max_wrong_way": section.max_wrong_way, "cross_family": section.cross_family,
+              "max_wrong_way": section.max_wrong_way,
+              "max_harmful_steered": section.max_harmful_steered,
+              "cross_family": section.cross_family,
               "max_new_tokens": section.max_new_tokens,
               "classifier": policy.classifier.plugin}
     return CalibrationReport(policy=policy.name, rail=spec.name,
