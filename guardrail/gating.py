@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from guardrail.components import ActivationSource, Gate
+from guardrail.components import Gate
 from guardrail.errors import ArtifactError, PluginError
 
 TENSOR_PREFIX = "gate."
@@ -134,47 +133,3 @@ def steered_rows(scores: torch.Tensor, below: float | None, above: float | None)
     if above is not None:
         rows |= scores > above
     return rows
-
-
-class _StopForward(Exception):
-    """Raised after the deepest layer a gate reads: later layers and the LM head are skipped."""
-
-
-def mean_prompt_states(model: nn.Module, source: ActivationSource,
-                       inputs: dict[str, torch.Tensor], layers: Sequence[int]
-                       ) -> dict[int, torch.Tensor]:
-    """Per layer, ``[batch, hidden]`` states averaged over each row's real prompt tokens.
-
-    One forward pass, stopped after the deepest requested layer.
-    """
-    modules = source.modules(model)
-    wanted = sorted(set(layers))
-    captured: dict[int, torch.Tensor] = {}
-    mask = inputs.get("attention_mask")
-    handles = []
-
-    def make_hook(layer: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            states = source.read(output).detach().float()
-            if mask is None:
-                pooled = states.mean(dim=1)
-            else:
-                weights = mask.to(states.device, states.dtype)[:, :, None]
-                pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-            captured[layer] = pooled.cpu()
-            if layer == wanted[-1]:
-                raise _StopForward
-
-        return hook
-
-    for layer in wanted:
-        handles.append(modules[layer].register_forward_hook(make_hook(layer)))
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured

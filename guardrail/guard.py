@@ -17,10 +17,11 @@ from typing import Any
 import structlog
 import torch
 
+from guardrail.activations import mean_prompt_states
 from guardrail.components import RefusalClassifier, Verdict
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import GuardrailError, PluginError, PolicyError
-from guardrail.gating import mean_prompt_states, steered_rows
+from guardrail.gating import steered_rows
 from guardrail.generation import (
     Conversation,
     cut_at_eos,

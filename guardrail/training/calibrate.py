@@ -254,7 +254,7 @@ def gate_evidence(guard: Any, gate: GateSet, policy: Policy, spec: RailSpec,
 def prompt_mean_states(guard: Any, source: Any, convs: Sequence[Any], layers: Sequence[int],
                        batch_size: int = 16) -> dict[int, torch.Tensor]:
     """Per layer ``[n, hidden]`` prompt-mean states of ``convs``, in batches."""
-    from guardrail.gating import mean_prompt_states
+    from guardrail.activations import mean_prompt_states
 
     texts = guard.render(convs, steer=False)
     parts: list[dict[int, torch.Tensor]] = []

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from guardrail.activations import mean_over_prompt
 from guardrail.components import ActivationSource
 
 
@@ -47,10 +48,7 @@ def reduce_positions(
     if positions == "last":
         return states[:, -1, :]
     if positions == "mean":
-        if attention_mask is None:
-            return states.mean(dim=1)
-        mask = attention_mask.to(states.dtype)[:, :, None]
-        return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        return mean_over_prompt(states, attention_mask)
     raise ValueError(f"positions {positions!r}; expected 'last' or 'mean'")
 
 

@@ -10,6 +10,7 @@ import torch
 from guardrail_plugins.gates import ProbeGateParams, SentenceEmbeddingGateParams
 from pydantic import BaseModel
 
+from guardrail.activations import mean_over_prompt
 from guardrail.components import Gate
 from guardrail.errors import PluginError
 
@@ -71,7 +72,45 @@ class LogisticHead:
         return cls(*(tensors[k].float() for k in ("mean", "std", "weight", "bias")))
 
 
-class ProbeGate(Gate):
+class _HeadGate(Gate):
+    """A gate that is a :class:`LogisticHead` on features of its own (:meth:`features`)."""
+
+    params: ProbeGateParams | SentenceEmbeddingGateParams
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        super().__init__(params)
+        self.head: LogisticHead | None = None
+
+    def features(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
+        """``[n, dim]`` features of the prompts (raise :class:`PluginError` if unusable)."""
+        raise NotImplementedError
+
+    def fit(self, prompts: Sequence[str], states: torch.Tensor | None,
+            harmful: torch.Tensor) -> None:
+        self.head = LogisticHead.fit(self.features(prompts, states), harmful, self.params.l2)
+
+    def score(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
+        if self.head is None:
+            raise PluginError(f"gate {self.name!r} scored before it was fitted")
+        return self.head(self.features(prompts, states))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        assert self.head is not None
+        return self.head.tensors()
+
+    @classmethod
+    def from_artifact(cls, params: BaseModel, config: dict[str, Any],
+                      tensors: dict[str, torch.Tensor]) -> Gate:
+        gate = cls(params)
+        gate.restore(config)
+        gate.head = LogisticHead.from_tensors(tensors, f"gate {cls.name!r}")
+        return gate
+
+    def restore(self, config: dict[str, Any]) -> None:
+        """Take back what :meth:`config` stored (default: nothing)."""
+
+
+class ProbeGate(_HeadGate):
     """A linear probe on the model's mean-pooled prompt states at several layers."""
 
     name = "probe"
@@ -80,7 +119,6 @@ class ProbeGate(Gate):
 
     def __init__(self, params: BaseModel | None = None) -> None:
         super().__init__(params)
-        self.head: LogisticHead | None = None
         self._layers: list[int] | None = None
 
     def state_layers(self, num_layers: int) -> list[int]:
@@ -96,34 +134,19 @@ class ProbeGate(Gate):
                 self._layers = sorted(set(self.params.layers))
         return self._layers
 
-    def fit(self, prompts: Sequence[str], states: torch.Tensor | None,
-            harmful: torch.Tensor) -> None:
+    def features(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
         if states is None or self._layers is None:
-            raise PluginError("gate 'probe' fits on prompt states; none were given")
-        self.head = LogisticHead.fit(states.flatten(1), harmful, self.params.l2)
-
-    def score(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
-        if self.head is None or states is None:
-            raise PluginError("gate 'probe' scored before it was fitted or without states")
-        return self.head(states.flatten(1))
+            raise PluginError("gate 'probe' reads prompt states; none were given")
+        return states.flatten(1)
 
     def config(self) -> dict[str, Any]:
         return {"layers": self._layers}
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        assert self.head is not None
-        return self.head.tensors()
-
-    @classmethod
-    def from_artifact(cls, params: BaseModel, config: dict[str, Any],
-                      tensors: dict[str, torch.Tensor]) -> ProbeGate:
-        gate = cls(params)
-        gate._layers = [int(layer) for layer in config["layers"]]
-        gate.head = LogisticHead.from_tensors(tensors, "gate 'probe'")
-        return gate
+    def restore(self, config: dict[str, Any]) -> None:
+        self._layers = [int(layer) for layer in config["layers"]]
 
 
-class SentenceEmbeddingGate(Gate):
+class SentenceEmbeddingGate(_HeadGate):
     """A linear probe on an external encoder's mean-pooled, normalised embedding of the prompt."""
 
     name = "sentence-embedding"
@@ -132,8 +155,10 @@ class SentenceEmbeddingGate(Gate):
 
     def __init__(self, params: BaseModel | None = None) -> None:
         super().__init__(params)
-        self.head: LogisticHead | None = None
         self._encoder: Any = None
+
+    def features(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
+        return self.embed(prompts)
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """``[n, dim]`` unit embeddings of ``prompts`` (remembered per encoder and text, so a
@@ -147,9 +172,8 @@ class SentenceEmbeddingGate(Gate):
                     batch = todo[start : start + self.params.batch_size]
                     enc = tokenizer(batch, padding=True, truncation=True,
                                     max_length=self.params.max_length, return_tensors="pt")
-                    hidden = model(**enc).last_hidden_state
-                    mask = enc["attention_mask"][:, :, None].float()
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                    pooled = mean_over_prompt(model(**enc).last_hidden_state,
+                                              enc["attention_mask"])
                     for text, row in zip(batch, torch.nn.functional.normalize(pooled, dim=-1),
                                          strict=True):
                         memo[text] = row
@@ -170,28 +194,8 @@ class SentenceEmbeddingGate(Gate):
                              AutoModel.from_pretrained(str(path)).eval())
         return self._encoder
 
-    def fit(self, prompts: Sequence[str], states: torch.Tensor | None,
-            harmful: torch.Tensor) -> None:
-        self.head = LogisticHead.fit(self.embed(prompts), harmful, self.params.l2)
-
-    def score(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
-        if self.head is None:
-            raise PluginError("gate 'sentence-embedding' scored before it was fitted")
-        return self.head(self.embed(prompts))
-
     def config(self) -> dict[str, Any]:
         return {"model": self.params.model}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        assert self.head is not None
-        return self.head.tensors()
-
-    @classmethod
-    def from_artifact(cls, params: BaseModel, config: dict[str, Any],
-                      tensors: dict[str, torch.Tensor]) -> SentenceEmbeddingGate:
-        gate = cls(params)
-        gate.head = LogisticHead.from_tensors(tensors, "gate 'sentence-embedding'")
-        return gate
 
 
 _EMBEDDINGS: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
