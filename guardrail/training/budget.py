@@ -7,6 +7,7 @@ scores); everything here is arithmetic on it, with the report's text and plot.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -98,6 +99,15 @@ class Evidence:
     scores: torch.Tensor
     held_out_scores: torch.Tensor
 
+    @functools.cached_property
+    def sources(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """Source name -> (its context, the mask of its prompts), in order of appearance."""
+        out = {}
+        for name in dict.fromkeys(p.source for p in self.prompts):
+            mask = torch.tensor([p.source == name for p in self.prompts])
+            out[name] = (next(p.context for p in self.prompts if p.source == name), mask)
+        return out
+
 
 def outcomes(evidence: Evidence, point: tuple[float, int], rows: torch.Tensor
              ) -> dict[str, Outcome]:
@@ -105,9 +115,7 @@ def outcomes(evidence: Evidence, point: tuple[float, int], rows: torch.Tensor
     refused = torch.where(rows, evidence.steered_refused[point], evidence.base_refused)
     base = evidence.base_refused
     out = {}
-    for name in dict.fromkeys(p.source for p in evidence.prompts):
-        mask = torch.tensor([p.source == name for p in evidence.prompts])
-        context = next(p.context for p in evidence.prompts if p.source == name)
+    for name, (context, mask) in evidence.sources.items():
         b, r = base[mask], refused[mask]
         harmful = context == "harmful"
         right = (~b & r) if harmful else (b & ~r)
