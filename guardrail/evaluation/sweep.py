@@ -182,6 +182,7 @@ def gate_curve(guard: Guardrail, results: Sequence[SuiteResult], every_row: str,
     """A gated policy's trade-off over its gate's ``below`` threshold, read off two sets of
     answers: the base model's and every row steered. A row below the threshold gets the
     steered answer, the others the base answer, as the gate would have it."""
+    from guardrail.gating import steered_rows
     from guardrail.generation import user_turns
 
     rail = next(r for r in guard.rails if r.gate is not None)
@@ -191,13 +192,14 @@ def gate_curve(guard: Guardrail, results: Sequence[SuiteResult], every_row: str,
         scores.float(), torch.linspace(0, 1, steps + 1))})
     points = []
     for threshold in candidates:
+        rows = steered_rows(scores, threshold, None).tolist()
         offset, per_suite = 0, {}
         comply = benign = refuse = harmful = 0
         for result in results:
             base = next(r for r in result.rows if not r.steered)
             steered = next(r for r in result.rows if r.label == every_row)
             n = len(result.suite.items)
-            chosen = [s if float(scores[offset + i]) < threshold else b
+            chosen = [s if rows[offset + i] else b
                       for i, (b, s) in enumerate(zip(base.records, steered.records, strict=True))]
             offset += n
             b_n = sum(not r["harmful"] for r in chosen)
