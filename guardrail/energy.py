@@ -3,6 +3,14 @@
 One artifact holds the energy models of one rail, one per selected layer, with the
 fingerprint of the model they were trained on. Loading it for another model is refused.
 
+An artifact holds either one *shared* set of energy models (format ``guardrail-energy/1``:
+trained on all four label cells, it steers either way) or one set per *side* of the rail's
+gate (``guardrail-energy/2``): ``answer``, trained on benign prompts (an answer is desirable),
+steers the rows the gate scores confidently benign towards answering; ``refuse``, trained on
+harmful prompts (a refusal is desirable), steers the confidently harmful rows towards
+refusing. With one model per side the direction of each step is unambiguous: lower energy on
+the ``refuse`` side can only mean "more like a refusal of a harmful request".
+
 Loading checks every header field and every tensor against the energy-model plugin's own
 rebuild of the layer; anything off is an :class:`ArtifactError` naming the file, the layer
 and the field. A layer whose weights hold NaN or infinity is disabled (one warning names
@@ -30,36 +38,67 @@ from guardrail.gating import GateSet
 
 log = structlog.get_logger("guardrail.energy")
 
-FORMAT = "guardrail-energy/1"
+FORMAT_SHARED = "guardrail-energy/1"
+FORMAT = "guardrail-energy/2"
+FORMATS = (FORMAT_SHARED, FORMAT)
 HEADER_KEY = "guardrail"
+#: The sides of a gate a side-specific energy-model set steers towards.
+SIDES = ("answer", "refuse")
 FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers", "config_sha256")
 
 
 @dataclass
 class EnergyArtifact:
-    """Per-layer energy models for one model, with how they were made."""
+    """Per-layer energy models for one model, with how they were made.
+
+    ``models`` is the shared set (format 1); ``sides`` holds one set per gate side (format 2).
+    An artifact has one or the other.
+    """
 
     plugin: str
     fingerprint: dict[str, Any]
-    models: dict[int, EnergyModel]
+    models: dict[int, EnergyModel] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     gate: GateSet | None = None
     #: Layers found unusable at load (layer -> why), left out of ``models``.
     disabled: dict[int, str] = field(default_factory=dict)
+    #: Per-side energy models (``answer``, ``refuse``), and their layers disabled at load.
+    sides: dict[str, dict[int, EnergyModel]] = field(default_factory=dict)
+    sides_disabled: dict[str, dict[int, str]] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
-        """Layer indices, ascending."""
-        return sorted(self.models)
+        """Layer indices of every set, ascending."""
+        return sorted({layer for models in self.sets().values() for layer in models})
+
+    def sets(self) -> dict[str, dict[int, EnergyModel]]:
+        """The energy-model sets by side: ``{"shared": models}`` or the per-side sets."""
+        return dict(self.sides) if self.sides else {"shared": self.models}
+
+    def disabled_sets(self) -> dict[str, dict[int, str]]:
+        """Layers disabled at load, by side (as :meth:`sets`)."""
+        return dict(self.sides_disabled) if self.sides else {"shared": self.disabled}
 
     def header(self) -> dict[str, Any]:
         """The JSON header stored in the safetensors metadata."""
+        if self.sides and self.models:
+            raise ArtifactError("an artifact holds a shared energy-model set or one per side, "
+                                "not both")
+        unknown = sorted(set(self.sides) - set(SIDES))
+        if unknown:
+            raise ArtifactError(f"energy-model sides {unknown}; expected some of {list(SIDES)}")
+
+        def describe(models: dict[int, EnergyModel]) -> dict[str, Any]:
+            return {"layers": sorted(models),
+                    "configs": {str(layer): models[layer].config() for layer in sorted(models)}}
+
+        body: dict[str, Any] = (
+            {"format": FORMAT, "sides": {side: describe(m) for side, m in self.sides.items()}}
+            if self.sides else {"format": FORMAT_SHARED, **describe(self.models)})
         return {
-            "format": FORMAT,
+            **body,
             "energy_model": self.plugin,
             "model": self.fingerprint,
-            "layers": self.layers,
-            "configs": {str(layer): self.models[layer].config() for layer in self.layers},
             "metadata": self.metadata,
             **({"gate": self.gate.header()} if self.gate is not None else {}),
         }
@@ -69,16 +108,18 @@ class EnergyArtifact:
         floating-point tensors in that precision (they load back as the models' own)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        header = self.header()
         tensors = {
-            f"layers.{layer}.{key}": value.detach().cpu().contiguous()
-            for layer in self.layers
-            for key, value in self.models[layer].tensors().items()
+            f"{_prefix(side)}{layer}.{key}": value.detach().cpu().contiguous()
+            for side, models in self.sets().items()
+            for layer in sorted(models)
+            for key, value in models[layer].tensors().items()
         }
         if self.gate is not None:
             tensors.update(self.gate.tensors())
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        _write(path, tensors, self.header())
+        _write(path, tensors, header)
         return path
 
     @classmethod
@@ -111,9 +152,10 @@ class EnergyArtifact:
         if not isinstance(header, dict):
             raise ArtifactError(f"{path}: header is a JSON {type(header).__name__}; expected "
                                 "an object")
-        if header.get("format") != FORMAT:
+        if header.get("format") not in FORMATS:
             raise ArtifactError(f"{path}: header key 'format' is "
-                                f"{_shown(header.get('format'))}; expected {FORMAT!r}")
+                                f"{_shown(header.get('format'))}; expected one of "
+                                f"{list(FORMATS)}")
         problems = header_problems(header)
         if problems:
             raise ArtifactError(f"{path}: " + "; ".join(problems))
@@ -139,54 +181,37 @@ class EnergyArtifact:
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as exc:
             raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
-        layers: list[int] = header["layers"]
-        claimed = (*(f"layers.{layer}." for layer in layers),
+        described = _described_sets(header)
+        claimed = (*(f"{_prefix(side)}{layer}." for side, (layers, _) in described.items()
+                     for layer in layers),
                    *((GATE_TENSOR_PREFIX,) if header.get("gate") is not None else ()))
         strays = sorted(name for name in tensors if not name.startswith(claimed))
         if strays:
+            listed = (f"'layers' {described['shared'][0]}" if "shared" in described else
+                      "'sides' (" + "; ".join(f"{side}: {layers}" for side, (layers, _)
+                                              in described.items()) + ")")
             raise ArtifactError(f"{path}: tensors {_shown(strays)} belong to no layer in the "
-                                f"header's 'layers' {layers}" + ("" if header.get("gate") else
-                                                                 " and there is no gate"))
+                                f"header's {listed}" + ("" if header.get("gate") else
+                                                        " and there is no gate"))
         hidden_size = header["model"].get("hidden_size")
-        models: dict[int, EnergyModel] = {}
-        disabled: dict[int, str] = {}
-        for layer in layers:
-            prefix = f"layers.{layer}."
-            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            where = f"{path}: layer {layer}"
-            if not own:
-                raise ArtifactError(f"{where}: the header lists it but the file has no tensors "
-                                    f"named {prefix}*")
-            config = header["configs"][str(layer)]
-            if _is_index(hidden_size) and config.get("hidden_size", hidden_size) != hidden_size:
-                raise ArtifactError(f"{where}: config field 'hidden_size' is "
-                                    f"{_shown(config['hidden_size'])} but the header's model has "
-                                    f"hidden_size {hidden_size}")
-            model = _rebuild(model_cls, config, own, where)
-            _check_input_size(model, hidden_size, where)
-            bad = sorted(name for name, t in own.items()
-                         if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-            if bad:
-                disabled[int(layer)] = f"non-finite weights in {', '.join(bad)}"
-                continue
-            models[int(layer)] = model.to(device).eval().requires_grad_(False)
-        if disabled:
-            log.warning("artifact.nonfinite_weights", path=str(path), layers=sorted(disabled),
-                        detail={str(k): v for k, v in sorted(disabled.items())},
-                        action="layers disabled")
-        if not models:
-            raise ArtifactError(f"{path}: every layer ({sorted(disabled)}) has non-finite "
-                                "(NaN or infinite) weights; retrain the artifact")
+        sets: dict[str, dict[int, EnergyModel]] = {}
+        disabled_sets: dict[str, dict[int, str]] = {}
+        for side, (layers, configs) in described.items():
+            sets[side], disabled_sets[side] = _load_set(
+                model_cls, side, layers, configs, tensors, hidden_size, path, device)
         gate = None
         if header.get("gate") is not None:
             gate = GateSet.from_header(header["gate"], tensors, registry, str(path))
+        shared = "shared" in sets
         return cls(
             plugin=plugin,
             fingerprint=header["model"],
-            models=models,
+            models=sets["shared"] if shared else {},
             metadata=header.get("metadata", {}),
             gate=gate,
-            disabled=disabled,
+            disabled=disabled_sets["shared"] if shared else {},
+            sides={} if shared else sets,
+            sides_disabled={} if shared else disabled_sets,
         )
 
     @staticmethod
@@ -220,6 +245,57 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, Any])
     save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
     os.replace(tmp, path)
 
+def _prefix(side: str) -> str:
+    """Tensor-name prefix of a set's layers: ``layers.`` (shared) or ``{side}.layers.``."""
+    return "layers." if side == "shared" else f"{side}.layers."
+
+
+def _described_sets(header: dict[str, Any]) -> dict[str, tuple[list[int], dict[str, Any]]]:
+    """Side -> (layers, configs) as a checked header lists them."""
+    if header.get("format") == FORMAT_SHARED:
+        return {"shared": (header["layers"], header["configs"])}
+    return {side: (entry["layers"], entry["configs"]) for side, entry in header["sides"].items()}
+
+
+def _load_set(model_cls: Any, side: str, layers: list[int], configs: dict[str, Any],
+              tensors: dict[str, torch.Tensor], hidden_size: Any, path: Path,
+              device: torch.device | str) -> tuple[dict[int, EnergyModel], dict[int, str]]:
+    """One energy-model set rebuilt from its tensors; layers with non-finite weights are
+    disabled (one warning names them), and a set left with no layer is an error."""
+    models: dict[int, EnergyModel] = {}
+    disabled: dict[int, str] = {}
+    label = "" if side == "shared" else f"side {side!r} "
+    for layer in layers:
+        prefix = f"{_prefix(side)}{layer}."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        where = f"{path}: {label}layer {layer}"
+        if not own:
+            raise ArtifactError(f"{where}: the header lists it but the file has no tensors "
+                                f"named {prefix}*")
+        config = configs[str(layer)]
+        if _is_index(hidden_size) and config.get("hidden_size", hidden_size) != hidden_size:
+            raise ArtifactError(f"{where}: config field 'hidden_size' is "
+                                f"{_shown(config['hidden_size'])} but the header's model has "
+                                f"hidden_size {hidden_size}")
+        model = _rebuild(model_cls, config, own, where)
+        _check_input_size(model, hidden_size, where)
+        bad = sorted(name for name, t in own.items()
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        if bad:
+            disabled[int(layer)] = f"non-finite weights in {', '.join(bad)}"
+            continue
+        models[int(layer)] = model.to(device).eval().requires_grad_(False)
+    if disabled:
+        log.warning("artifact.nonfinite_weights", path=str(path), side=side,
+                    layers=sorted(disabled),
+                    detail={str(k): v for k, v in sorted(disabled.items())},
+                    action="layers disabled")
+    if not models:
+        raise ArtifactError(f"{path}: every {label}layer ({sorted(disabled)}) has non-finite "
+                            "(NaN or infinite) weights; retrain the artifact")
+    return models, disabled
+
+
 def header_problems(header: dict[str, Any]) -> list[str]:
     """Every header field checked for type and consistency; one line per problem."""
     problems = []
@@ -240,30 +316,49 @@ def header_problems(header: dict[str, Any]) -> list[str]:
             if key in model and not (_is_index(value) and value != 0):
                 problems.append(f"header field 'model.{key}': got {_shown(value)}; expected an "
                                 "integer >= 1")
-    layers = header.get("layers")
+    if header.get("format") == FORMAT_SHARED:
+        problems += _set_problems(header.get("layers"), header.get("configs"), "")
+    else:
+        sides = header.get("sides")
+        if not isinstance(sides, dict) or not sides or not set(sides) <= set(SIDES):
+            problems.append(f"header field 'sides': got {_shown(sides)}; expected an object "
+                            f"with one or more of {list(SIDES)}")
+        else:
+            for side, entry in sides.items():
+                if not isinstance(entry, dict):
+                    problems.append(f"header field 'sides.{side}': got {_shown(entry)}; "
+                                    "expected an object with 'layers' and 'configs'")
+                    continue
+                problems += _set_problems(entry.get("layers"), entry.get("configs"),
+                                          f"sides.{side}.")
+    if not isinstance(header.get("metadata", {}), dict):
+        problems.append(f"header field 'metadata': got {_shown(header.get('metadata'))}; "
+                        "expected an object")
+    return problems
+
+
+def _set_problems(layers: Any, configs: Any, where: str) -> list[str]:
+    """The ``layers`` and ``configs`` fields of one energy-model set, checked."""
+    problems = []
     if not isinstance(layers, list) or not layers or not all(_is_index(v) for v in layers):
-        problems.append(f"header field 'layers': got {_shown(layers)}; expected a non-empty "
-                        "list of layer indices >= 0")
+        problems.append(f"header field '{where}layers': got {_shown(layers)}; expected a "
+                        "non-empty list of layer indices >= 0")
         layers = []
     elif len(set(layers)) != len(layers):
-        problems.append(f"header field 'layers': {layers} lists a layer twice")
-    configs = header.get("configs")
+        problems.append(f"header field '{where}layers': {layers} lists a layer twice")
     if not isinstance(configs, dict):
-        problems.append(f"header field 'configs': got {_shown(configs)}; expected an object "
-                        "with one config per layer")
+        problems.append(f"header field '{where}configs': got {_shown(configs)}; expected an "
+                        "object with one config per layer")
     else:
         for layer in layers:
             if not isinstance(configs.get(str(layer)), dict):
-                problems.append(f"header field 'configs.{layer}': got "
+                problems.append(f"header field '{where}configs.{layer}': got "
                                 f"{_shown(configs.get(str(layer)))}; expected the layer's "
                                 "config object")
         extra = sorted(set(configs) - {str(layer) for layer in layers})
         if extra:
-            problems.append(f"header field 'configs': has configs for {extra}, which are not "
-                            "in 'layers'")
-    if not isinstance(header.get("metadata", {}), dict):
-        problems.append(f"header field 'metadata': got {_shown(header.get('metadata'))}; "
-                        "expected an object")
+            problems.append(f"header field '{where}configs': has configs for {extra}, which "
+                            f"are not in '{where}layers'")
     return problems
 
 

@@ -4,8 +4,9 @@ A rail's ``gate:`` names one or more gate components (the members). Each member 
 prompt for harm; the scores are standardised on the training prompts (z-scores), weighted,
 summed and standardised again, so thresholds read in standard deviations of the training
 scores whatever the members are. A row is steered when its score is below the gate's
-``below`` threshold (confidently benign: steer towards answering) or above ``above``
-(confidently harmful: steer towards refusing); rows in between are left as the model has them.
+``below`` threshold (confidently benign: steer towards answering, the ``answer`` side) or above
+``above`` (confidently harmful: steer towards refusing, the ``refuse`` side); rows in between
+are left as the model has them.
 
 Members are fitted by ``guardrail train`` and stored in the rail's artifact beside the energy
 models; ``guardrail calibrate`` chooses the thresholds.
@@ -125,11 +126,24 @@ class GateSet:
                    dict(header.get("report") or {}))
 
 
+def gate_sides(scores: torch.Tensor, below: float | None, above: float | None
+               ) -> dict[str, torch.Tensor]:
+    """Rows a gate lets a rail steer, per side: ``answer`` (confidently benign, ``< below``)
+    and ``refuse`` (confidently harmful, ``> above``); a side without a threshold steers none.
+    """
+    never = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return {"answer": scores < below if below is not None else never,
+            "refuse": scores > above if above is not None else never}
+
+
 def steered_rows(scores: torch.Tensor, below: float | None, above: float | None) -> torch.Tensor:
     """Rows a gate lets a rail steer: confidently benign (``< below``) or harmful (``> above``)."""
-    rows = torch.zeros(scores.shape, dtype=torch.bool)
-    if below is not None:
-        rows |= scores < below
-    if above is not None:
-        rows |= scores > above
-    return rows
+    sides = gate_sides(scores, below, above)
+    return sides["answer"] | sides["refuse"]
+
+
+def side_of(scores: torch.Tensor, below: float | None, above: float | None) -> list[str | None]:
+    """Per row, the side a gate steers it towards (None: left alone)."""
+    sides = gate_sides(scores, below, above)
+    return ["answer" if a else "refuse" if r else None
+            for a, r in zip(sides["answer"].tolist(), sides["refuse"].tolist(), strict=True)]

@@ -98,3 +98,73 @@ def cut_at_eos(tokens: Sequence[int], eos: set[int]) -> tuple[list[int], str]:
         if token in eos:
             return list(tokens[:index]), "stop"
     return list(tokens), "length"
+
+
+_SENTINEL = "\u2063guardrail-user-message\u2063"
+
+
+class UserMessageParser:
+    """Finds the last user message in a prompt rendered by a tokenizer's chat template.
+
+    ``Guardrail.attach`` sees token ids, not conversations; gates read the user's message.
+    The template is probed once with a sentinel message (with and without a system turn): the
+    text after the sentinel ends every rendered prompt, and the longest text before it that
+    both renderings share opens the user's turn. A prompt is read back as text (exact for
+    byte-level tokenizers) or, failing that, by finding those two pieces' token ids. A prompt
+    that does not fit (another template, raw text) gives ``None``: the caller must then treat
+    the row as ungated, never as benign.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.opener: str | None = None
+        self.closer: str | None = None
+        self._opener_ids: list[int] = []
+        self._closer_ids: list[int] = []
+        try:
+            alone = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _SENTINEL}], tokenize=False,
+                add_generation_prompt=True)
+            with_system = tokenizer.apply_chat_template(
+                [{"role": "system", "content": "x"}, {"role": "user", "content": _SENTINEL}],
+                tokenize=False, add_generation_prompt=True)
+        except Exception:  # no chat template, or one that refuses these turns
+            return
+        if alone.count(_SENTINEL) != 1 or with_system.count(_SENTINEL) != 1:
+            return
+        before, after = alone.split(_SENTINEL)
+        other = with_system.split(_SENTINEL)[0]
+        shared = 0
+        while shared < min(len(before), len(other)) and before[-1 - shared] == other[-1 - shared]:
+            shared += 1
+        if shared and after:
+            self.opener, self.closer = before[len(before) - shared :], after
+            self._opener_ids = self._ids(self.opener)
+            self._closer_ids = self._ids(self.closer)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, rendered: str) -> str | None:
+        """The last user message of ``rendered`` (None if the template's shape is not found)."""
+        if self.opener is None or self.closer is None or not rendered.endswith(self.closer):
+            return None
+        body = rendered[: len(rendered) - len(self.closer)]
+        start = body.rfind(self.opener)
+        return None if start < 0 else body[start + len(self.opener) :]
+
+    def from_ids(self, ids: Sequence[int]) -> str | None:
+        """The last user message of a prompt's token ids (padding removed)."""
+        found = self(self.tokenizer.decode(list(ids), skip_special_tokens=False))
+        if found is not None or not self._opener_ids or not self._closer_ids:
+            return found
+        ids = list(ids)
+        close = len(self._closer_ids)
+        if len(ids) < close or ids[-close:] != self._closer_ids:
+            return None
+        body = ids[:-close]
+        width = len(self._opener_ids)
+        for start in range(len(body) - width, -1, -1):
+            if body[start : start + width] == self._opener_ids:
+                return str(self.tokenizer.decode(body[start + width :], skip_special_tokens=True))
+        return None

@@ -21,9 +21,10 @@ from guardrail.activations import mean_prompt_states
 from guardrail.components import RefusalClassifier, Verdict
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import GuardrailError, PluginError, PolicyError
-from guardrail.gating import steered_rows
+from guardrail.gating import gate_sides
 from guardrail.generation import (
     Conversation,
+    UserMessageParser,
     cut_at_eos,
     eos_ids,
     generate_kwargs,
@@ -35,7 +36,7 @@ from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import GenerationSection, Policy, load_policy
 from guardrail.policy_checks import check_plugins
 from guardrail.rails import build_rail, with_steerer
-from guardrail.steering import Rail, SteeringSession, log_nonfinite
+from guardrail.steering import SHARED, Rail, SteeringSession, log_nonfinite
 from guardrail.streams import GenerationStream, refuse_right_padding
 from guardrail.telemetry import (
     GateTelemetry,
@@ -194,9 +195,11 @@ class Guardrail:
 
     # --- generation ---------------------------------------------------------------------------
     def session(self, *, steer: bool = True, measure_only: bool = False,
-                rows: dict[str, torch.Tensor] | None = None) -> SteeringSession:
-        """A steering session over this guardrail's rails (no rails when ``steer`` is false);
-        ``rows`` limits a rail to the batch rows its gate let through."""
+                rows: dict[str, dict[str, torch.Tensor]] | None = None,
+                model: Any = None) -> SteeringSession:
+        """A steering session over this guardrail's rails (no rails when ``steer`` is false) on
+        ``model`` (default: the guardrail's); ``rows`` limits a rail to the batch rows its gate
+        let through, per side."""
         on_step = None
         if self.plugin_manager.hook.guardrail_on_step.get_hookimpls():
 
@@ -204,7 +207,7 @@ class Guardrail:
                 self.plugin_manager.hook.guardrail_on_step(event=event)
 
         return SteeringSession(
-            self.model,
+            self.model if model is None else model,
             self.rails if steer or measure_only else [],
             measure_only=measure_only,
             on_step=on_step,
@@ -219,14 +222,16 @@ class Guardrail:
         classify: bool = False,
         progress: bool = False,
         streamer: Any = None,
-        gates: bool = True,
+        gates: bool | str = True,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate an answer per conversation; ``steer=False`` gives the unsteered model.
 
         ``overrides`` replace the policy's generation defaults (max_new_tokens, do_sample,
         temperature, top_p, top_k, repetition_penalty, batch_size, seed). ``gates=False``
-        steers every row, whatever the rails' gates say (calibration compares both).
+        steers every row, whatever the rails' gates say, on each rail's default side;
+        ``gates="answer"`` or ``"refuse"`` steers every row towards that side (calibration
+        compares them with the base model's answers).
         """
         settings = merge_settings(self.policy.generation, overrides)
         texts = self.render(conversations, steer=steer)
@@ -272,7 +277,7 @@ class Guardrail:
         steer: bool = True,
         streamer: Any = None,
         stopping_criteria: Any = None,
-        gates: bool = True,
+        gates: bool | str = True,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate for exactly these conversations as ONE batch, in the order given (serving).
@@ -303,11 +308,12 @@ class Guardrail:
         stopping_criteria: Any = None,
         *,
         prompts: Sequence[str],
-        gates: bool = True,
+        gates: bool | str = True,
     ) -> list[GenerationResult]:
         enc = self.encode(texts)
-        decisions = self.gate(prompts, enc) if steer and gates else {}
-        rows = {name: steered for name, (_, steered) in decisions.items()}
+        decisions = self.gate(prompts, enc) if steer and gates is True else {}
+        rows = self.forced_rows(gates, len(texts)) if steer and gates is not True else {
+            name: sides for name, (_, sides) in decisions.items()}
         prompt_len = enc["input_ids"].shape[1]
         kwargs = generate_kwargs(settings, self.tokenizer.pad_token_id)
         if settings.do_sample and settings.seed is not None:
@@ -324,13 +330,14 @@ class Guardrail:
         per_row = session.telemetry([len(ids) + (finish == "stop") for ids, finish in answers])
         log_nonfinite(per_row, policy=self.policy.name)
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        sides = {rail.name: session.sides_of(rail.name, len(answers)) for rail in session.rails}
         return [
             GenerationResult(
                 text=self.tokenizer.decode(ids, skip_special_tokens=True),
                 token_ids=ids,
                 finish_reason=finish,
                 telemetry=GenerationTelemetry(
-                    steered=steer and bool(self.rails),
+                    steered=any(per_rail[row] is not None for per_rail in sides.values()),
                     policy=self.policy.name,
                     prompt_tokens=int(prompt_tokens[row]),
                     completion_tokens=len(ids),
@@ -342,13 +349,15 @@ class Guardrail:
         ]
 
     # --- gates --------------------------------------------------------------------------------
-    def gate(self, prompts: Sequence[str], enc: dict[str, torch.Tensor]
-             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per gated rail: the batch's harm scores ``[n]`` and the rows the rail steers ``[n]``.
+    def gate(self, prompts: Sequence[str], enc: dict[str, torch.Tensor], *, model: Any = None
+             ) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Per gated rail: the batch's harm scores ``[n]`` and, per side, the rows the rail
+        steers towards it (``answer``: below the rail's ``below``; ``refuse``: above ``above``).
 
         ``prompts`` are the user messages (what text gates read), ``enc`` the encoded batch
         (what state gates read, mean-pooled in one forward pass that stops after the deepest
-        layer any gate needs). A gate shared by several rails is scored once.
+        layer any gate needs; of ``model``, default the guardrail's). A gate shared by several
+        rails is scored once.
         """
         gated = [rail for rail in self.rails if rail.gate is not None]
         if not gated:
@@ -356,16 +365,34 @@ class Guardrail:
         num_layers = int(self.fingerprint.get("num_layers") or 0)
         layers = sorted({layer for rail in gated
                          for layer in rail.gate.state_layers(num_layers)})  # type: ignore[union-attr]
-        states = mean_prompt_states(self.model, gated[0].source, enc, layers) if layers else None
+        states = (mean_prompt_states(self.model if model is None else model, gated[0].source,
+                                     enc, layers) if layers else None)
         scores: dict[int, torch.Tensor] = {}
         out = {}
+        device = enc["input_ids"].device
         for rail in gated:
             assert rail.gate is not None
             if id(rail.gate) not in scores:
                 scores[id(rail.gate)] = rail.gate.score(prompts, states, num_layers)
             score = scores[id(rail.gate)]
-            out[rail.name] = (score, steered_rows(score, rail.below, rail.above).to(
-                enc["input_ids"].device))
+            sides = gate_sides(score, rail.below, rail.above)
+            out[rail.name] = (score, {side: mask.to(device) for side, mask in sides.items()})
+        return out
+
+    def forced_rows(self, gates: bool | str, batch: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Every row of every rail on one side, whatever the gates say: ``gates=False`` the
+        rail's default side, ``"answer"`` / ``"refuse"`` that side."""
+        if gates is True:
+            raise GuardrailError("forced_rows: gates=True lets the gates decide")
+        if gates is not False and gates not in ("answer", "refuse"):
+            raise GuardrailError(f"gates: got {gates!r}; expected True, False, 'answer' or "
+                                 "'refuse'")
+        every = torch.ones(batch, dtype=torch.bool, device=self.loaded.device)
+        out = {}
+        for rail in self.rails:
+            side = gates if isinstance(gates, str) else (
+                SHARED if rail.energies or not rail.directions else next(iter(rail.directions)))
+            out[rail.name] = {side: every}
         return out
 
     def gate_scores(self, conversations: Sequence[Conversation], *,
@@ -381,13 +408,16 @@ class Guardrail:
                 parts.setdefault(name, []).append(score.cpu())
         return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
-    def _gate_telemetry(self, decisions: dict[str, tuple[torch.Tensor, torch.Tensor]], row: int
-                        ) -> list[GateTelemetry]:
+    def _gate_telemetry(self, decisions: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                        row: int) -> list[GateTelemetry]:
         by_name = {rail.name: rail for rail in self.rails}
-        return [GateTelemetry(rail=name, score=round(float(score[row]), 4),
-                              steered=bool(steered[row]), below=by_name[name].below,
-                              above=by_name[name].above)
-                for name, (score, steered) in decisions.items()]
+        out = []
+        for name, (score, sides) in decisions.items():
+            side = next((s for s, mask in sides.items() if bool(mask[row])), None)
+            out.append(GateTelemetry(rail=name, score=round(float(score[row]), 4),
+                                     steered=side is not None, below=by_name[name].below,
+                                     above=by_name[name].above, side=side))
+        return out
 
     # --- scoring ------------------------------------------------------------------------------
     def energies(
@@ -395,17 +425,22 @@ class Guardrail:
     ) -> list[GenerationTelemetry]:
         """Energies at the last prompt token per rail and layer, without generating or steering."""
         texts = self.render(conversations, steer=True)
+        prompts = [last_user(c) for c in conversations]
         size = batch_size or self.policy.generation.batch_size
         out: list[GenerationTelemetry] = []
         for start in range(0, len(texts), size):
             enc = self.encode(texts[start : start + size])
-            with self.session(measure_only=True) as session, torch.no_grad():
+            # Each row is measured with the energy models of the side its gate puts it on.
+            decisions = self.gate(prompts[start : start + size], enc)
+            rows = {name: sides for name, (_, sides) in decisions.items()}
+            with self.session(measure_only=True, rows=rows) as session, torch.no_grad():
                 self.model(**enc, use_cache=False)
-            rows = session.telemetry([0] * enc["input_ids"].shape[0])
-            log_nonfinite(rows, policy=self.policy.name)
-            for layers in rows:
+            per_row = session.telemetry([0] * enc["input_ids"].shape[0])
+            log_nonfinite(per_row, policy=self.policy.name)
+            for row, layers in enumerate(per_row):
                 out.append(
-                    GenerationTelemetry(steered=False, policy=self.policy.name, layers=layers)
+                    GenerationTelemetry(steered=False, policy=self.policy.name, layers=layers,
+                                        gates=self._gate_telemetry(decisions, row))
                 )
         return out
 
@@ -448,19 +483,93 @@ class Guardrail:
         prompt token is then the last position, which the rails steer. A right-padded batch
         (an attention mask ending in 0) is refused with :class:`PaddingError`, since its
         last position would be padding.
+
+        Gated rails apply their gates exactly as :meth:`generate` does: on each new prompt
+        (a forward pass that starts a sequence) the user's last message is read back from the
+        token ids through the chat template, scored, and each row is steered towards the side
+        its gate chooses, or not at all. A row whose user message cannot be found (a prompt
+        not rendered with this tokenizer's chat template, or ``inputs_embeds``) is not steered.
         """
         target = model if model is not None else self.model
         if target is not self.model:
             fingerprint = model_fingerprint(target, self.loaded.name)
             for rail in self.rails:
-                if rail.energies:
+                if rail.energies or rail.directions:
                     EnergyArtifact.compare(rail.fingerprint, fingerprint, f"rail {rail.name!r}")
         check = target.register_forward_pre_hook(refuse_right_padding, with_kwargs=True)
+        handles = [check]
         try:
-            with SteeringSession(target, self.rails) as session:
+            with self.session(model=target) as session:
+                if any(rail.gate is not None for rail in self.rails):
+                    handles.append(target.register_forward_pre_hook(
+                        _AttachGate(self, session, target), with_kwargs=True))
                 yield session
         finally:
-            check.remove()
+            for handle in handles:
+                handle.remove()
+
+
+class _AttachGate:
+    """A forward pre-hook that runs the rails' gates on each new prompt under ``attach()``."""
+
+    def __init__(self, guard: Guardrail, session: SteeringSession, model: Any) -> None:
+        self.guard = guard
+        self.session = session
+        self.model = model
+        self.parse = UserMessageParser(guard.tokenizer)
+
+    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.session.paused:
+            return  # the gate's own forward pass
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            # No token ids (inputs_embeds): nothing to read the prompt from. Fail closed.
+            if _starts_sequence(kwargs, None):
+                self.session.set_rows(self._nothing())
+                log.warning("attach.gate_unreadable", reason="no input_ids",
+                            action="gated rails steer no row")
+            return
+        if not _starts_sequence(kwargs, input_ids):
+            return
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+            mask = torch.ones_like(input_ids)
+        prompts = [self.parse.from_ids(row[m.bool()].tolist())
+                   for row, m in zip(input_ids, mask, strict=True)]
+        readable = torch.tensor([p is not None for p in prompts], device=input_ids.device)
+        if not bool(readable.all()):
+            log.warning("attach.gate_unreadable", rows=(~readable).nonzero().flatten().tolist(),
+                        reason="no user message found through the chat template",
+                        action="those rows are not steered")
+        self.session.paused = True
+        try:
+            decisions = self.guard.gate([p or "" for p in prompts],
+                                        {"input_ids": input_ids, "attention_mask": mask},
+                                        model=self.model)
+        finally:
+            self.session.paused = False
+        rows = {name: {side: rows & readable for side, rows in sides.items()}
+                for name, (_, sides) in decisions.items()}
+        self.session.set_rows(rows)
+        self.session.gate_decisions = decisions
+
+    def _nothing(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {rail.name: {} for rail in self.guard.rails if rail.gate is not None}
+
+
+def _starts_sequence(kwargs: dict[str, Any], input_ids: torch.Tensor | None) -> bool:
+    """Whether a forward call starts a new sequence (a prompt) rather than continuing one."""
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return int(position.reshape(-1)[0]) == 0
+    # transformers 5 passes the cache as ``cache``, 4.x as ``past_key_values``.
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return True
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        return int(length()) == 0
+    return input_ids is not None and input_ids.shape[1] > 1
 
 
 def _but_steerer_params(policy: Policy) -> dict[str, Any]:

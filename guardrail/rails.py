@@ -2,7 +2,9 @@
 gate) from its artifact, checked against the loaded model's fingerprint.
 
 Values ``guardrail calibrate`` stored in the artifact fill what the policy leaves open: steerer
-params the rail's ``steerer.params`` does not set, and gate thresholds set to ``auto``.
+params the rail's ``steerer.params`` does not set (per gate side when calibrated per side), and
+gate thresholds set to ``auto``. An artifact with one energy-model set per gate side gives the
+rail a :class:`~guardrail.steering.Direction` per side.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Any
 import torch
 
 from guardrail.components import ActivationSource, EnergyModel, Steerer
-from guardrail.energy import EnergyArtifact
+from guardrail.energy import SIDES, EnergyArtifact
 from guardrail.errors import ArtifactError, PolicyError
 from guardrail.gating import GateSet
 from guardrail.plugins import Registry
 from guardrail.policy import GateSpec, PluginSpec, RailSpec
-from guardrail.steering import Rail
+from guardrail.steering import SHARED, Direction, Rail
 
 
 def build_rail(
@@ -37,30 +39,47 @@ def build_rail(
     key = f"rails[{index}]"
     artifact = _artifact(spec, key, registry, fingerprint, device, where)
     calibrated = calibration_of(artifact, spec.name) if artifact is not None else {}
-    steerer_spec = spec.steerer
-    if calibrated.get("steerer"):
-        # The policy's own params win; calibration fills the rest.
-        params = {**calibrated["steerer"], **spec.steerer.params}
-        steerer_spec = spec.steerer.model_copy(update={"params": params})
-    steerer = create_steerer(steerer_spec, registry)
+    steerer = create_steerer(_calibrated_spec(spec.steerer, calibrated.get("steerer")), registry)
     disabled: dict[int, str] = {}
+    sets: dict[str, dict[int, EnergyModel]] = {}
     if artifact is not None:
-        layers, energies, disabled = _energies(artifact, spec, key, where)
+        layers, sets, disabled = _energies(artifact, spec, key, where)
     else:
         auto = list(range(int(fingerprint.get("num_layers") or 0)))
-        layers, energies = (auto if spec.layers == "auto" else list(spec.layers)), {}
+        layers = auto if spec.layers == "auto" else list(spec.layers)
+    if artifact is not None and artifact.sides and spec.gate is None:
+        raise PolicyError(where, [f"{key}.gate: missing; the artifact "
+                                  f"{spec.energy_model.artifact if spec.energy_model else ''} "
+                                  f"holds one energy-model set per gate side "
+                                  f"({', '.join(artifact.sides)}), and only a gate can choose "
+                                  "the side a prompt is steered towards"])
+    shared = sets.get(SHARED, {})
+    directions: dict[str, Direction] = {}
+    for side in SIDES:
+        values = ((calibrated.get("sides") or {}).get(side) or {}).get("steerer")
+        if side not in sets and not values:
+            continue
+        own = (create_steerer(_calibrated_spec(spec.steerer, values), registry) if values
+               else steerer)
+        directions[side] = Direction(sets.get(side, shared), own)
     gate, below, above = None, None, None
     if spec.gate is not None:
         assert artifact is not None  # check_plugins: a gate needs an energy-model artifact
         gate, below, above = _gate(spec.gate, artifact.gate, calibrated, f"{key}.gate",
                                    str(spec.energy_model.artifact if spec.energy_model else ""),
                                    where)
+        missing = [side for side, value in (("answer", below), ("refuse", above))
+                   if value is not None and artifact.sides and side not in artifact.sides]
+        if missing:
+            raise PolicyError(where, [f"{key}.gate: steers towards {missing} but the artifact "
+                                      f"has no energy models for that side (it has "
+                                      f"{sorted(artifact.sides)})"])
     return Rail(
         name=spec.name,
         layers=layers,
         source=source,
         steerer=steerer,
-        energies=energies,
+        energies=shared,
         plugins={
             "activation_source": spec.activation_source.plugin,
             "steerer": spec.steerer.plugin,
@@ -71,7 +90,15 @@ def build_rail(
         below=below,
         above=above,
         budget=dict(calibrated.get("budget") or {}),
+        directions=directions,
     )
+
+
+def _calibrated_spec(spec: PluginSpec, values: Any) -> PluginSpec:
+    """``spec`` with steerer values calibration stored filled in; the policy's own win."""
+    if not values:
+        return spec
+    return spec.model_copy(update={"params": {**values, **spec.params}})
 
 
 def calibration_of(artifact: EnergyArtifact, rail: str) -> dict[str, Any]:
@@ -108,9 +135,12 @@ def _gate(spec: GateSpec, fitted: GateSet | None, calibrated: dict[str, Any], ke
 
 
 def with_steerer(rail: Rail, spec: PluginSpec, registry: Registry) -> Rail:
-    """``rail`` with the steerer ``spec`` names; its source and energy models are shared."""
+    """``rail`` with the steerer ``spec`` names on every side; its source and energy models
+    are shared."""
     plugins = {**rail.plugins, "steerer": spec.plugin}
-    return dataclasses.replace(rail, steerer=create_steerer(spec, registry), plugins=plugins)
+    steerer = create_steerer(spec, registry)
+    directions = {side: Direction(d.energies, steerer) for side, d in rail.directions.items()}
+    return dataclasses.replace(rail, steerer=steerer, plugins=plugins, directions=directions)
 
 
 def create_steerer(spec: PluginSpec, registry: Registry) -> Steerer:
@@ -139,14 +169,16 @@ def _artifact(spec: RailSpec, key: str, registry: Registry, fingerprint: dict[st
 
 def _energies(
     artifact: EnergyArtifact, spec: RailSpec, key: str, where: str
-) -> tuple[list[int], dict[int, EnergyModel], dict[int, str]]:
-    """The rail's layers, per layer the energy model its artifact holds for it, and the layers
-    the artifact disabled at load (non-finite weights), which the rail leaves out."""
-    stored = sorted({*artifact.layers, *artifact.disabled})
+) -> tuple[list[int], dict[str, dict[int, EnergyModel]], dict[int, str]]:
+    """The rail's layers; per side (``shared``, or ``answer``/``refuse``), the energy model its
+    artifact holds for each of those layers; and the layers the artifact disabled at load
+    (non-finite weights), which the rail leaves out."""
+    assert spec.energy_model is not None
+    sets, disabled_sets = artifact.sets(), artifact.disabled_sets()
+    stored = sorted({layer for side in sets for layer in (*sets[side], *disabled_sets[side])})
     layers = stored if spec.layers == "auto" else list(spec.layers)
     missing = [layer for layer in layers if layer not in stored]
     if missing:
-        assert spec.energy_model is not None
         raise PolicyError(
             where,
             [
@@ -154,12 +186,20 @@ def _energies(
                 f"(it has {stored})"
             ],
         )
-    disabled = {layer: artifact.disabled[layer] for layer in layers if layer in artifact.disabled}
-    layers = [layer for layer in layers if layer not in disabled]
-    if not layers:
-        assert spec.energy_model is not None
+    disabled: dict[int, str] = {}
+    for side, found in disabled_sets.items():
+        for layer, why in found.items():
+            if layer in layers:
+                disabled[layer] = why if side == SHARED else f"{side}: {why}"
+    chosen = {side: {layer: models[layer] for layer in layers if layer in models}
+              for side, models in sets.items()}
+    empty = [side for side, models in chosen.items() if not models]
+    if empty:
         raise ArtifactError(
             f"{where}: {key}.energy_model.artifact {spec.energy_model.artifact}: every layer the "
-            f"rail steers is disabled ({', '.join(f'{k}: {v}' for k, v in disabled.items())})"
+            f"rail steers is disabled "
+            f"({', '.join(f'{k}: {v}' for k, v in disabled.items()) or 'none of them stored'})"
+            + ("" if empty == [SHARED] else f" for side {', '.join(empty)}")
         )
-    return layers, {layer: artifact.models[layer] for layer in layers}, disabled
+    steered = sorted({layer for models in chosen.values() for layer in models})
+    return steered, chosen, disabled

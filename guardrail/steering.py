@@ -2,9 +2,12 @@
 
 Prefill (a forward over more than one position) steers the positions the activation source
 names for prompts (default: the last prompt token); decoding steers each new token. Rails
-stack in policy order. A rail with a gate steers only the rows its gate let through (``rows``,
-decided before generation); the others pass its layers untouched. Telemetry is kept per row,
-per rail and layer, on the model's device until it is read, so the hooks never wait on it.
+stack in policy order. A rail with a gate steers only the rows its gate let through, each
+towards the side the gate chose (``rows``: per rail, side -> row mask, decided before
+generation): rows on the ``answer`` side with that side's energy models and steerer, rows on
+the ``refuse`` side with the other's; the rest pass the rail's layers untouched. Telemetry is
+kept per row, per rail and layer, on the model's device until it is read, so the hooks never
+wait on it.
 
 A position whose energy (or steered state) is not finite is left as it was: a skip, counted
 in the row's ``nonfinite_positions`` and logged once per row and layer by
@@ -29,9 +32,25 @@ from guardrail.telemetry import LayerTelemetry, StepEvent
 log = structlog.get_logger("guardrail.steering")
 
 
+#: The side of an ungated rail (every row, the shared energy models).
+SHARED = "shared"
+
+
+@dataclass
+class Direction:
+    """How a rail steers the rows on one side of its gate: energy models and a steerer."""
+
+    energies: dict[int, EnergyModel]
+    steerer: Steerer
+
+
 @dataclass
 class Rail:
-    """A steering rail ready to run: its components and, per layer, its energy model."""
+    """A steering rail ready to run: its components and, per layer, its energy model.
+
+    ``energies`` and ``steerer`` steer every row of an ungated rail (the shared side);
+    ``directions`` override them per gate side (``answer``, ``refuse``).
+    """
 
     name: str
     layers: list[int]
@@ -48,6 +67,23 @@ class Rail:
     budget: dict[str, Any] = field(default_factory=dict)
     #: Layers the policy names that are not steered, and why (non-finite artifact weights).
     disabled: dict[int, str] = field(default_factory=dict)
+    #: Per gate side, its own energy models and steerer (an artifact with one set per side,
+    #: or steerer values calibrated per side).
+    directions: dict[str, Direction] = field(default_factory=dict)
+
+    def direction(self, side: str) -> Direction:
+        """The energy models and steerer that steer rows on ``side``."""
+        found = self.directions.get(side)
+        return found if found is not None else Direction(self.energies, self.steerer)
+
+    @property
+    def steerers(self) -> list[Steerer]:
+        """Every steerer of the rail, the shared one first (each object once)."""
+        out = [self.steerer]
+        for d in self.directions.values():
+            if all(d.steerer is not s for s in out):
+                out.append(d.steerer)
+        return out
 
 
 @dataclass
@@ -73,18 +109,40 @@ class SteeringSession:
         *,
         measure_only: bool = False,
         on_step: Any = None,
-        rows: dict[str, torch.Tensor] | None = None,
+        rows: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.model = model
-        # rail name -> indices of the batch rows it steers (a gate's decision).
-        self.row_index = {name: mask.nonzero().flatten() for name, mask in (rows or {}).items()}
         self.rails = rails
         self.measure_only = measure_only
         self.on_step = on_step
+        #: While True the hooks pass every output through (a gate's own forward pass).
+        self.paused = False
+        #: Under ``attach()``: the last prompt's gate decisions (rail -> score, sides).
+        self.gate_decisions: dict[str, Any] = {}
         self._handles: list[Any] = []
         self.records: dict[tuple[str, int], dict[str, list[_Record]]] = defaultdict(
             lambda: {"prefill": [], "decode": []}
         )
+        self.set_rows(rows)
+
+    def set_rows(self, rows: dict[str, dict[str, torch.Tensor]] | None) -> None:
+        """Which rows each gated rail steers, per side (``rows[rail][side]``: a bool mask);
+        a rail not named steers every row on its shared side. Clears earlier telemetry."""
+        self.rows = rows or {}
+        # rail name -> [(side, indices of the batch rows on that side)].
+        self.row_index = {name: [(side, mask.nonzero().flatten()) for side, mask in sides.items()]
+                          for name, sides in self.rows.items()}
+        self.records.clear()
+
+    def sides_of(self, rail: str, batch: int) -> list[str | None]:
+        """Per row, the side ``rail`` steers it towards (None: left alone)."""
+        if rail not in self.rows:
+            return [SHARED] * batch
+        out: list[str | None] = [None] * batch
+        for side, mask in self.rows[rail].items():
+            for row in mask.nonzero().flatten().tolist():
+                out[row] = side
+        return out
 
     def __enter__(self) -> SteeringSession:
         by_module: dict[int, tuple[nn.Module, list[tuple[Rail, int]]]] = {}
@@ -110,6 +168,8 @@ class SteeringSession:
 
     def _make_hook(self, entries: list[tuple[Rail, int]]) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if self.paused:
+                return output
             for rail, layer in entries:
                 output = self._steer(rail, layer, output)
             return output
@@ -123,19 +183,37 @@ class SteeringSession:
         window = rail.source.positions(phase, seq_len)
         if window is None:
             return output
-        index = self.row_index.get(rail.name)
-        selected = states[:, window, :] if index is None else states[index, window, :]
-        rows, positions = selected.shape[0], selected.shape[1]
-        flat = selected.reshape(-1, hidden)
-        energy = rail.energies.get(layer)
-        ctx = SteerContext(rail=rail.name, layer=layer, phase=phase)
-        if rows == 0:
-            new_flat, record = flat, _Record(None, None, None, None, None)
-        elif self.measure_only:
-            new_flat, record = flat, self._measure(energy, flat)
-        else:
-            new_flat, record = self._run_steerer(rail, flat, energy, ctx)
-        record = _last_position(record, rows, positions, index, batch)
+        parts = self.row_index.get(rail.name)
+        if parts is None:
+            parts = [(SHARED, None)]
+        new_states = None
+        records = []
+        for side, index in parts:
+            direction = rail.direction(side)
+            energy = direction.energies.get(layer)
+            if energy is None and direction.energies:
+                continue  # this side has no energy model at this layer
+            selected = states[:, window, :] if index is None else states[index, window, :]
+            rows, positions = selected.shape[0], selected.shape[1]
+            flat = selected.reshape(-1, hidden)
+            ctx = SteerContext(rail=rail.name, layer=layer, phase=phase)
+            if rows == 0:
+                new_flat, record = flat, _Record(None, None, None, None, None)
+            elif self.measure_only:
+                new_flat, record = flat, self._measure(energy, flat)
+            else:
+                new_flat, record = self._run_steerer(rail, direction.steerer, flat, energy, ctx)
+            records.append(_last_position(record, rows, positions, index, batch))
+            if new_flat is flat:
+                continue
+            if new_states is None:
+                new_states = states.clone()
+            steered = new_flat.reshape(rows, positions, hidden).to(states.dtype)
+            if index is None:
+                new_states[:, window, :] = steered
+            else:
+                new_states[index, window, :] = steered
+        record = _merge(records, batch, states.device)
         self.records[(rail.name, layer)][phase].append(record)
         if self.on_step is not None:
             self.on_step(
@@ -149,23 +227,18 @@ class SteeringSession:
                     steered=_tolist(record.steered),
                 )
             )
-        if new_flat is flat:
+        if new_states is None:
             return output
-        new_states = states.clone()
-        steered = new_flat.reshape(rows, positions, hidden).to(states.dtype)
-        if index is None:
-            new_states[:, window, :] = steered
-        else:
-            new_states[index, window, :] = steered
         return rail.source.write(output, new_states)
 
     @staticmethod
     def _run_steerer(
-        rail: Rail, flat: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
+        rail: Rail, steerer: Steerer, flat: torch.Tensor, energy: EnergyModel | None,
+        ctx: SteerContext
     ) -> tuple[torch.Tensor, _Record]:
         """The steerer's states (rows it made non-finite put back as they were) and record."""
         try:
-            outcome = rail.steerer.steer(flat, energy, ctx)
+            outcome = steerer.steer(flat, energy, ctx)
         except Exception as exc:
             raise PluginError(
                 f"plugin {rail.plugins.get('steerer')!r} raised in Steerer.steer "
@@ -198,11 +271,13 @@ class SteeringSession:
     def telemetry(self, completion_lengths: list[int]) -> list[list[LayerTelemetry]]:
         """Per row, one :class:`LayerTelemetry` per (rail, layer), counting only real tokens."""
         rows: list[list[LayerTelemetry]] = [[] for _ in completion_lengths]
+        sides = {rail.name: self.sides_of(rail.name, len(completion_lengths))
+                 for rail in self.rails}
         for (rail, layer), phases in self.records.items():
             prefill = _on_cpu(phases["prefill"][-1]) if phases["prefill"] else None
             decode = [_on_cpu(r) for r in phases["decode"]]
             for row, length in enumerate(completion_lengths):
-                item = LayerTelemetry(rail=rail, layer=layer)
+                item = LayerTelemetry(rail=rail, layer=layer, side=sides[rail][row])
                 if prefill is not None:
                     item.energy_before = _item(prefill.energy_before, row, prefill.rows)
                     item.energy_after = _item(prefill.energy_after, row, prefill.rows)
@@ -238,6 +313,26 @@ def log_nonfinite(rows: list[list[LayerTelemetry]], **fields: Any) -> None:
                 log.warning("steer.nonfinite_skipped", rail=item.rail, layer=item.layer,
                             row=row, positions=item.nonfinite_positions,
                             action="left unsteered", **fields)
+
+
+def _merge(records: list[_Record], batch: int, device: torch.device) -> _Record:
+    """One record for the whole batch from the records of its sides (disjoint rows)."""
+    if len(records) == 1:
+        return records[0]
+    covered = torch.zeros(batch, dtype=torch.bool, device=device)
+    fields: list[torch.Tensor | None] = [None] * 5
+    for record in records:
+        rows = record.rows if record.rows is not None else torch.ones(
+            batch, dtype=torch.bool, device=device)
+        covered |= rows
+        for i, value in enumerate((record.energy_before, record.energy_after, record.steps,
+                                   record.steered, record.nonfinite)):
+            if value is None:
+                continue
+            current = fields[i]
+            fields[i] = torch.where(rows, value, current) if current is not None else (
+                torch.where(rows, value, torch.zeros_like(value)))
+    return _Record(*fields, covered)
 
 
 def _last_position(record: _Record, rows: int, positions: int, index: torch.Tensor | None,

@@ -20,6 +20,9 @@ class LayerTelemetry:
 
     rail: str
     layer: int
+    #: The gate side the row was steered towards (``answer``, ``refuse``; ``shared`` for an
+    #: ungated rail), None when the gate left it alone.
+    side: str | None = None
     energy_before: float | None = None
     energy_after: float | None = None
     steps: int = 0
@@ -33,13 +36,15 @@ class LayerTelemetry:
 
 @dataclass
 class GateTelemetry:
-    """A rail's gate decision for one request: the harm score and whether the rail steered."""
+    """A rail's gate decision for one request: the harm score, whether the rail steered and
+    towards which side (``answer`` below ``below``, ``refuse`` above ``above``)."""
 
     rail: str
     score: float
     steered: bool
     below: float | None = None
     above: float | None = None
+    side: str | None = None
 
 
 @dataclass
@@ -65,6 +70,8 @@ class GenerationTelemetry:
         after = [t.energy_after for t in self.layers if t.energy_after is not None]
         return {
             "steered": self.steered,
+            **({"gates": [{"rail": g.rail, "score": g.score, "side": g.side}
+                          for g in self.gates]} if self.gates else {}),
             "layers": sorted({t.layer for t in self.layers}),
             "mean_energy_before": sum(before) / len(before) if before else None,
             "mean_energy_after": sum(after) / len(after) if after else None,

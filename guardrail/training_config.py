@@ -61,6 +61,10 @@ class PromptSource(SourceFields):
     in a harmful one refusing is."""
 
     context: Context = Field(description="benign (complying is right) or harmful (refusing is).")
+    gate_only: bool = Field(
+        False, description="Only the gate reads these prompts (a text-only gate learns from "
+        "their wording and context); the model does not answer them, so they cost no labelling "
+        "and no energy model sees them.")
 
 
 class LabelSettings(_Section):
@@ -97,6 +101,11 @@ class TrainerSettings(_Section):
         "from the row's own context (benign refusals vs benign answers, harmful vs harmful)."
     )
     patience: int = Field(10, ge=1, description="Epochs without validation gain before stopping.")
+    sides: Literal["shared", "separate"] = Field(
+        "shared", description="One energy model per layer for both directions (shared), or one "
+        "per gate side (separate): 'answer' trained on benign prompts (answers desirable), "
+        "'refuse' on harmful ones (refusals desirable); the rail's gate chooses which steers "
+        "each prompt.")
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Held out from the sources when `validation` is empty."
     )
@@ -183,12 +192,14 @@ class CalibrationGrid(_Section):
 class CalibrationSection(_Section):
     """The safety budget, and the validation prompts ``guardrail calibrate`` holds it on.
 
-    Calibration chooses the steering strength and the gate thresholds that answer the most
-    benign prompts while, on every harmful source, refusal stays at least the base model's
-    minus ``max_refusal_drop`` and no source has more than ``max_wrong_way`` of its prompts
-    flipped the wrong way (a harmful prompt the base model refuses answered, a benign one it
-    answers refused). With a gate, at most ``max_harmful_steered`` of a harmful source's
-    prompts may be steered at all.
+    Calibration chooses the steering strength of each gate side and the gate thresholds that
+    get the most prompts right (benign answered, harmful refused; each context's sources
+    averaged) while, on every harmful source, refusal stays at least the base model's minus
+    ``max_refusal_drop`` and no source has more than ``max_wrong_way`` of its prompts flipped
+    the wrong way (a harmful prompt the base model refuses answered, a benign one it answers
+    refused). Per side of the gate: at most ``max_harmful_steered`` of a harmful source's
+    prompts may be steered towards answering, and every benign prompt steered towards
+    refusing counts against ``max_wrong_way`` whether or not its answer changed.
     """
 
     rail: str | None = Field(None, description="Rail to calibrate (default: training.rail).")
@@ -206,9 +217,15 @@ class CalibrationSection(_Section):
         default_factory=list, description="Benign validation sources (default: the benign "
         "sources of training.validation).")
     grid: CalibrationGrid = Field(default_factory=CalibrationGrid)
+    refuse_grid: CalibrationGrid | None = Field(
+        None, description="Strengths tried on the refuse side of the gate (default: grid).")
     cross_family: bool = Field(
         True, description="Hold the budget on gate scores refitted without each validation "
         "source's family, as if its prompts came from an author the gate never saw.")
+    cross_family_folds: int | None = Field(
+        None, ge=2, le=1000, description="Refit the gate once per group of families instead of "
+        "once per family (families split into this many folds, benign and harmful families "
+        "spread evenly): for gates that are slow to fit. Default: one refit per family.")
     max_new_tokens: int = Field(48, ge=1, le=512, description="Answer length judged.")
     batch_size: int = Field(16, ge=1, le=1024)
 

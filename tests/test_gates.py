@@ -173,7 +173,7 @@ def test_calibrate_writes_thresholds_the_rail_then_uses(
     # every setting holds the budget; the most permissive threshold wins the tie-break last.
     assert main(["calibrate", "--policy", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "chosen: eta" in out and "wrote the calibration" in out
+    assert "chosen: answer side {'eta'" in out and "wrote the calibration" in out
     artifact = tmp_path / "artifacts" / "tiny.safetensors"
     calibration = EnergyArtifact.read_header(artifact)["metadata"]["calibration"]
     assert calibration["rail"] == "eds" and calibration["budget"]["max_wrong_way"] == 0.02
@@ -182,6 +182,8 @@ def test_calibrate_writes_thresholds_the_rail_then_uses(
     rail = guard.rails[0]
     assert rail.below == calibration["gate"]["below"]
     assert rail.steerer.params.eta == calibration["steerer"]["eta"]  # type: ignore[attr-defined]
+    answer = rail.direction("answer").steerer
+    assert answer.params.eta == calibration["sides"]["answer"]["steerer"]["eta"]  # type: ignore[attr-defined]
     # The policy's own params win over the calibration's.
     import yaml
 
@@ -199,8 +201,8 @@ def _evidence(base: list[bool], steered: list[bool], scores: list[float],
                               "harmful-src" if c == "h" else "benign-src")
                for i, c in enumerate(contexts)]
     s = torch.tensor(scores)
-    return Evidence(prompts, torch.tensor(base), {(1.0, 3): torch.tensor(steered)}, s,
-                    torch.tensor(held) if held is not None else s)
+    return Evidence(prompts, torch.tensor(base), {("answer", (1.0, 3)): torch.tensor(steered)},
+                    s, torch.tensor(held) if held is not None else s)
 
 
 def test_choose_keeps_harmful_refusals_within_the_budget() -> None:

@@ -40,7 +40,8 @@ def test_artifact_holds_only_the_selected_layers_with_thresholds(
     fingerprint = {"name": "m", "model_type": "qwen2", "hidden_size": 4, "num_layers": 3,
                    "config_sha256": "abc"}
     path = write_artifact(tmp_path / "a.safetensors", plugin="mlp", fingerprint=fingerprint,
-                          models=models, selected=[0, 2], metadata={"metrics": {"0": 1}})
+                          sets={"shared": {0: models[0], 2: models[2]}},
+                          metadata={"metrics": {"0": 1}})
     artifact = EnergyArtifact.load(path, registry)
     assert artifact.layers == [0, 2]
     assert artifact.metadata == {"metrics": {"0": 1}}

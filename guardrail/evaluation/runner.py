@@ -91,20 +91,23 @@ class Answerer:
         # batch_size changes nothing about greedy answers beyond padding noise; leave it out.
         self._settings_key = settings.model_dump(exclude={"batch_size"})
 
-    def key(self, rendered: str, steer: bool, gates: bool = True) -> str:
-        """Cache key of one rendered prompt (``gates=False``: every row steered)."""
+    def key(self, rendered: str, steer: bool, gates: bool | str = True) -> str:
+        """Cache key of one rendered prompt (``gates`` other than True: every row steered,
+        on the default side or the side it names)."""
         # A policy without enabled rails steers nothing: its answers are the base model's.
         rails = self.scope.rails_key if steer and self.guard.rails else None
         payload = {"model": self.scope.model_key, "rails": rails,
                    "prompt": rendered, "generation": self._settings_key}
-        if rails is not None and not gates and any(r.gate for r in self.guard.rails):
-            payload["gates"] = False
+        if rails is not None and gates is not True and (
+                gates is not False or any(r.gate for r in self.guard.rails)):
+            payload["gates"] = gates
         return digest(payload)
 
     def answer(self, prompts: Sequence[str], *, steer: bool, progress: bool = False,
-               gates: bool = True) -> list[Answer]:
+               gates: bool | str = True) -> list[Answer]:
         """One answer per user prompt; only cache misses reach the model. ``gates=False``
-        steers every row whatever the rails' gates say (what calibration compares)."""
+        steers every row whatever the rails' gates say, ``"answer"`` / ``"refuse"`` steers
+        every row towards that side (what calibration compares)."""
         conversations = user_turns(prompts)
         keys = [self.key(text, steer, gates)
                 for text in self.guard.render(conversations, steer=steer)]

@@ -1,8 +1,15 @@
 """The safety budget: what a calibration setting's outcome is on each validation source,
 whether it holds the budget, and the choice among the settings that do.
 
-:mod:`guardrail.training.calibrate` gathers the evidence (answers base and steered, gate
-scores); everything here is arithmetic on it, with the report's text and plot.
+A setting is a steering strength per side of the gate and the two thresholds: rows scoring
+below ``below`` get the answer steered towards answering (the ``answer`` side), rows above
+``above`` the answer steered towards refusing (the ``refuse`` side), the rest the base
+model's. :mod:`guardrail.training.calibrate` gathers the evidence (answers base and steered
+per side, gate scores); everything here is arithmetic on it, with the report's text and plot.
+
+Every per-source count a setting produces is the base model's plus what each side changes
+on the rows it takes, so the two sides are tabulated separately, per strength and threshold,
+and every combination is scored at once.
 """
 
 from __future__ import annotations
@@ -17,17 +24,20 @@ from typing import Any
 
 import torch
 
-from guardrail.gating import steered_rows
+from guardrail.gating import gate_sides
 from guardrail.training.sources import TrainingPrompt
 from guardrail.training_config import CalibrationSection
 
 #: Thresholds tried per side: quantiles of the validation scores, plus "never".
 THRESHOLD_STEPS = 60
+#: Gate sides, and a steering strength: a grid point of the steerer's params.
+SIDES = ("answer", "refuse")
+Point = tuple[float, int]
 
 
 @dataclass
 class Outcome:
-    """One validation source under one setting: counts of refusals and of flips."""
+    """One validation source under one setting: counts of refusals, flips and steered rows."""
 
     source: str
     context: str
@@ -37,6 +47,11 @@ class Outcome:
     right_way: int
     wrong_way: int
     steered: int
+    #: Rows steered towards answering (harmful sources) / refusing (benign sources).
+    against: int = 0
+    #: What the wrong-way budget charges: the wrong-way flips, and on a benign source every row
+    #: steered towards refusing (flipped or not).
+    charged: int = 0
 
     @property
     def good(self) -> float:
@@ -57,10 +72,10 @@ class Outcome:
 
 @dataclass
 class Setting:
-    """One candidate: a grid point, the two thresholds, and what they do per source."""
+    """One candidate: a strength per side, the two thresholds, and what they do per source."""
 
-    eta: float
-    steps: int
+    answer: Point | None
+    refuse: Point | None
     below: float | None
     above: float | None
     outcomes: dict[str, Outcome]
@@ -74,30 +89,59 @@ class Setting:
 
     @property
     def objective(self) -> float:
-        """Mean compliance over the benign sources (what calibration maximises)."""
-        rates = [o.good for o in self.outcomes.values() if o.context == "benign"]
-        return sum(rates) / len(rates) if rates else 0.0
+        """Mean right-answer rate of the benign sources plus that of the harmful ones."""
+        return objective(self.outcomes)
+
+    @property
+    def benign_compliance(self) -> float:
+        """Mean compliance over the benign sources."""
+        return _mean(o.good for o in self.outcomes.values() if o.context == "benign")
+
+    @property
+    def harmful_refusal(self) -> float:
+        """Mean refusal over the harmful sources."""
+        return _mean(o.good for o in self.outcomes.values() if o.context == "harmful")
+
+    def steerer(self, side: str) -> dict[str, Any] | None:
+        """The steerer values chosen for ``side`` (None: the side steers nothing)."""
+        point = self.answer if side == "answer" else self.refuse
+        return None if point is None else {"eta": point[0], "steps": point[1]}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"steerer": {"eta": self.eta, "steps": self.steps},
+        return {"sides": {side: {"steerer": self.steerer(side)} for side in SIDES},
                 "gate": {"below": self.below, "above": self.above},
-                "benign_compliance": round(self.objective, 4),
+                "benign_compliance": round(self.benign_compliance, 4),
+                "harmful_refusal": round(self.harmful_refusal, 4),
                 "outcomes": {k: o.to_dict() for k, o in self.outcomes.items()},
                 "cross_family": {k: o.to_dict() for k, o in self.held_out.items()},
                 "violations": self.violations}
 
 
+def objective(found: dict[str, Outcome]) -> float:
+    """What calibration maximises: mean benign compliance + mean harmful refusal."""
+    benign = [o.good for o in found.values() if o.context == "benign"]
+    harmful = [o.good for o in found.values() if o.context == "harmful"]
+    return (_mean(benign) if benign else 0.0) + (_mean(harmful) if harmful else 0.0)
+
+
+def _mean(values: Any) -> float:
+    items = list(values)
+    return sum(items) / len(items) if items else math.nan
+
+
 @dataclass
 class Evidence:
-    """Per validation prompt: its source, context, the base verdict and the steered verdicts
-    per grid point; and the two gate scores (shipped, cross-family)."""
+    """Per validation prompt: its source, context and base verdict; per side and strength the
+    steered verdicts of the rows answered that way (``covered``); the two gate scores
+    (shipped, cross-family)."""
 
     prompts: list[TrainingPrompt]
     base_refused: torch.Tensor
-    steered_refused: dict[tuple[float, int], torch.Tensor]
+    steered_refused: dict[tuple[str, Point], torch.Tensor]
     scores: torch.Tensor
     held_out_scores: torch.Tensor
+    covered: dict[tuple[str, Point], torch.Tensor] = field(default_factory=dict)
 
     @functools.cached_property
     def sources(self) -> dict[str, tuple[str, torch.Tensor]]:
@@ -108,11 +152,38 @@ class Evidence:
             out[name] = (next(p.context for p in self.prompts if p.source == name), mask)
         return out
 
+    @functools.cached_property
+    def harmful(self) -> torch.Tensor:
+        """``[n]``: True for prompts of the harmful context."""
+        return torch.tensor([p.context == "harmful" for p in self.prompts])
 
-def outcomes(evidence: Evidence, point: tuple[float, int], rows: torch.Tensor
-             ) -> dict[str, Outcome]:
-    """Per source: what the user gets when ``rows`` get the steered answer at ``point``."""
-    refused = torch.where(rows, evidence.steered_refused[point], evidence.base_refused)
+    def points(self, side: str) -> list[Point]:
+        """The strengths tried on ``side``, in order."""
+        return sorted(point for s, point in self.steered_refused if s == side)
+
+    def covers(self, side: str, point: Point) -> torch.Tensor:
+        """``[n]``: rows with a steered answer on ``side`` at ``point``."""
+        found = self.covered.get((side, point))
+        return found if found is not None else torch.ones(len(self.prompts), dtype=torch.bool)
+
+
+def outcomes(evidence: Evidence, sides: dict[str, torch.Tensor],
+             points: dict[str, Point | None]) -> dict[str, Outcome]:
+    """Per source: what the user gets when the rows of each side (``sides[side]``: a mask)
+    get the answer steered towards it at ``points[side]``."""
+    refused = evidence.base_refused.clone()
+    steered = torch.zeros_like(refused)
+    against = torch.zeros_like(refused)
+    towards_refusal = torch.zeros_like(refused)
+    for side, rows in sides.items():
+        point = points.get(side)
+        if point is None or not bool(rows.any()):
+            continue
+        refused = torch.where(rows, evidence.steered_refused[(side, point)], refused)
+        steered |= rows
+        against |= rows & (evidence.harmful if side == "answer" else ~evidence.harmful)
+        if side == "refuse":
+            towards_refusal |= rows
     base = evidence.base_refused
     out = {}
     for name, (context, mask) in evidence.sources.items():
@@ -120,8 +191,10 @@ def outcomes(evidence: Evidence, point: tuple[float, int], rows: torch.Tensor
         harmful = context == "harmful"
         right = (~b & r) if harmful else (b & ~r)
         wrong = (b & ~r) if harmful else (~b & r)
+        charged = wrong if harmful else (wrong & ~towards_refusal[mask]) | towards_refusal[mask]
         out[name] = Outcome(name, context, int(mask.sum()), int(b.sum()), int(r.sum()),
-                            int(right.sum()), int(wrong.sum()), int(rows[mask].sum()))
+                            int(right.sum()), int(wrong.sum()), int(steered[mask].sum()),
+                            int(against[mask].sum()), int(charged.sum()))
     return out
 
 
@@ -132,12 +205,13 @@ def violations(found: dict[str, Outcome], budget: CalibrationSection, label: str
         if o.context == "harmful" and o.refused < o.base_refused - budget.max_refusal_drop * o.n:
             problems.append(f"{label} {o.source}: refusal {o.refused}/{o.n} < base "
                             f"{o.base_refused}/{o.n} - {budget.max_refusal_drop}")
-        if o.wrong_way > budget.max_wrong_way * o.n:
-            problems.append(f"{label} {o.source}: {o.wrong_way}/{o.n} flipped the wrong way "
-                            f"(> {budget.max_wrong_way})")
-        if o.context == "harmful" and o.steered > budget.max_harmful_steered * o.n:
-            problems.append(f"{label} {o.source}: {o.steered}/{o.n} harmful prompts steered "
-                            f"(> {budget.max_harmful_steered})")
+        if o.charged > budget.max_wrong_way * o.n:
+            problems.append(f"{label} {o.source}: {o.charged}/{o.n} flipped the wrong way"
+                            + (" or steered towards refusing" if o.context == "benign" else "")
+                            + f" (> {budget.max_wrong_way})")
+        if o.context == "harmful" and o.against > budget.max_harmful_steered * o.n:
+            problems.append(f"{label} {o.source}: {o.against}/{o.n} harmful prompts steered "
+                            f"towards answering (> {budget.max_harmful_steered})")
     return problems
 
 
@@ -148,37 +222,149 @@ def thresholds(scores: torch.Tensor) -> list[float | None]:
     return [*values, None]
 
 
+# --- the search ------------------------------------------------------------------------------
+@dataclass
+class _Table:
+    """One side's effect per (strength, threshold) and source, on the shipped and on the
+    cross-family scores: ``[P, T, S, 6]`` holding the change to the refused count, right and
+    wrong flips, rows steered, rows steered against their context, and what the wrong-way
+    budget charges; and whether every row a threshold takes has a steered answer (``[P, T]``).
+    """
+
+    points: list[Point | None]
+    values: list[float | None]
+    shipped: torch.Tensor
+    held: torch.Tensor
+    usable: torch.Tensor
+
+
+REFUSED, RIGHT, WRONG, STEERED, AGAINST, CHARGED = range(6)
+
+
+def _side_table(evidence: Evidence, side: str, values: list[float | None],
+                search: bool) -> _Table:
+    points: list[Point | None] = list(evidence.points(side)) if search else []
+    if not points:
+        points, values = [None], [None]
+    membership = torch.stack([mask for _, mask in evidence.sources.values()], dim=1).float()
+    base = evidence.base_refused
+    harmful = evidence.harmful
+    shape = (len(points), len(values), membership.shape[1], 6)
+    tables = {"shipped": torch.zeros(shape), "held": torch.zeros(shape)}
+    usable = torch.ones(len(points), len(values), dtype=torch.bool)
+    for pi, point in enumerate(points):
+        if point is None:
+            continue
+        steered = evidence.steered_refused[(side, point)]
+        covered = evidence.covers(side, point)
+        right = torch.where(harmful, ~base & steered, base & ~steered)
+        wrong = torch.where(harmful, base & ~steered, ~base & steered)
+        against = harmful if side == "answer" else ~harmful
+        charged = wrong if side == "answer" else (wrong | ~harmful)
+        per_row = torch.stack([steered.float() - base.float(), right.float(), wrong.float(),
+                               torch.ones(len(base)), against.float(), charged.float()], dim=1)
+        for key, scores in (("shipped", evidence.scores), ("held", evidence.held_out_scores)):
+            for ti, value in enumerate(values):
+                below, above = (value, None) if side == "answer" else (None, value)
+                rows = gate_sides(scores, below, above)[side]
+                if bool((rows & ~covered).any()):
+                    usable[pi, ti] = False
+                tables[key][pi, ti] = membership.T @ (rows.float()[:, None] * per_row)
+    return _Table(points, values, tables["shipped"], tables["held"], usable)
+
+
 def choose(evidence: Evidence, budget: CalibrationSection, *, search_below: bool,
            search_above: bool, fixed: tuple[float | None, float | None] = (None, None)
            ) -> tuple[Setting | None, list[Setting]]:
-    """Every candidate setting scored; the best feasible one (None if none is).
+    """Every combination of strengths and thresholds scored; returns the best feasible
+    setting (None if none is) and, for the report, the best setting per strength pair and
+    threshold of each side (the trade-off curves).
 
-    Ties go to the setting that steers fewer rows, then to the smaller step size.
+    Ties go to the setting that steers fewer rows, then to the smaller step sizes.
     """
     pool = torch.cat([evidence.scores, evidence.held_out_scores])
-    belows = thresholds(pool) if search_below else [fixed[0]]
-    aboves = thresholds(pool) if search_above else [fixed[1]]
-    settings = []
-    for point in sorted(evidence.steered_refused):
-        for below in belows:
-            for above in aboves:
-                if below is not None and above is not None and below >= above:
-                    continue
-                shipped = outcomes(evidence, point, steered_rows(evidence.scores, below, above))
-                held = outcomes(evidence, point,
-                                steered_rows(evidence.held_out_scores, below, above))
-                setting = Setting(point[0], point[1], below, above, shipped, held)
-                setting.violations = (violations(shipped, budget, "shipped gate") +
-                                      violations(held, budget, "cross-family gate"))
-                settings.append(setting)
-    feasible = [s for s in settings if s.feasible]
-    if not feasible:
-        return None, settings
+    candidates = thresholds(pool)
+    answer = _side_table(evidence, "answer", candidates if search_below else [fixed[0]],
+                         search_below or fixed[0] is not None)
+    refuse = _side_table(evidence, "refuse", candidates if search_above else [fixed[1]],
+                         search_above or fixed[1] is not None)
+    contexts = [context for context, _ in evidence.sources.values()]
+    n = torch.tensor([float(mask.sum()) for _, mask in evidence.sources.values()])
+    base_refused = torch.tensor([float(evidence.base_refused[mask].sum())
+                                 for _, mask in evidence.sources.values()])
+    is_harmful = torch.tensor([c == "harmful" for c in contexts])
 
-    def rank(s: Setting) -> tuple[float, int, float]:
-        return (-round(s.objective, 6), sum(o.steered for o in s.outcomes.values()), s.eta)
+    def combine(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        # [Pa, Tb, S, 5] + [Pr, Ta, S, 5] -> [Pa, Tb, Pr, Ta, S, 5]
+        return a[:, :, None, None] + r[None, None]
 
-    return min(feasible, key=rank), settings
+    totals = {key: combine(getattr(answer, key), getattr(refuse, key))
+              for key in ("shipped", "held")}
+    ok = torch.ones(totals["shipped"].shape[:4], dtype=torch.bool)
+    for key in ("shipped", "held"):
+        t = totals[key]
+        refused = base_refused + t[..., REFUSED]
+        against_answer = getattr(answer, key)[..., AGAINST][:, :, None, None]
+        drop_ok = ~is_harmful | (refused >= base_refused - budget.max_refusal_drop * n - 1e-9)
+        wrong_ok = t[..., CHARGED] <= budget.max_wrong_way * n + 1e-9
+        steer_ok = ~is_harmful | (against_answer <= budget.max_harmful_steered * n + 1e-9)
+        ok &= (drop_ok & wrong_ok & steer_ok).all(dim=-1)
+    ok &= answer.usable[:, :, None, None] & refuse.usable[None, None]
+    no_below = torch.tensor([v is None for v in answer.values])
+    no_above = torch.tensor([v is None for v in refuse.values])
+    below_v = torch.tensor([math.inf if v is None else v for v in answer.values])
+    above_v = torch.tensor([-math.inf if v is None else v for v in refuse.values])
+    ordered = ((below_v[:, None] < above_v[None, :]) | no_below[:, None] | no_above[None, :])
+    ok &= ordered[None, :, None, :]
+    refused = base_refused + totals["shipped"][..., REFUSED]
+    good = torch.where(is_harmful, refused, n - refused) / n
+    zero = torch.zeros(good.shape[:-1])
+    benign_mean = good[..., ~is_harmful].mean(-1) if bool((~is_harmful).any()) else zero
+    harmful_mean = good[..., is_harmful].mean(-1) if bool(is_harmful.any()) else zero
+    score = benign_mean + harmful_mean
+    steered = totals["shipped"][..., STEERED].sum(-1)
+
+    def setting_at(index: tuple[int, int, int, int]) -> Setting:
+        pa, tb, pr, ta = index
+        points = {"answer": answer.points[pa], "refuse": refuse.points[pr]}
+        below, above = answer.values[tb], refuse.values[ta]
+        shipped = outcomes(evidence, gate_sides(evidence.scores, below, above), points)
+        held = outcomes(evidence, gate_sides(evidence.held_out_scores, below, above), points)
+        setting = Setting(points["answer"], points["refuse"], below, above, shipped, held)
+        setting.violations = (violations(shipped, budget, "shipped gate") +
+                              violations(held, budget, "cross-family gate"))
+        if not bool(ok[index]) and not setting.violations:
+            setting.violations = ["a threshold takes rows calibration did not answer steered"]
+        return setting
+
+    # Best objective; ties: fewer rows steered, then smaller strengths and lower thresholds
+    # (argmax takes the first of equals, and both are listed in ascending order).
+    rank = score - 1e-6 * steered / max(float(n.sum()), 1.0)
+
+    def best(mask: torch.Tensor, key: torch.Tensor) -> tuple[int, ...] | None:
+        if not bool(mask.any()):
+            return None
+        masked = torch.where(mask, key, torch.full_like(key, -math.inf))
+        flat = int(torch.argmax(masked.reshape(-1)))
+        return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), key.shape))
+
+    chosen_index = best(ok, rank)
+    report: list[Setting] = []
+    # The trade-off curves: per side's strength and threshold, the best feasible setting of
+    # the other side; where none is feasible, the setting with the other side off.
+    for pa in range(len(answer.points)):
+        for tb in range(len(answer.values)):
+            other = best(ok[pa, tb], rank[pa, tb])
+            full = (pa, tb, *other) if other is not None else (pa, tb, 0, len(refuse.values) - 1)
+            report.append(setting_at(full))  # type: ignore[arg-type]
+    for pr in range(len(refuse.points)):
+        for ta in range(len(refuse.values)):
+            other = best(ok[:, :, pr, ta], rank[:, :, pr, ta])
+            full = (*other, pr, ta) if other is not None else (0, len(answer.values) - 1, pr, ta)
+            report.append(setting_at(full))  # type: ignore[arg-type]
+    if chosen_index is None:
+        return None, report
+    return setting_at(chosen_index), report  # type: ignore[arg-type]
 
 
 # --- running it -----------------------------------------------------------------------------
@@ -198,38 +384,44 @@ class CalibrationReport:
     def metadata(self, command: str) -> dict[str, Any]:
         """What the artifact keeps under ``metadata.calibration``."""
         assert self.chosen is not None
-        return {"rail": self.rail, "steerer": {"eta": self.chosen.eta,
-                                                "steps": self.chosen.steps},
-                "gate": {"below": self.chosen.below, "above": self.chosen.above},
-                "budget": self.budget, "evidence": self.chosen.to_dict(),
-                "frontier": frontier(self.settings), "command": command,
+        c = self.chosen
+        sides = {side: {"steerer": c.steerer(side)} for side in SIDES
+                 if c.steerer(side) is not None}
+        shared = c.steerer("answer") or c.steerer("refuse")
+        return {"rail": self.rail, **({"steerer": shared} if shared else {}),
+                "sides": sides, "gate": {"below": c.below, "above": c.above},
+                "budget": self.budget, "evidence": c.to_dict(),
+                "curves": curves(self.settings), "command": command,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": self.seconds}
 
 
-def frontier(settings: Sequence[Setting]) -> list[dict[str, Any]]:
-    """Per grid point, the best benign compliance reachable at each worst harmful refusal
-    change (the trade-off curve calibration chose from; feasibility aside)."""
-    out = []
-    for point in sorted({(s.eta, s.steps) for s in settings}):
-        curve: dict[float, float] = {}
-        for s in (x for x in settings if (x.eta, x.steps) == point):
-            harmful = [o for o in s.outcomes.values() if o.context == "harmful"]
-            if not harmful:
+def curves(settings: Sequence[Setting]) -> dict[str, list[dict[str, Any]]]:
+    """Per side: at each threshold (and strength), the benign compliance, harmful refusal and
+    worst per-source wrong-way share of the best setting with that threshold."""
+    out: dict[str, list[dict[str, Any]]] = {"answer": [], "refuse": []}
+    seen: set[tuple[str, Any, Any]] = set()
+    for s in settings:
+        for side, point, value in (("answer", s.answer, s.below), ("refuse", s.refuse, s.above)):
+            if point is None or value is None or (side, point, value) in seen:
                 continue
-            drop = round(min((o.refused - o.base_refused) / o.n for o in harmful), 4)
-            curve[drop] = max(curve.get(drop, 0.0), round(s.objective, 4))
-        out.append({"eta": point[0], "steps": point[1],
-                    "points": [[d, c] for d, c in sorted(curve.items())]})
+            seen.add((side, point, value))
+            worst = max(o.charged / o.n for o in s.outcomes.values())
+            out[side].append({"eta": point[0], "steps": point[1], "threshold": value,
+                              "benign_compliance": round(s.benign_compliance, 4),
+                              "harmful_refusal": round(s.harmful_refusal, 4),
+                              "worst_wrong_way": round(worst, 4), "feasible": s.feasible})
+    for side in out:
+        out[side].sort(key=lambda c: (c["eta"], c["steps"], c["threshold"]))
     return out
 
 
 def outcome_table(found: dict[str, Outcome], held: dict[str, Outcome] | None = None) -> str:
     """Per source: base and calibrated rate of right answers, flips, rows steered."""
-    lines = [f"{'source':<28}{'context':<9}{'n':>5}  {'base':>5} -> {'now':>5}  "
+    lines = [f"{'source':<34}{'context':<9}{'n':>5}  {'base':>5} -> {'now':>5}  "
              f"{'right':>5} {'wrong':>5} {'steered':>7}" + ("  cross-family wrong" if held else "")]
     for name, o in found.items():
         extra = f"  {held[name].wrong_way:>5}" if held and name in held else ""
-        lines.append(f"{name[:27]:<28}{o.context:<9}{o.n:>5}  {o.base_good:>5.2f} -> "
+        lines.append(f"{name[:33]:<34}{o.context:<9}{o.n:>5}  {o.base_good:>5.2f} -> "
                      f"{o.good:>5.2f}  {o.right_way:>5} {o.wrong_way:>5} {o.steered:>7}{extra}")
     return "\n".join(lines)
 
@@ -241,7 +433,7 @@ def summary_text(report: CalibrationReport) -> str:
             f"{b['max_refusal_drop']}, max_wrong_way {b['max_wrong_way']}, max_harmful_steered "
             f"{b.get('max_harmful_steered', 'none')} "
             f"({'shipped and cross-family gate scores' if b['cross_family'] else 'shipped gate'}"
-            f"), {b['max_new_tokens']} new tokens, {len(report.settings)} settings tried")
+            f"), {b['max_new_tokens']} new tokens, {len(report.settings)} settings reported")
     rates = "right answers: compliance on benign sources, refusal on harmful ones"
     if report.chosen is None:
         closest = min(report.settings, key=lambda s: len(s.violations))
@@ -250,8 +442,9 @@ def summary_text(report: CalibrationReport) -> str:
     c = report.chosen
     return "\n".join([
         head,
-        f"chosen: eta {c.eta:g}, steps {c.steps}, gate below {c.below}, above {c.above}; mean "
-        f"benign compliance {c.objective:.3f}",
+        f"chosen: answer side {c.steerer('answer')} below {c.below}; refuse side "
+        f"{c.steerer('refuse')} above {c.above}; mean benign compliance "
+        f"{c.benign_compliance:.3f}, mean harmful refusal {c.harmful_refusal:.3f}",
         f"({rates})",
         outcome_table(c.outcomes, c.held_out),
         f"time (s): {report.seconds}",
@@ -259,8 +452,8 @@ def summary_text(report: CalibrationReport) -> str:
 
 
 def plot_calibration(report: CalibrationReport, path: Path) -> Path | None:
-    """Benign compliance against the worst harmful refusal change, per grid strength, with
-    the budget line and the chosen setting (None without matplotlib)."""
+    """The trade-off curve of each side's threshold: benign compliance, harmful refusal and
+    the worst source's wrong-way share as the threshold moves (None without matplotlib)."""
     try:
         import matplotlib
 
@@ -268,24 +461,31 @@ def plot_calibration(report: CalibrationReport, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for curve in frontier(report.settings):
-        points = curve["points"]
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
-                    label=f"eta {curve['eta']:g}, steps {curve['steps']}")
-    ax.axvline(-report.budget["max_refusal_drop"], color="tab:red", ls="--", lw=1,
-               label="refusal budget")
-    if report.chosen is not None:
-        c = report.chosen
-        harmful = [o for o in c.outcomes.values() if o.context == "harmful"]
-        drop = min((o.refused - o.base_refused) / o.n for o in harmful) if harmful else 0.0
-        ax.scatter([drop], [c.objective], s=120, facecolors="none", edgecolors="black",
-                   zorder=5, label="chosen")
-    ax.set_xlabel("worst harmful source: refusal change vs base")
-    ax.set_ylabel("mean benign compliance")
-    ax.set_title(f"{report.policy}: calibration (validation)")
-    ax.legend(fontsize=8, loc="lower left")
+    found = curves(report.settings)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, side, title in ((axes[0], "answer", "answer side: steer rows below the threshold"),
+                            (axes[1], "refuse", "refuse side: steer rows above the threshold")):
+        for point in sorted({(c["eta"], c["steps"]) for c in found[side]}):
+            rows = [c for c in found[side] if (c["eta"], c["steps"]) == point]
+            x = [c["threshold"] for c in rows]
+            label = f"eta {point[0]:g}, steps {point[1]}"
+            ax.plot(x, [c["benign_compliance"] for c in rows], marker=".",
+                    label=f"benign compliance ({label})")
+            ax.plot(x, [c["harmful_refusal"] for c in rows], marker=".", ls="--",
+                    label=f"harmful refusal ({label})")
+            ax.plot(x, [c["worst_wrong_way"] for c in rows], ls=":",
+                    label=f"worst wrong-way share ({label})")
+        chosen = report.chosen
+        value = None if chosen is None else (chosen.below if side == "answer" else chosen.above)
+        if value is not None:
+            ax.axvline(value, color="black", lw=1, label="chosen")
+        ax.axhline(report.budget["max_wrong_way"], color="tab:red", lw=0.8, ls=":")
+        ax.set_xlabel("gate threshold (standard deviations of training scores)")
+        ax.set_title(title, fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="best")
+    axes[0].set_ylabel("share (validation)")
+    fig.suptitle(f"{report.policy}: calibration trade-off per gate side")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

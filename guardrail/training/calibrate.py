@@ -1,20 +1,26 @@
-"""``guardrail calibrate``: the steering strength and gate thresholds, under a safety budget.
+"""``guardrail calibrate``: the steering strength of each gate side and the gate thresholds,
+under a safety budget.
 
-On the policy's validation prompts, calibration answers every prompt with the base model and,
-for each steering strength of the grid, with every row steered (the gate off). A gate then
-only picks, per row, which of the two answers the user gets, so every pair of thresholds can
-be scored without generating again. The chosen setting answers the most benign prompts
-subject to the budget, on every source:
+On the policy's validation prompts, calibration scores the gate (the shipped gate's scores,
+and the scores of the gate refitted without each prompt's family), takes the base model's
+answers (from ``guardrail train``'s label cache when it has them), and for each strength of
+each side's grid answers, steered towards that side, every row some threshold within the
+budget could give that side. A gate then only picks, per row, which answer the user gets, so
+every pair of thresholds is scored without generating again. The chosen setting gets the
+most prompts right (mean benign compliance + mean harmful refusal) subject to the budget, on
+every source:
 
 * harmful sources keep refusal >= the base model's - ``max_refusal_drop``;
-* at most ``max_harmful_steered`` of a harmful source's prompts are steered at all;
+* at most ``max_harmful_steered`` of a harmful source's prompts are steered towards answering;
 * no source has more than ``max_wrong_way`` of its prompts flipped the wrong way (a harmful
-  prompt the base model refuses answered, a benign prompt it answers refused).
+  prompt the base model refuses answered, a benign prompt it answers refused), every benign
+  prompt steered towards refusing counted as such.
 
 The budget is held on two sets of gate scores: the shipped gate's, and (``cross_family``)
-scores from the gate refitted without the training prompts of each validation source's family,
-which stand in for prompts by an author the gate never saw. The choice, and the evidence for
-it, goes into the artifact's metadata, where the rail reads it at load time.
+scores from the gate refitted without the training prompts of each validation source's family
+(or fold of families), which stand in for prompts by an author the gate never saw. The
+choice, and the evidence for it, goes into the artifact's metadata, where the rail reads it
+at load time.
 """
 
 from __future__ import annotations
@@ -31,16 +37,18 @@ import torch
 
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import DataError, PolicyError
-from guardrail.gating import GateMember, GateSet
+from guardrail.gating import GateSet
 from guardrail.generation import user_turns
 from guardrail.policy import Policy, RailSpec
 from guardrail.training.budget import (
+    SIDES,
     CalibrationReport,
     Evidence,
     Outcome,
+    Point,
     Setting,
     choose,
-    frontier,
+    curves,
     outcome_table,
     outcomes,
     plot_calibration,
@@ -49,15 +57,16 @@ from guardrail.training.budget import (
     violations,
 )
 from guardrail.training.sources import TrainingPrompt, load_source_list
-from guardrail.training_config import CalibrationSection, PromptSource
+from guardrail.training_config import CalibrationGrid, CalibrationSection, PromptSource
 
 __all__ = [
     "CalibrateOptions", "CalibrationReport", "Evidence", "Outcome", "Setting", "calibrate_policy",
-    "choose", "frontier", "outcome_table", "outcomes", "plot_calibration", "summary_text",
+    "choose", "curves", "outcome_table", "outcomes", "plot_calibration", "summary_text",
     "thresholds", "violations", "write_calibration",
 ]
 
 log = structlog.get_logger("guardrail.training")
+
 
 def calibration_sources(policy: Policy, section: CalibrationSection) -> list[PromptSource]:
     """The validation sources, each tagged with its context (default: training.validation)."""
@@ -87,42 +96,6 @@ def load_calibration_prompts(policy: Policy, section: CalibrationSection, seed: 
                 seen.add(prompt.text)
                 prompts.append(prompt)
     return prompts
-
-
-def refit_without_families(gate: GateSet, registry: Any, train: Sequence[TrainingPrompt],
-                           train_states: dict[int, torch.Tensor] | None,
-                           val: Sequence[TrainingPrompt],
-                           val_states: dict[int, torch.Tensor] | None, num_layers: int,
-                           scores: torch.Tensor) -> torch.Tensor:
-    """Per validation prompt, its score from the gate refitted without its family's training
-    prompts (its shipped score when no training prompt shares its family)."""
-    held = scores.clone()
-    for family in dict.fromkeys(p.family for p in val):
-        keep = torch.tensor([p.family != family for p in train])
-        if bool(keep.all()):
-            continue
-        rows = torch.tensor([p.family == family for p in val])
-        contexts = {p.context for p, k in zip(train, keep.tolist(), strict=True) if k}
-        if contexts != {"benign", "harmful"}:
-            log.warning("calibrate.family_not_refitted", family=family,
-                        reason="its removal leaves one context")
-            continue
-        refit = GateSet([GateMember(m.plugin, registry.create("gate", m.plugin,
-                                                              m.gate.params.model_dump()),
-                                    m.weight) for m in gate.members])
-        picked = keep.nonzero().flatten()
-        refit.fit([train[i].text for i in picked.tolist()],
-                  None if train_states is None else {k: v[picked] for k, v in
-                                                     train_states.items()},
-                  torch.tensor([train[i].context == "harmful" for i in picked.tolist()]),
-                  num_layers)
-        index = rows.nonzero().flatten()
-        held[index] = refit.score([val[i].text for i in index.tolist()],
-                                  None if val_states is None else
-                                  {k: v[index] for k, v in val_states.items()}, num_layers)
-        log.info("calibrate.family_refitted", family=family, prompts=int(rows.sum()),
-                 training_prompts_left=int(keep.sum()))
-    return held
 
 
 def rail_for(policy: Policy, section: CalibrationSection) -> tuple[int, RailSpec]:
@@ -169,7 +142,7 @@ class CalibrateOptions:
 
 def calibrate_policy(policy: Policy, *, loaded: Any = None,
                      options: CalibrateOptions | None = None) -> CalibrationReport:
-    """Answer the validation prompts base and steered, score the gate, choose a setting."""
+    """Score the gate, answer the validation prompts base and steered per side, choose."""
     from guardrail.evaluation.cache import GenerationCache, default_cache_path
     from guardrail.evaluation.runner import Answerer
     from guardrail.guard import Guardrail
@@ -187,55 +160,145 @@ def calibrate_policy(policy: Policy, *, loaded: Any = None,
     guard = Guardrail.from_policy(unthresholded(policy, index), loaded=loaded,
                                   device=options.device)
     rail = guard.rails[[r.name for r in guard.rails].index(spec.name)]
-    settings = guard.policy.generation.model_copy(update={
-        "max_new_tokens": section.max_new_tokens, "batch_size": section.batch_size,
-        "do_sample": False})
-    cache = GenerationCache(default_cache_path(options.cache_dir))
     texts = [p.text for p in prompts]
-    base = Answerer(guard, settings, cache).answer(texts, steer=False, progress=options.progress)
-    base_refused = _refused(guard, texts, base)
-    clock["base"] = round(time.perf_counter() - started, 1)
-    steered: dict[tuple[float, int], torch.Tensor] = {}
-    for eta in section.grid.eta:
-        for steps in section.grid.steps:
-            variant = guard.with_policy(_with_strength(guard.policy, index, eta, steps))
-            answers = Answerer(variant, settings, cache).answer(
-                texts, steer=True, progress=options.progress, gates=False)
-            steered[(eta, steps)] = _refused(guard, texts, answers)
-            log.info("calibrate.point", eta=eta, steps=steps,
-                     refused=int(steered[(eta, steps)].sum()), prompts=len(texts))
-    clock["steered"] = round(time.perf_counter() - started - clock["base"], 1)
     if rail.gate is not None:
         scores, held = gate_evidence(guard, rail.gate, policy, spec, prompts, section, options)
     else:
         scores = held = torch.zeros(len(prompts))
-    clock["gate"] = round(time.perf_counter() - started - clock["base"] - clock["steered"], 1)
-    evidence = Evidence(prompts, base_refused, steered, scores, held)
+    clock["gate"] = round(time.perf_counter() - started, 1)
+    settings = guard.policy.generation.model_copy(update={
+        "max_new_tokens": section.max_new_tokens, "batch_size": section.batch_size,
+        "do_sample": False})
+    cache = GenerationCache(default_cache_path(options.cache_dir))
+    base_texts = labelled_answers(guard, policy, texts, section, options)
+    if base_texts is None:
+        answers = Answerer(guard, settings, cache).answer(texts, steer=False,
+                                                          progress=options.progress)
+        base_texts = [a.text for a in answers]
+    base_refused = _refused(guard, texts, base_texts)
+    clock["base"] = round(time.perf_counter() - started - sum(clock.values()), 1)
     gate_spec = spec.gate
-    chosen, settings_tried = choose(
-        evidence, section,
-        search_below=gate_spec is not None and gate_spec.below == "auto",
-        search_above=gate_spec is not None and gate_spec.above == "auto",
-        fixed=_fixed_thresholds(gate_spec),
-    )
+    search = {"answer": gate_spec is not None and gate_spec.below == "auto",
+              "refuse": gate_spec is not None and gate_spec.above == "auto"}
+    fixed = _fixed_thresholds(gate_spec)
+    evidence = Evidence(prompts, base_refused, {}, scores, held)
+    grids = {"answer": section.grid, "refuse": section.refuse_grid or section.grid}
+    for side in SIDES:
+        if not search[side] and fixed[SIDES.index(side)] is None:
+            continue
+        rows = (candidate_rows(evidence, section, side) if search[side] else
+                _fixed_rows(evidence, side, fixed))
+        for point in grid_points(grids[side]):
+            variant = guard.with_policy(_with_strength(guard.policy, index, *point))
+            chosen = rows.nonzero().flatten().tolist()
+            steered = base_refused.clone()
+            if chosen:
+                answers = Answerer(variant, settings, cache).answer(
+                    [texts[i] for i in chosen], steer=True, progress=options.progress,
+                    gates=side)
+                steered[torch.tensor(chosen)] = _refused(
+                    guard, [texts[i] for i in chosen], [a.text for a in answers])
+            evidence.steered_refused[(side, point)] = steered
+            evidence.covered[(side, point)] = rows
+            log.info("calibrate.point", side=side, eta=point[0], steps=point[1],
+                     answered=len(chosen), refused=int(steered[rows].sum()), prompts=len(texts))
+    clock["steered"] = round(time.perf_counter() - started - sum(clock.values()), 1)
+    chosen_setting, settings_tried = choose(
+        evidence, section, search_below=search["answer"], search_above=search["refuse"],
+        fixed=fixed)
     clock["total"] = round(time.perf_counter() - started, 1)
     budget = {"max_refusal_drop": section.max_refusal_drop,
               "max_wrong_way": section.max_wrong_way,
               "max_harmful_steered": section.max_harmful_steered,
               "cross_family": section.cross_family,
+              "cross_family_folds": section.cross_family_folds,
               "max_new_tokens": section.max_new_tokens,
               "classifier": policy.classifier.plugin}
     return CalibrationReport(policy=policy.name, rail=spec.name,
-                             artifact=Path(spec.energy_model.artifact), chosen=chosen,
+                             artifact=Path(spec.energy_model.artifact), chosen=chosen_setting,
                              settings=settings_tried, budget=budget,
                              sources=list(dict.fromkeys(p.source for p in prompts)),
                              seconds=clock)
+
+
+def grid_points(grid: CalibrationGrid) -> list[Point]:
+    """Every (eta, steps) of a grid, in ascending order."""
+    return sorted((float(eta), int(steps)) for eta in grid.eta for steps in grid.steps)
+
+
+def candidate_rows(evidence: Evidence, section: CalibrationSection, side: str) -> torch.Tensor:
+    """The rows some threshold within the budget could give ``side`` (on either score set):
+    the only ones worth answering steered towards it.
+
+    Below the answer side's threshold at most ``max_harmful_steered`` of each harmful source
+    may lie, so no feasible threshold exceeds the lowest score that rule stops at; above the
+    refuse side's, every benign row counts against ``max_wrong_way``, likewise.
+    """
+    limit = section.max_harmful_steered if side == "answer" else section.max_wrong_way
+    context = "harmful" if side == "answer" else "benign"
+    bound = math.inf if side == "answer" else -math.inf
+    for _, (found, mask) in evidence.sources.items():
+        if found != context:
+            continue
+        allowed = int(limit * int(mask.sum()) + 1e-9)
+        for scores in (evidence.scores, evidence.held_out_scores):
+            values = scores[mask].sort(descending=side == "refuse").values
+            if allowed < len(values):
+                edge = float(values[allowed])
+                bound = min(bound, edge) if side == "answer" else max(bound, edge)
+    if side == "answer":
+        return (evidence.scores < bound) | (evidence.held_out_scores < bound)
+    return (evidence.scores > bound) | (evidence.held_out_scores > bound)
+
+
+def _fixed_rows(evidence: Evidence, side: str, fixed: tuple[float | None, float | None]
+                ) -> torch.Tensor:
+    value = fixed[SIDES.index(side)]
+    every = torch.ones(len(evidence.prompts), dtype=torch.bool)
+    if value is None or math.isinf(value):
+        return every
+    if side == "answer":
+        return (evidence.scores < value) | (evidence.held_out_scores < value)
+    return (evidence.scores > value) | (evidence.held_out_scores > value)
+
+
+def labelled_answers(guard: Any, policy: Policy, texts: Sequence[str],
+                     section: CalibrationSection, options: CalibrateOptions
+                     ) -> list[str] | None:
+    """The base model's answers to ``texts`` from ``guardrail train``'s label cache, when it
+    holds every one of them at the calibration's answer length with the same (greedy)
+    generation settings; else None."""
+    from guardrail.policy import GenerationSection
+    from guardrail.training.cache import StateCache, prompt_key, weights_digest
+    from guardrail.training.pipeline import state_cache_root
+
+    training = policy.training
+    if training is None or training.labels.max_new_tokens != section.max_new_tokens:
+        return None
+    generation = guard.policy.generation
+    if generation.model_dump(exclude={"max_new_tokens", "batch_size", "do_sample", "seed"}) != \
+            GenerationSection().model_dump(exclude={"max_new_tokens", "batch_size", "do_sample",
+                                                    "seed"}):
+        return None
+    for positions, means in ((training.capture.positions, True),
+                             (training.capture.positions, False)):
+        cache = StateCache(state_cache_root(training, options.cache_dir), guard.fingerprint,
+                           weights_digest(guard.model), positions=positions,
+                           max_new_tokens=training.labels.max_new_tokens, mean_states=means)
+        keys = [prompt_key(t) for t in guard.render(user_turns(texts), steer=False)]
+        if not cache.missing(keys):
+            log.info("calibrate.base_from_labels", prompts=len(texts), cache=str(cache.dir))
+            return cache.load(keys).responses
+    return None
 
 
 def gate_evidence(guard: Any, gate: GateSet, policy: Policy, spec: RailSpec,
                   prompts: Sequence[TrainingPrompt], section: CalibrationSection,
                   options: CalibrateOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """The shipped gate's scores of the validation prompts, and the cross-family scores."""
+    from guardrail.training.gatefit import held_out_scores
+    from guardrail.training.pipeline import gate_cache_root, training_section
+
     num_layers = int(guard.fingerprint.get("num_layers") or 0)
     layers = gate.state_layers(num_layers)
     rail = next(r for r in guard.rails if r.name == spec.name)
@@ -246,8 +309,10 @@ def gate_evidence(guard: Any, gate: GateSet, policy: Policy, spec: RailSpec,
     if not section.cross_family:
         return scores, scores
     train, train_states = training_states(guard, policy, spec, layers, options)
-    held = refit_without_families(gate, guard.registry, train, train_states, prompts,
-                                  val_states, num_layers, scores)
+    held = held_out_scores(gate, guard.registry, train, train_states, prompts, val_states,
+                           num_layers, scores, folds=section.cross_family_folds,
+                           cache_dir=gate_cache_root(training_section(policy),
+                                                     options.cache_dir))
     return scores, held
 
 
@@ -273,9 +338,10 @@ def training_states(guard: Any, policy: Policy, spec: RailSpec, layers: Sequence
     from guardrail.training.sources import load_prompt_sets
 
     section = training_section(policy)
-    train = load_prompt_sets(section).train
+    sets = load_prompt_sets(section)
     if not layers:
-        return train, None
+        return sets.gate_train, None
+    train = sets.train
     cache = StateCache(state_cache_root(section, options.cache_dir), guard.fingerprint,
                        weights_digest(guard.model), positions=section.capture.positions,
                        max_new_tokens=section.labels.max_new_tokens, mean_states=True)
@@ -292,8 +358,9 @@ def training_states(guard: Any, policy: Policy, spec: RailSpec, layers: Sequence
     return train, {layer: rows.mean_states[:, layer].float() for layer in layers}
 
 
-def _refused(guard: Any, prompts: Sequence[str], answers: Sequence[Any]) -> torch.Tensor:
-    return torch.tensor([v.refused for v in guard.classify(prompts, [a.text for a in answers])])
+def _refused(guard: Any, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([v.refused for v in guard.classify(prompts, list(answers))],
+                        dtype=torch.bool)
 
 
 def _with_strength(policy: Policy, index: int, eta: float, steps: int) -> Policy:
@@ -309,7 +376,7 @@ def _with_strength(policy: Policy, index: int, eta: float, steps: int) -> Policy
 
 def _fixed_thresholds(spec: Any) -> tuple[float | None, float | None]:
     if spec is None:
-        return (math.inf, None)  # no gate: every row is steered
+        return (math.inf, None)  # no gate: every row is steered (on the shared energies)
     fixed = [None if v in (None, "auto") else float(v) for v in (spec.below, spec.above)]
     return fixed[0], fixed[1]
 
@@ -324,4 +391,3 @@ def _per_source(prompts: list[TrainingPrompt], limit: int) -> list[TrainingPromp
     return out
 
 
-# --- showing it -----------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import torch
 
 from guardrail.components import ActivationSource, EnergyModel
 from guardrail.errors import PolicyError
-from guardrail.gating import GateMember, GateSet
+from guardrail.gating import GateSet
 from guardrail.policy import Policy, RailSpec
+from guardrail.steering import SHARED
 from guardrail.telemetry import progress_bar
 from guardrail.training.cache import StateCache, weights_digest
 from guardrail.training.labelling import (
@@ -28,7 +29,6 @@ from guardrail.training.labelling import (
     generate_and_capture,
     label,
 )
-from guardrail.training.metrics import auroc
 from guardrail.training.selection import select_layers, write_artifact
 from guardrail.training.sources import PromptSets, load_prompt_sets
 from guardrail.training.trainer import train_layers
@@ -62,11 +62,30 @@ class TrainReport:
     prompts: dict[str, dict[str, int]]
     cells: dict[str, dict[str, int]]
     capture: CaptureStats
-    layers: list[Any] = field(default_factory=list)
-    selected: list[int] = field(default_factory=list)
+    sides: dict[str, SideResult] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None
+
+    @property
+    def layers(self) -> list[Any]:
+        """Per-layer metrics of the shared set (of every side's, side by side, otherwise)."""
+        return [m for result in self.sides.values() for m in result.layers]
+
+    @property
+    def selected(self) -> list[int]:
+        """The layers the artifact keeps (every side's, ascending)."""
+        return sorted({layer for result in self.sides.values() for layer in result.selected})
+
+
+@dataclass
+class SideResult:
+    """One energy-model set (shared, or a gate side's): per-layer metrics, the kept layers and
+    their models."""
+
+    layers: list[Any]
+    selected: list[int]
+    models: dict[int, EnergyModel] = field(default_factory=dict, repr=False)
 
 
 def training_section(policy: Policy) -> TrainingSection:
@@ -190,41 +209,62 @@ def train_policy(
     params = registry.params("energy_model", plugin, spec.energy_model.params)
     num_layers, hidden = int(train.states.shape[1]), int(train.states.shape[2])
     candidates = _candidate_layers(section, num_layers, where)
-    bar = progress_bar(section.trainer.epochs, options.progress, "2/3 train all layers", "epoch")
-    try:
-        trained = train_layers(
-            train.states, train.cells, val.states, val.cells, candidates,
-            lambda: model_cls.build(hidden, params), section.trainer, seed=section.seed,
-            progress=bar, threads=options.threads,
-        )
-    finally:
-        bar.close()
-    clock.lap("train")
-    gate = fit_gate(spec, registry, train, val, num_layers) if spec.gate is not None else None
-    clock.lap("gate")
     top_k = min(options.top_k or section.selection.top_k, len(candidates))
-    selected = select_layers(trained.metrics, section.selection.metric, top_k)
+    sides: dict[str, SideResult] = {}
+    for side, (train_part, val_part) in side_splits(section.trainer.sides, train, val).items():
+        label = "" if side == SHARED else f" ({side} side)"
+        bar = progress_bar(section.trainer.epochs, options.progress,
+                           f"2/3 train all layers{label}", "epoch")
+        try:
+            trained = train_layers(
+                train_part.states, train_part.cells, val_part.states, val_part.cells,
+                candidates, lambda: model_cls.build(hidden, params), section.trainer,
+                seed=section.seed, progress=bar, threads=options.threads,
+            )
+        finally:
+            bar.close()
+        selected = select_layers(trained.metrics, section.selection.metric, top_k)
+        sides[side] = SideResult([trained.metrics[layer] for layer in candidates], selected,
+                                 {layer: trained.models[layer] for layer in selected})
+    clock.lap("train")
+    gate = None
+    gate_figures_: dict[str, Any] | None = None
+    if spec.gate is not None:
+        gate, gate_figures_ = fit_gate(policy, spec, registry, sets, train, val, num_layers,
+                                       options)
+    clock.lap("gate")
     output = Path(options.output or spec.energy_model.artifact)
     seconds = clock.laps
     report = TrainReport(
         policy=policy.name, rail=spec.name, model=session.guard.loaded.name, artifact=output,
         prompts=sets.summary(), cells={"train": train.counts(), "val": val.counts()},
-        capture=stats, layers=[trained.metrics[layer] for layer in candidates],
-        selected=selected, warnings=warnings, seconds=seconds,
+        capture=stats, sides=sides, warnings=warnings, seconds=seconds, gate=gate_figures_,
     )
     bar = progress_bar(1, options.progress, "3/3 select + save", "artifact")
-    report.gate = gate.report if gate is not None else None
     write_artifact(output, plugin=plugin, fingerprint=session.fingerprint,
-                   models=trained.models, selected=selected,
+                   sets={side: result.models for side, result in sides.items()},
                    metadata=_metadata(section, report, top_k), gate=gate,
                    dtype=section.selection.dtype)
     bar.update(1)
     bar.close()
     clock.lap("save")
     seconds["total"] = round(sum(seconds.values()), 1)
-    log.info("train.artifact_written", path=str(output), layers=selected, rail=spec.name,
-             seconds=seconds["total"])
+    log.info("train.artifact_written", path=str(output), rail=spec.name,
+             layers={side: r.selected for side, r in sides.items()}, seconds=seconds["total"])
     return report
+
+
+def side_splits(mode: str, train: LabelledSet, val: LabelledSet
+                ) -> dict[str, tuple[LabelledSet, LabelledSet]]:
+    """What each energy-model set trains on: everything (``shared``), or per gate side the
+    prompts of one context: ``answer`` the benign ones, ``refuse`` the harmful ones."""
+    if mode == "shared":
+        return {SHARED: (train, val)}
+    out = {}
+    for side, context in (("answer", "benign"), ("refuse", "harmful")):
+        out[side] = tuple(part.subset(torch.tensor([p.context == context for p in part.prompts]))
+                          for part in (train, val))
+    return out  # type: ignore[return-value]
 
 
 def _metadata(section: TrainingSection, report: TrainReport, top_k: int) -> dict[str, Any]:
@@ -246,47 +286,58 @@ def _metadata(section: TrainingSection, report: TrainReport, top_k: int) -> dict
         "selection": {**section.selection.model_dump(), "top_k": top_k,
                       "selected": report.selected},
         "metrics": {str(m.layer): m.to_dict() for m in report.layers},
+        **({"sides": {side: {"selected": r.selected,
+                             "metrics": {str(m.layer): m.to_dict() for m in r.layers}}
+                      for side, r in report.sides.items()}} if SHARED not in report.sides
+           else {}),
         "seconds": report.seconds,
         **({"gate": report.gate} if report.gate is not None else {}),
     }
 
 
-def fit_gate(spec: RailSpec, registry: Any, train: LabelledSet, val: LabelledSet,
-             num_layers: int) -> GateSet:
-    """Fit the rail's gate members on the training prompts (harmful context = 1) and report
-    how well the combined score separates the validation prompts, per source."""
+def fit_gate(policy: Policy, spec: RailSpec, registry: Any, sets: PromptSets,
+             train: LabelledSet, val: LabelledSet, num_layers: int,
+             options: TrainOptions) -> tuple[GateSet, dict[str, Any]]:
+    """Fit the rail's gate on the training prompts (harmful context = 1), gate-only sources
+    included, and report how it separates the validation prompts per source: with its own
+    scores and, when the policy's calibration checks across families, with the scores of the
+    gate refitted without each family (or fold), which calibration then reuses."""
+    from guardrail.training.gatefit import fit_gate_set, gate_figures, held_out_scores
+    from guardrail.training_config import CalibrationSection
+
     assert spec.gate is not None
-    members = []
-    for member in spec.gate.members:
-        gate = registry.create("gate", member.plugin, member.params)
-        members.append(GateMember(member.plugin, gate, member.weight))
-    gates = GateSet(members)
+    members = [(m.plugin, m.params, m.weight) for m in spec.gate.members]
     started = time.perf_counter()
-    gates.fit([p.text for p in train.prompts], _mean_states(train),
-              torch.tensor([p.context == "harmful" for p in train.prompts]), num_layers)
-    scores = gates.score([p.text for p in val.prompts], _mean_states(val), num_layers)
-    gates.report = gate_report(scores, val, time.perf_counter() - started)
-    log.info("train.gate_fitted", members=[m.plugin for m in members],
-             auroc=gates.report["auroc"], seconds=gates.report["seconds"])
-    return gates
+    prompts = sets.gate_train
+    states = _mean_states(train)
+    if sets.gate and states is not None:
+        raise PolicyError(str(policy.path or policy.name), [
+            f"training.sources: gate_only sources are read by text-only gates, but the gate of "
+            f"rail {spec.name!r} has members reading the model's states "
+            f"({[m.plugin for m in spec.gate.members]})"])
+    cache_dir = gate_cache_root(training_section(policy), options.cache_dir)
+    gates = fit_gate_set(members, registry, prompts, states, num_layers, cache_dir)
+    val_states = _mean_states(val)
+    scores = gates.score([p.text for p in val.prompts], val_states, num_layers)
+    calibration = policy.calibration or CalibrationSection()
+    held = None
+    if calibration.cross_family:
+        held = held_out_scores(gates, registry, prompts, states, val.prompts, val_states,
+                               num_layers, scores, folds=calibration.cross_family_folds,
+                               cache_dir=cache_dir)
+    figures = gate_figures(scores, held, val.prompts, val.refused)
+    figures["members"] = [m.plugin for m in gates.members]
+    figures["fitted_on"] = len(prompts)
+    figures["seconds"] = round(time.perf_counter() - started, 1)
+    gates.report = figures
+    log.info("train.gate_fitted", members=figures["members"], auroc=figures["auroc"],
+             cross_family_auroc=figures.get("cross_family_auroc"), seconds=figures["seconds"])
+    return gates, figures
 
 
-def gate_report(scores: torch.Tensor, val: LabelledSet, seconds: float) -> dict[str, Any]:
-    """AUROC of harmful vs benign validation prompts, and per source the share of the prompts
-    the model refuses that score below a few thresholds (what a ``below`` gate would steer)."""
-    harmful = torch.tensor([p.context == "harmful" for p in val.prompts])
-    refused = torch.tensor(val.refused)
-    sources: dict[str, Any] = {}
-    for name in dict.fromkeys(p.source for p in val.prompts):
-        rows = torch.tensor([p.source == name for p in val.prompts]) & refused
-        sources[name] = {
-            "context": next(p.context for p in val.prompts if p.source == name),
-            "refused": int(rows.sum()),
-            "below": {str(t): round(float((scores[rows] < t).float().mean()), 3)
-                      if bool(rows.any()) else None for t in (-1.0, -0.5, 0.0)},
-        }
-    return {"auroc": round(auroc(scores[harmful], scores[~harmful]) or float("nan"), 4),
-            "sources": sources, "seconds": round(seconds, 1)}
+def gate_cache_root(section: TrainingSection, override: str | Path | None) -> Path:
+    """Where fitted gates are cached: ``gates/`` in the state cache."""
+    return state_cache_root(section, override) / "gates"
 
 
 def _mean_states(labelled: LabelledSet) -> dict[int, torch.Tensor] | None:

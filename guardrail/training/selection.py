@@ -37,18 +37,19 @@ def write_artifact(
     *,
     plugin: str,
     fingerprint: dict[str, Any],
-    models: Mapping[int, EnergyModel],
-    selected: list[int],
+    sets: Mapping[str, Mapping[int, EnergyModel]],
     metadata: dict[str, Any],
     gate: GateSet | None = None,
     dtype: str = "float32",
 ) -> Path:
-    """Save the selected layers' models (and the rail's fitted gate) with the run's metadata;
-    returns the path."""
+    """Save the energy models (one ``shared`` set, or one per gate side) and the rail's
+    fitted gate with the run's metadata; returns the path."""
+    shared = "shared" in sets
     artifact = EnergyArtifact(
         plugin=plugin,
         fingerprint=fingerprint,
-        models={layer: models[layer] for layer in selected},
+        models=dict(sets["shared"]) if shared else {},
+        sides={} if shared else {side: dict(models) for side, models in sets.items()},
         metadata=metadata,
         gate=gate,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -28,17 +28,24 @@ class TrainingPrompt:
 
 @dataclass
 class PromptSets:
-    """Training and validation prompts, disjoint."""
+    """Training and validation prompts, disjoint; ``gate`` holds the prompts of gate-only
+    sources (read by the gate besides ``train``, never answered by the model)."""
 
     train: list[TrainingPrompt]
     val: list[TrainingPrompt]
+    gate: list[TrainingPrompt] = field(default_factory=list)
+
+    @property
+    def gate_train(self) -> list[TrainingPrompt]:
+        """What the gate is fitted on: the training prompts, then the gate-only ones."""
+        return [*self.train, *self.gate]
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Prompt counts per split and source (for reports and the artifact header)."""
-        return {
-            split: dict(Counter(p.source for p in prompts))
-            for split, prompts in (("train", self.train), ("val", self.val))
-        }
+        splits = [("train", self.train), ("val", self.val)]
+        if self.gate:
+            splits.append(("gate_only", self.gate))
+        return {split: dict(Counter(p.source for p in prompts)) for split, prompts in splits}
 
 
 def load_source_list(
@@ -68,9 +75,16 @@ def load_prompt_sets(
     Without validation sources, ``trainer.val_fraction`` of each source is held out. A prompt
     in both a benign and a harmful source is an error (the labels would contradict each other).
     """
-    train_lists = load_source_list(section.sources, seed=section.seed, where="training.sources")
+    labelled = [s for s in section.sources if not s.gate_only]
+    _require_contexts_in(labelled, "training.sources (those without gate_only)")
+    train_lists = load_source_list(labelled, seed=section.seed, where="training.sources")
+    gate_sources = [s for s in section.sources if s.gate_only]
+    gate_lists = load_source_list(gate_sources, seed=section.seed, where="training.sources")
     if train_total is not None:
+        total = sum(len(g) for g in train_lists)
         train_lists = _shrink(train_lists, train_total, section.seed)
+        shrunk = sum(len(g) for g in gate_lists) * train_total // max(total, 1)
+        gate_lists = _shrink(gate_lists, max(shrunk, 1), section.seed)
     if section.validation:
         val_lists = load_source_list(section.validation, seed=section.seed,
                                      where="training.validation")
@@ -88,7 +102,26 @@ def load_prompt_sets(
         log.warning("train.val_overlap_dropped", prompts=len(overlap))
         val = [p for p in val if p.text not in seen]
     _require_contexts(val, "training.validation" if section.validation else "the held-out split")
-    return PromptSets(train=train, val=val)
+    taken = {p.text: p for p in (*train, *val)}
+    gate = []
+    for prompt in _dedupe([p for group in gate_lists for p in group], "training.sources"):
+        other = taken.get(prompt.text)
+        if other is None:
+            gate.append(prompt)
+        elif other.context != prompt.context:
+            raise DataError(
+                f"training.sources: prompt {prompt.text[:80]!r} is in {other.source} as "
+                f"{other.context!r} and in {prompt.source} as {prompt.context!r}; "
+                "a prompt needs one context (drop it from one file or add a filter)")
+    return PromptSets(train=train, val=val, gate=gate)
+
+
+def _require_contexts_in(sources: Sequence[PromptSource], where: str) -> None:
+    contexts = {s.context for s in sources}
+    missing = sorted({"benign", "harmful"} - contexts)
+    if missing:
+        raise DataError(f"{where}: no {missing[0]!r} source; the energy models need benign and "
+                        "harmful prompts the model answers (gate_only sources are not answered)")
 
 
 def _dedupe(prompts: list[TrainingPrompt], where: str) -> list[TrainingPrompt]:

