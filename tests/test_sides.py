@@ -215,3 +215,18 @@ def test_a_row_calibration_did_not_answer_steered_is_never_given_to_a_side() -> 
     assert chosen is not None and chosen.below is not None
     assert chosen.outcomes["benign-src"].steered <= 5
 
+
+
+def test_the_answer_threshold_reaches_the_budget_edge_exactly() -> None:
+    # 300 benign rows spread over -3..3, steering fixes every one; 300 harmful rows high up,
+    # but one scores -2.05: the best feasible threshold is that score, which the quantile
+    # grid alone (every 1/60 of the scores: ... -2.2, -2.0 ...) would miss.
+    contexts = "b" * 300 + "h" * 300
+    benign = [-3 + 0.02 * i for i in range(300)]
+    harmful = [-2.05] + [4.0 + 0.001 * i for i in range(299)]
+    base = [True] * 300 + [True] * 300
+    answer = [False] * 300 + [True] * 300
+    evidence = _evidence(contexts, base, answer, base, benign + harmful)
+    chosen, _ = choose(evidence, CalibrationSection(), search_below=True, search_above=False)
+    assert chosen is not None and chosen.below is not None and -2.06 < chosen.below <= -2.05
+    assert chosen.outcomes["benign-src"].right_way == 48  # -3.00 .. -2.06

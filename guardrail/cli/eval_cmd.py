@@ -147,10 +147,26 @@ def run_eval(args: argparse.Namespace) -> int:
     json_path, md_path = write_report(report, args.out)
     print(console(report))
     print(f"wrote {json_path} and {md_path}")
+    roc = _gate_roc(results, Path(args.out) / "gate_roc.png")
+    if roc is not None:
+        print(f"gate ROC: {roc}")
     if args.save_generations:
         paths = write_generations(results, args.out)
         print(f"wrote {len(paths)} generation files under {Path(args.out) / 'generations'}")
     return 0
+
+
+def _gate_roc(results: Any, path: Path) -> Path | None:
+    """The gated policies' ROC per suite (None without matplotlib or without a gate)."""
+    from guardrail.errors import GuardrailError
+    from guardrail.evaluation.plots import plot_gate_roc
+
+    suites = [{"name": r.suite.name, "rows": [row.to_dict(records=True) for row in r.rows]}
+              for r in results]
+    try:
+        return plot_gate_roc({"suites": suites}, path)
+    except GuardrailError:
+        return None
 
 
 def _settings(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,22 @@ def energy_line(telemetry: GenerationTelemetry, disabled: dict[int, str] | None 
     return "  ".join(parts) if parts else "(no energy at the last prompt token)"
 
 
+def gate_lines(telemetry: GenerationTelemetry) -> list[str]:
+    """Per gated rail: the harm score and the side the gate chose, against its thresholds."""
+    lines = []
+    for gate in telemetry.gates:
+        below = "never" if gate.below is None else f"{gate.below:+.2f}"
+        above = "never" if gate.above is None else f"{gate.above:+.2f}"
+        if gate.side == "answer":
+            what = f"steered towards answering (score below {below})"
+        elif gate.side == "refuse":
+            what = f"steered towards refusing (score above {above})"
+        else:
+            what = f"left as the model has it (answer below {below}, refuse above {above})"
+        lines.append(f"rail {gate.rail}: harm score {gate.score:+.2f}, {what}")
+    return lines
+
+
 def disabled_layers(guard: Guardrail) -> dict[int, str]:
     """Layers of the guardrail's rails that were disabled at load, and why."""
     return {layer: why for rail in guard.rails for layer, why in rail.disabled.items()}
@@ -132,6 +148,8 @@ def run_generate(args: argparse.Namespace) -> int:
             )
         if steered is not None:
             print(f"ENERGY   {energy_line(steered[i].telemetry, disabled_layers(guard))}")
+            for line in gate_lines(steered[i].telemetry):
+                print(f"GATE     {line}")
     return 0
 
 
