@@ -14,7 +14,7 @@ models; ``guardrail calibrate`` chooses the thresholds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,16 @@ class GateMember:
     weight: float = 1.0
     mean: float = 0.0
     std: float = 1.0
+
+
+MemberFit = Callable[[GateMember, Sequence[str], "torch.Tensor | None", torch.Tensor],
+                    torch.Tensor]
+
+
+def _fit_and_score(member: GateMember, prompts: Sequence[str], states: torch.Tensor | None,
+                   harmful: torch.Tensor) -> torch.Tensor:
+    member.gate.fit(prompts, states, harmful)
+    return member.gate.score(prompts, states)
 
 
 @dataclass
@@ -60,13 +70,17 @@ class GateSet:
         return torch.stack([states[layer] for layer in layers], dim=1)
 
     def fit(self, prompts: Sequence[str], states: dict[int, torch.Tensor] | None,
-            harmful: torch.Tensor, num_layers: int) -> None:
-        """Fit every member on the training prompts (``harmful``: True where refusing is right)."""
+            harmful: torch.Tensor, num_layers: int, fit_member: MemberFit | None = None) -> None:
+        """Fit every member on the training prompts (``harmful``: True where refusing is right).
+
+        ``fit_member(member, prompts, states, harmful)`` fits one member and returns its raw
+        scores of the training prompts (default: ``fit``, then ``score``); a caller may take
+        them from a cache instead.
+        """
         total = torch.zeros(len(prompts))
         for member in self.members:
             own = self._member_states(member, states, num_layers)
-            member.gate.fit(prompts, own, harmful)
-            raw = member.gate.score(prompts, own).float()
+            raw = (fit_member or _fit_and_score)(member, prompts, own, harmful).float()
             member.mean, member.std = float(raw.mean()), float(raw.std().clamp_min(1e-6))
             total += member.weight * (raw - member.mean) / member.std
         self.mean, self.std = float(total.mean()), float(total.std().clamp_min(1e-6))

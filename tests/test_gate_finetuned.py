@@ -144,3 +144,13 @@ def test_fitted_gates_are_cached_and_folds_refit_without_their_families(
     assert not torch.allclose(held, scores)
     held_out_scores(gates, registry, train, None, val, None, 4, scores, folds=2, cache_dir=cache)
     assert len(fits) == 3  # folds are cached too
+
+
+def test_a_sentence_embedding_gate_whose_encoder_is_missing_fails_at_load(registry: Any) -> None:
+    from guardrail_plugins.gates.model import SentenceEmbeddingGate
+
+    params = SentenceEmbeddingGate.Params(model="no-such-encoder-package")
+    tensors = {"mean": torch.zeros(3), "std": torch.ones(3), "weight": torch.zeros(3),
+               "bias": torch.zeros(1)}
+    with pytest.raises(PluginError, match="guardrail models fetch no-such-encoder-package"):
+        SentenceEmbeddingGate.from_artifact(params, {"model": "no-such-encoder-package"}, tensors)

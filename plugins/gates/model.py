@@ -197,6 +197,9 @@ class SentenceEmbeddingGate(_HeadGate):
     def config(self) -> dict[str, Any]:
         return {"model": self.params.model}
 
+    def restore(self, config: dict[str, Any]) -> None:
+        encoder_path(self.params.model, gate=self.name)  # a missing encoder fails at load
+
 
 _EMBEDDINGS: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 _MEMO_LIMIT = 50_000
