@@ -485,13 +485,13 @@ def header_problems(exc: ValidationError) -> list[str]:
 def check_tensor_table(header: ArtifactHeader, tensors: dict[str, TensorEntry],
                        where: str) -> None:
     """Every tensor belongs to a listed layer or gate member; every listed layer has some."""
-    claimed = [f"{_prefix(side)}{layer}." for side, entry in header.sets().items()
-               for layer in entry.layers]
+    sets = header.sets()
+    claimed = {(side, str(layer)) for side, entry in sets.items() for layer in entry.layers}
     if header.gate is not None:
-        claimed += [f"{GATE_TENSOR_PREFIX}{i}." for i in range(len(header.gate.members))]
-    strays = sorted(name for name in tensors if not name.startswith(tuple(claimed)))
+        claimed |= {("gate", str(i)) for i in range(len(header.gate.members))}
+    owners = {name: _owner(name) for name in tensors}
+    strays = sorted(name for name, owner in owners.items() if owner not in claimed)
     if strays:
-        sets = header.sets()
         listed = (f"'layers' {sets['shared'].layers}" if "shared" in sets else
                   "'sides' (" + "; ".join(f"{side}: {entry.layers}"
                                           for side, entry in sets.items()) + ")")
@@ -499,13 +499,26 @@ def check_tensor_table(header: ArtifactHeader, tensors: dict[str, TensorEntry],
                 if header.gate is not None else " and there is no gate")
         raise ArtifactError(f"{where}: tensors {_shown(strays)} belong to no layer in the "
                             f"header's {listed}{gate}")
-    for side, entry in header.sets().items():
+    found = set(owners.values())
+    for side, entry in sets.items():
         for layer in entry.layers:
-            prefix = f"{_prefix(side)}{layer}."
-            if not any(name.startswith(prefix) for name in tensors):
+            if (side, str(layer)) not in found:
                 label = "" if side == "shared" else f"side {side!r} "
                 raise ArtifactError(f"{where}: {label}layer {layer}: the header lists it but "
-                                    f"the file has no tensors named {prefix}*")
+                                    f"the file has no tensors named {_prefix(side)}{layer}.*")
+
+
+def _owner(name: str) -> tuple[str, str] | None:
+    """Which set's layer (``("answer", "3")``) or gate member (``("gate", "0")``) a tensor
+    name belongs to."""
+    if name.startswith(GATE_TENSOR_PREFIX):
+        index, dot, _ = name[len(GATE_TENSOR_PREFIX):].partition(".")
+        return ("gate", index) if dot else None
+    side, rest = ("shared", name) if name.startswith("layers.") else name.partition(".")[::2]
+    if not rest.startswith("layers."):
+        return None
+    layer, dot, _ = rest[len("layers."):].partition(".")
+    return (side, layer) if dot else None
 
 
 @dataclass(frozen=True)
@@ -540,6 +553,12 @@ def _prefix(side: str) -> str:
 
 def _nonfinite(value: Any, path: str = "") -> tuple[str, float] | None:
     """The key path and value of the first NaN or infinity inside ``value`` (None: none)."""
+    if not path:
+        try:  # the usual case, in C: nothing to find
+            json.dumps(value, allow_nan=False)
+            return None
+        except (ValueError, TypeError, RecursionError):
+            pass
     if isinstance(value, float) and not math.isfinite(value):
         return path, value
     if isinstance(value, dict):

@@ -38,6 +38,7 @@ from guardrail.artifact_header import (
     FORMATS,
     HEADER_KEY,
     SIDES,
+    ArtifactFile,
     ArtifactHeader,
     Calibration,
     check_header,
@@ -163,16 +164,24 @@ class EnergyArtifact:
         """
         path = Path(path)
         checked = read_artifact(path)
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+        return cls.assemble(checked, tensors, registry, path, device)
+
+    @classmethod
+    def assemble(cls, checked: ArtifactFile, tensors: dict[str, torch.Tensor], registry: Any,
+                 path: str | Path, device: torch.device | str = "cpu") -> EnergyArtifact:
+        """The artifact a checked header and its tensors describe (:meth:`load`'s second
+        half): energy models rebuilt and checked, the gate rebuilt."""
+        path = Path(path)
         header = checked.header
         plugin = header.energy_model
         try:
             model_cls = registry.get("energy_model", plugin).cls
         except PluginError as exc:
             raise ArtifactError(f"{path}: header field 'energy_model': {exc}") from exc
-        try:
-            tensors = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
         hidden_size = header.model.hidden_size
         sets: dict[str, dict[int, EnergyModel]] = {}
         disabled_sets: dict[str, dict[int, str]] = {}
@@ -245,26 +254,20 @@ def _load_set(model_cls: Any, side: str, layers: list[int], configs: dict[str, A
     models: dict[int, EnergyModel] = {}
     disabled: dict[int, str] = {}
     label = "" if side == "shared" else f"side {side!r} "
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    base = _prefix(side)
+    for name, tensor in tensors.items():
+        if name.startswith(base):
+            layer_key, _, rest = name[len(base):].partition(".")
+            by_layer.setdefault(layer_key, {})[rest] = tensor
     for layer in layers:
-        prefix = f"{_prefix(side)}{layer}."
-        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        where = f"{path}: {label}layer {layer}"
-        if not own:
-            raise ArtifactError(f"{where}: the header lists it but the file has no tensors "
-                                f"named {prefix}*")
-        config = configs[str(layer)]
-        if _is_index(hidden_size) and config.get("hidden_size", hidden_size) != hidden_size:
-            raise ArtifactError(f"{where}: config field 'hidden_size' is "
-                                f"{_shown(config['hidden_size'])} but the header's model has "
-                                f"hidden_size {hidden_size}")
-        model = _rebuild(model_cls, config, own, where)
-        _check_input_size(model, hidden_size, where)
-        bad = sorted(name for name, t in own.items()
-                     if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-        if bad:
-            disabled[int(layer)] = f"non-finite weights in {', '.join(bad)}"
+        found = _load_layer(model_cls, configs[str(layer)], by_layer.get(str(layer), {}),
+                            hidden_size, f"{path}: {label}layer {layer}", f"{base}{layer}.",
+                            device)
+        if isinstance(found, str):
+            disabled[int(layer)] = found
             continue
-        models[int(layer)] = model.to(device).eval().requires_grad_(False)
+        models[int(layer)] = found
     if disabled:
         log.warning("artifact.nonfinite_weights", path=str(path), side=side,
                     layers=sorted(disabled),
@@ -274,6 +277,27 @@ def _load_set(model_cls: Any, side: str, layers: list[int], configs: dict[str, A
         raise ArtifactError(f"{path}: every {label}layer ({sorted(disabled)}) has non-finite "
                             "(NaN or infinite) weights; retrain the artifact")
     return models, disabled
+
+
+def _load_layer(model_cls: Any, config: dict[str, Any], own: dict[str, torch.Tensor],
+                hidden_size: int, where: str, prefix: str, device: torch.device | str = "cpu"
+                ) -> EnergyModel | str:
+    """One layer's energy model rebuilt from its config and tensors and checked, or why it
+    is disabled (non-finite weights); anything else wrong is an :class:`ArtifactError`."""
+    if not own:
+        raise ArtifactError(f"{where}: the header lists it but the file has no tensors "
+                            f"named {prefix}*")
+    if config.get("hidden_size", hidden_size) != hidden_size:
+        raise ArtifactError(f"{where}: config field 'hidden_size' is "
+                            f"{_shown(config['hidden_size'])} but the header's model has "
+                            f"hidden_size {hidden_size}")
+    model = _rebuild(model_cls, config, own, where)
+    _check_input_size(model, hidden_size, where)
+    bad = sorted(name for name, t in own.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        return f"non-finite weights in {', '.join(bad)}"
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _rebuild(model_cls: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor],
