@@ -27,6 +27,7 @@ from guardrail.policy import (
     parse_policy,
     shown,
 )
+from guardrail.policy_files import resolved
 from guardrail.shipped import resolve_policy
 
 
@@ -371,10 +372,10 @@ def validate_policy_file(path: str | Path, registry: Any) -> Policy:
     A file the schema rejects still has its plugin sections checked, so one run reports
     both kinds of problem.
     """
-    resolved = resolve_policy(path).resolve()
-    data = load_raw(resolved)
+    found = resolved(resolve_policy(path))
+    data = load_raw(found)
     try:
-        policy = parse_policy(data, resolved)
+        policy = parse_policy(data, found)
     except PolicyError as exc:
         raise PolicyError(exc.path, exc.problems + check_plugin_sections(data, registry)) from None
     problems = check_plugins(policy, registry) + check_references(policy)

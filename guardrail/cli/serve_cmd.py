@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from guardrail.cli.arg_types import non_negative_float, port, positive_float, positive_int
+from guardrail.cli.arg_types import device, non_negative_float, port, positive_float, positive_int
 from guardrail.errors import GuardrailError
 from guardrail.serving.auth import ENV_VAR
 
@@ -28,7 +28,7 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=port, default=8000)
-    serve.add_argument("--device", help="auto, cpu, cuda (overrides the policies)")
+    serve.add_argument("--device", type=device, help="auto, cpu, cuda (overrides the policies)")
     serve.add_argument("--threads", type=positive_int,
                        help="torch CPU threads (1 is fastest on a busy shared CPU)")
     limits = serve.add_argument_group("batching and limits")
