@@ -187,7 +187,7 @@ def _layers_once(layers: list[int] | None) -> list[int] | None:
 
 def _configs_finite(configs: dict[str, dict[str, Any]] | None
                     ) -> dict[str, dict[str, Any]] | None:
-    return _finite_values(configs)  # type: ignore[no-any-return]
+    return _finite_values(configs)
 
 
 def _config_per_layer(layers: list[int], configs: dict[str, Any], where: str) -> None:
@@ -231,7 +231,7 @@ class GateMemberHeader(_Part):
     @field_validator("params", "config")
     @classmethod
     def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _finite_values(value)  # type: ignore[no-any-return]
+        return _finite_values(value)
 
 
 class GateHeader(_Part):
@@ -343,7 +343,7 @@ class Calibration(BaseModel):
     def steerer_values(self, side: str | None = None) -> dict[str, Any]:
         """The calibrated steerer values shared by both sides, or of ``side``."""
         found = self.steerer if side is None else (
-            self.sides[side].steerer if side in self.sides else None)  # type: ignore[index]
+            self.sides[side].steerer if side in self.sides else None)
         return found.values() if found is not None else {}
 
 
@@ -422,7 +422,7 @@ class ArtifactHeader(_Part):
         if self.format == FORMAT_SHARED:
             assert self.layers is not None and self.configs is not None
             return {"shared": EnergySet.model_construct(layers=self.layers, configs=self.configs)}
-        return dict(self.sides or {})
+        return {str(side): entry for side, entry in (self.sides or {}).items()}
 
     @property
     def calibration(self) -> Calibration | None:

@@ -249,9 +249,10 @@ def _rail_artifact_problems(rail: RailSpec, found: ArtifactFile, registry: Any, 
                                 f"calibrate` stores in the artifact, and {artifact} has none; "
                                 "run `guardrail calibrate` or give a number")
     if calibration is not None:
-        for side in (None, "answer", "refuse"):
+        sides: tuple[str | None, ...] = (None, "answer", "refuse")
+        for part in sides:
             try:
-                calibrated_spec(rail.steerer, calibration, side, registry, artifact)
+                calibrated_spec(rail.steerer, calibration, part, registry, artifact)
             except ArtifactError as exc:
                 problems.append(f"{key}.energy_model.artifact: {exc}")
     return problems

@@ -110,17 +110,21 @@ class _LimitedComposer(Composer):
             return super().compose_node(parent, index)
         if isinstance(event, ScalarEvent) and _BAD_CHARACTER.search(event.value):
             raise _Refused(_bad_character_message(event.value), event.start_mark)
-        self._depth += 1
-        self._reach(self._depth, event.start_mark)
+        self._depth = depth = self._depth + 1
+        if depth > MAX_DEPTH:
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
         before, outer = self._nodes, self._deepest
-        self._deepest = self._depth
-        self._count(1, event.start_mark)
+        self._deepest = depth
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            self._count(0, event.start_mark)
         node: Node = super().compose_node(parent, index)
         if event.anchor is not None:
             self._sizes[event.anchor] = self._nodes - before
-            self._heights[event.anchor] = self._deepest - self._depth + 1
-        self._deepest = max(outer, self._deepest)
-        self._depth -= 1
+            self._heights[event.anchor] = self._deepest - depth + 1
+        if outer > self._deepest:
+            self._deepest = outer
+        self._depth = depth - 1
         return node
 
 

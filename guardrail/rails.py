@@ -120,8 +120,8 @@ def _gate(spec: GateSpec, fitted: GateSet | None, calibrated: Calibration | None
     for side in ("below", "above"):
         value = getattr(spec, side)
         if value == "auto":
-            stored = calibrated.gate if calibrated is not None else None
-            value = getattr(stored, side) if stored is not None else "missing"
+            chosen = calibrated.gate if calibrated is not None else None
+            value = getattr(chosen, side) if chosen is not None else "missing"
             if value == "missing":
                 raise PolicyError(where, [
                     f"{key}.{side}: 'auto' takes the threshold `guardrail calibrate` stores in "

@@ -136,7 +136,7 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
     _route_uncaught(json=json)
 
 
-class _GuardrailHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _GuardrailHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
     """The root handler :func:`configure_logging` installs (replaced, never added twice)."""
 
 
@@ -151,7 +151,7 @@ def _route_stdlib_logging(*, json: bool, level: str, escape: Any, renderer: Any)
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, escape,
                     renderer],
     )
-    handler = _GuardrailHandler(_CurrentStderr())  # type: ignore[arg-type]
+    handler = _GuardrailHandler(_CurrentStderr())
     handler.setFormatter(formatter)
     # Other libraries' warnings and errors only: their INFO lines (a request log per HTTP
     # call, say) are not ours to print.

@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "plugins":  # which lists them itself
         _warn_failed_plugins()
     stdout = sys.stdout
-    sys.stdout = EscapingWriter(stdout)  # type: ignore[assignment]
+    sys.stdout = EscapingWriter(stdout)
     try:
         return int(args.func(args) or 0)
     except GuardrailError as exc:
