@@ -605,3 +605,38 @@ def test_a_client_gone_mid_upload_is_logged_as_a_disconnect(guarded: LiveServer)
     assert event["disconnected"] is True and event["path"] == CHAT
     assert "Traceback" not in guarded.log_path.read_text(errors="replace")
     assert _value(_metrics(guarded), "guardrail_requests_total", route=CHAT, status="500") == 0
+
+
+@pytest.mark.integration
+def test_sigterm_while_smollm2_tokenises_megabyte_prompts(tmp_path: Path) -> None:
+    # The probe's case: SmolLM2's BPE tokenizer takes about a second per megabyte prompt.
+    from guardrail.models import is_installed
+
+    from .live_server import SMOL
+
+    if not is_installed(SMOL):
+        pytest.skip(f"packaged checkpoint {SMOL} is not installed")
+    policy = write_yaml(tmp_path / "admit.yaml", {"name": "admit", "model": {"source": SMOL},
+                                                  "generation": {"max_new_tokens": 4}})
+    server = start_server([policy], tmp_path / "admit.log", "--drain-timeout", "1",
+                          "--max-request-bytes", str(2 << 20))
+    bodies = [_big(i, 40_000) for i in range(40)] + [_big(i, 2) for i in range(4)]
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool, httpx.Client(
+                timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
+            futures = [pool.submit(_post, client, server, body) for body in bodies]
+            _until(lambda: server.health()["admission"]["admitted"] >= 30, "30 admitted")
+            time.sleep(1.5)  # one or two tokenised by now
+            server.process.send_signal(signal.SIGTERM)
+            replies = [f.result(timeout=120) for f in futures]
+        server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    statuses = [r["status"] for r in replies]
+    print(f"\nSmolLM2, SIGTERM while tokenising: {statuses.count(503)} x 503, "
+          f"{statuses.count(400)} x 400, {statuses.count(200)} x 200")
+    assert all(r["status"] in (200, 400, 503) and r["type"].startswith("application/json")
+               for r in replies), replies
+    assert all(r["status"] in (200, 503) for r in replies[40:])
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "Internal Server Error" not in log
