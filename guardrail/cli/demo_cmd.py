@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guardrail.cli.arg_types import non_negative_int, positive_int
+from guardrail.cli.arg_types import device, non_negative_int, positive_int
 from guardrail.defaults import DEFAULT_POLICY
 from guardrail.errors import DataError, GuardrailError, PolicyError
 from guardrail.generation import user_turns
@@ -67,7 +67,7 @@ def add_parser(subparsers: Any) -> None:
     demo.add_argument("--tally", type=non_negative_int, default=40, metavar="N",
                       help="also count refusals, base vs steered, on a seeded sample of N of the "
                       "policy's validation prompts (0: off)")
-    demo.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
+    demo.add_argument("--device", type=device, help="auto, cpu, cuda (overrides the policy)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=run)
 

@@ -8,7 +8,8 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
-from guardrail.cli.arg_types import positive_float, positive_int, probability
+from guardrail.cli.arg_types import device, positive_float, positive_int, probability, seed
+from guardrail.console import printable
 from guardrail.generation import user_turns
 
 if TYPE_CHECKING:  # guardrail.guard imports torch: only the commands themselves load it
@@ -39,8 +40,8 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--do-sample", action="store_true", default=None)
     parser.add_argument("--temperature", type=positive_float)
     parser.add_argument("--top-p", type=probability)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
+    parser.add_argument("--seed", type=seed)
+    parser.add_argument("--device", type=device, help="auto, cpu, cuda (overrides the policy)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -136,13 +137,13 @@ def run_generate(args: argparse.Namespace) -> int:
     width = 100
     for i, prompt in enumerate(args.prompts):
         print("=" * width)
-        print(f"PROMPT   {prompt}")
+        print(f"PROMPT   {printable(prompt, newlines=False)}")
         for label, results in (("BASE", base), ("STEERED", steered)):
             if results is None:
                 continue
             result = results[i]
             print(f"{label:<8} [{_verdict(guard, prompt, result)}]")
-            body = result.text.strip() or "(empty)"
+            body = printable(result.text.strip()) or "(empty)"
             print(
                 textwrap.indent(textwrap.fill(body, width - 9, replace_whitespace=False), " " * 9)
             )
@@ -161,7 +162,8 @@ def run_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     steer = True
     print(
-        f"policy {guard.policy.name!r} on {guard.loaded.name}; /help for commands", file=sys.stderr
+        printable(f"policy {guard.policy.name!r} on {guard.loaded.name}; /help for commands",
+                  newlines=False), file=sys.stderr
     )
     while True:
         try:
@@ -185,6 +187,6 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         result = guard.generate([history], steer=steer, **_overrides(args))[0]
         history.append({"role": "assistant", "content": result.text})
-        print(f"bot> {result.text.strip()}")
+        print(f"bot> {printable(result.text.strip())}")
         if steer:
             print(f"     energy {energy_line(result.telemetry, disabled_layers(guard))}")
