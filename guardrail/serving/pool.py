@@ -175,6 +175,9 @@ class PolicyPool:
             elif worker.queued >= worker.max_queue:
                 reasons.append(f"model {worker.name}: queue full ({worker.queued}/"
                                f"{worker.max_queue})")
+        # A component a policy needs and cannot find would fail every request it gets.
+        for name, served in sorted(self.policies.items()):
+            reasons += [f"policy {name}: {problem}" for problem in served.guard.missing()]
         return reasons
 
     def health(self) -> dict[str, Any]:

@@ -197,6 +197,9 @@ class SentenceEmbeddingGate(_HeadGate):
     def config(self) -> dict[str, Any]:
         return {"model": self.params.model}
 
+    def resources(self) -> list[str]:
+        return [self.params.model]
+
 
 _EMBEDDINGS: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 _MEMO_LIMIT = 50_000
