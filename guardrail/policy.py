@@ -8,7 +8,9 @@ which bounds their size, nesting and alias expansion.
 
 ``extends: PARENT`` (a path, or a shipped policy's name) starts from the parent file:
 mappings merge key by key, rails merge by ``name`` (:func:`merge_rails`), and every other
-list or value replaces the parent's.
+list or value replaces the parent's. A component section (``steerer``, ``energy_model``,
+``classifier``, ...) that names another ``plugin`` than the parent's replaces the parent's
+section whole: params are never inherited across plugins.
 """
 
 from __future__ import annotations
@@ -268,6 +270,10 @@ def merge_rails(parent: list[Any], child: list[Any]) -> list[Any]:
 
 
 def _merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    if _names_another_plugin(base, override):
+        # Another plugin's params mean nothing to this one: the child's section replaces the
+        # parent's whole (a steerer swapped for a plugin of your own inherits no `normalize`).
+        return dict(override)
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -275,6 +281,12 @@ def _merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str,
         else:
             merged[key] = value
     return merged
+
+
+def _names_another_plugin(base: dict[str, Any], override: dict[str, Any]) -> bool:
+    """Whether a component section of the child names a plugin other than the parent's (by
+    the name as written: an alias of the same plugin counts as another name)."""
+    return "plugin" in override and "plugin" in base and override["plugin"] != base["plugin"]
 
 
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import yaml
 from guardrail.cli import main
 from guardrail.errors import PolicyError
 from guardrail.policy import load_policy
-from guardrail.policy_checks import missing_artifacts, validate_policy_file
+from guardrail.policy_checks import check_plugins, missing_artifacts, validate_policy_file
 
 from .conftest import write_policy
 
@@ -208,6 +208,34 @@ def test_extends_replaces_other_lists(tmp_path: Path) -> None:
     child = _family(tmp_path, {"rails": [{"name": "a", "energy_model": {
         "params": {"hidden": [16]}}}]})
     assert load_policy(child).rails[0].energy_model.params["hidden"] == [16]  # type: ignore[union-attr]
+
+
+def test_extends_replaces_a_component_whole_when_the_child_names_another_plugin(
+    tmp_path: Path, registry: object,
+) -> None:
+    # The shipped gated policy, its steerer swapped for another plugin: the parent's
+    # gradient-descent params (normalize) are not inherited, the gate and the rest are kept.
+    child = write_policy(tmp_path / "child.yaml", {
+        "extends": "eds-smollm2-135m", "name": "swapped",
+        "rails": [{"name": "eds", "steerer": {"plugin": "ablate"},
+                   "energy_model": {"plugin": "linear", "artifact": "dirs.safetensors"}}],
+        "classifier": {"plugin": "openai-judge",
+                       "params": {"base_url": "http://127.0.0.1:9/v1", "model": "j"}}})
+    policy = load_policy(child)
+    parent = load_policy("eds-smollm2-135m")
+    rail = policy.rails[0]
+    assert rail.steerer.plugin == "ablate" and rail.steerer.params == {}
+    assert rail.energy_model is not None and rail.energy_model.params == {}
+    assert rail.energy_model.artifact == str(tmp_path / "dirs.safetensors")
+    assert rail.gate == parent.rails[0].gate
+    assert policy.classifier.params == {"base_url": "http://127.0.0.1:9/v1", "model": "j"}
+    assert check_plugins(policy, registry) == []
+    # The same plugin still merges params key by key.
+    same = write_policy(tmp_path / "same.yaml", {
+        "extends": "eds-smollm2-135m", "name": "same",
+        "rails": [{"name": "eds", "steerer": {"plugin": "gradient-descent",
+                                              "params": {"eta": 0.5}}}]})
+    assert load_policy(same).rails[0].steerer.params == {"normalize": True, "eta": 0.5}
 
 
 def test_the_own_prompts_example_of_the_training_docs_keeps_the_rail(tmp_path: Path) -> None:
