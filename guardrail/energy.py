@@ -44,7 +44,14 @@ FORMATS = (FORMAT_SHARED, FORMAT)
 HEADER_KEY = "guardrail"
 #: The sides of a gate a side-specific energy-model set steers towards.
 SIDES = ("answer", "refuse")
-FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers", "config_sha256")
+#: The fingerprint fields an artifact must match, each where both the artifact and the model
+#: record it (artifacts written before a field existed are checked on the fields they have).
+#: Not ``config_sha256``: it hashes the raw config, whose keys change between transformers
+#: releases, so it would refuse an artifact that still fits.
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers", "num_attention_heads",
+                    "num_key_value_heads", "intermediate_size", "vocab_size", "tokenizer_sha256")
+#: The fields every artifact's header has had since the first format.
+REQUIRED_FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers")
 
 
 @dataclass
@@ -220,7 +227,7 @@ class EnergyArtifact:
         diffs = [
             f"{key}: artifact {trained.get(key)!r} vs model {fingerprint.get(key)!r}"
             for key in FINGERPRINT_KEYS
-            if trained.get(key) != fingerprint.get(key)
+            if key in trained and key in fingerprint and trained[key] != fingerprint[key]
         ]
         if diffs:
             raise ArtifactError(
@@ -306,9 +313,9 @@ def header_problems(header: dict[str, Any]) -> list[str]:
     model = header.get("model")
     if not isinstance(model, dict):
         problems.append(f"header field 'model': got {_shown(model)}; expected the fingerprint "
-                        f"object ({', '.join(FINGERPRINT_KEYS)})")
+                        f"object ({', '.join(REQUIRED_FINGERPRINT_KEYS)})")
     else:
-        for key in FINGERPRINT_KEYS:
+        for key in REQUIRED_FINGERPRINT_KEYS:
             if key not in model:
                 problems.append(f"header field 'model.{key}': missing")
         for key in ("hidden_size", "num_layers"):

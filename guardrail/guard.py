@@ -132,7 +132,7 @@ class Guardrail:
             loaded = load_model(
                 policy.model.source, device=device or policy.model.device, dtype=policy.model.dtype
             )
-        fingerprint = model_fingerprint(loaded.model, loaded.name)
+        fingerprint = model_fingerprint(loaded.model, loaded.name, loaded.tokenizer)
         rails = [
             build_rail(spec, index, registry, fingerprint, loaded.device, where)
             for index, spec in enumerate(policy.rails)

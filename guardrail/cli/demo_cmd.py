@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"loading {policy.model.source} ...")
     loaded = load_model(policy.model.source, device=args.device or policy.model.device,
                         dtype=policy.model.dtype)
-    fingerprint = model_fingerprint(loaded.model, loaded.name)
+    fingerprint = model_fingerprint(loaded.model, loaded.name, loaded.tokenizer)
     _, rail = pick_rail(policy, section.rail)
     artifact = _usable_artifact(policy, fingerprint, args.retrain)
     if artifact is None:
