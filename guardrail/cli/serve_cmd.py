@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise GuardrailError(
             f"`guardrail serve` needs the serve extra ({exc.name} is not installed); "
-            "install it with: pip install 'guardrail[serve]'"
+            "install it with: pip install 'guardrail-eds[serve]'"
         ) from exc
     import torch
 
