@@ -114,12 +114,36 @@ class Steerer(Component):
     #: The ``Params`` fields ``guardrail sweep`` may set from its grid (``eta``: step size,
     #: ``steps``: step count); a steerer that names none is one point of the sweep.
     sweep_params: ClassVar[tuple[str, ...]] = ()
+    #: The ``Params`` field a strength multiplies (a step size, ``eta``): what a per-request
+    #: or per-``attach`` strength scales. None: the steerer has no strength to turn.
+    strength_param: ClassVar[str | None] = None
 
     @abstractmethod
     def steer(
         self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
     ) -> SteerOutcome:
-        """Steer ``[n, hidden]`` states; must never return non-finite values."""
+        """Steer ``[n, hidden]`` states; must never return non-finite values.
+
+        Runs inside the model's forward pass, under ``model.generate``'s
+        ``torch.no_grad()``: a steerer that needs gradients of the energy takes them from
+        ``EnergyModel.energy_and_grad`` (which enables grad itself), or wraps its own
+        autograd in ``torch.enable_grad()``.
+        """
+
+    def with_strength(self, strength: float) -> Steerer:
+        """This steerer steering ``strength`` times as hard: a copy with its
+        :attr:`strength_param` multiplied (itself at strength 1)."""
+        if strength == 1:
+            return self
+        if self.strength_param is None:
+            from guardrail.errors import PluginError
+
+            raise PluginError(f"steerer {self.name!r} has no strength to scale (its class "
+                              "names no strength_param)")
+        value = getattr(self.params, self.strength_param)
+        params = type(self.params).model_validate(
+            {**self.params.model_dump(), self.strength_param: value * strength})
+        return type(self)(params)
 
     def prepare_conversation(self, conversation: list[dict[str, str]]) -> list[dict[str, str]]:
         """Optionally rewrite the conversation before tokenisation (prompt-only steerers)."""

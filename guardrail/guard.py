@@ -84,6 +84,7 @@ class Guardrail:
         self.registry = registry
         self.plugin_manager = plugin_manager
         self.fingerprint = fingerprint
+        self._strengths: dict[float, list[Rail]] = {}
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -215,10 +216,11 @@ class Guardrail:
     # --- generation ---------------------------------------------------------------------------
     def session(self, *, steer: bool = True, measure_only: bool = False,
                 rows: dict[str, dict[str, torch.Tensor]] | None = None,
-                model: Any = None) -> SteeringSession:
+                model: Any = None, strength: float | None = None) -> SteeringSession:
         """A steering session over this guardrail's rails (no rails when ``steer`` is false) on
         ``model`` (default: the guardrail's); ``rows`` limits a rail to the batch rows its gate
-        let through, per side."""
+        let through, per side; ``strength`` multiplies every rail's step size
+        (:meth:`rails_at`)."""
         on_step = None
         if self.plugin_manager.hook.guardrail_on_step.get_hookimpls():
 
@@ -227,11 +229,36 @@ class Guardrail:
 
         return SteeringSession(
             self.model if model is None else model,
-            self.rails if steer or measure_only else [],
+            self.rails_at(strength) if steer or measure_only else [],
             measure_only=measure_only,
             on_step=on_step,
             rows=rows,
         )
+
+    def rails_at(self, strength: float | None) -> list[Rail]:
+        """The rails steering ``strength`` times as hard as calibrated (None or 1: as they
+        are). Raises :class:`GuardrailError` for a strength that is not a number in
+        ``(0, limit]``, where each rail's limit is the largest strength its artifact's
+        calibration found within the safety budget (1 without that evidence)."""
+        if strength is None:
+            return self.rails
+        if type(strength) is float and strength in self._strengths:
+            return self._strengths[strength]
+        check_strength(strength, self.rails)
+        if strength == 1:
+            return self.rails
+        strength = float(strength)
+        rails = [rail.with_strength(strength) if _steers(rail) else rail
+                 for rail in self.rails]
+        if len(self._strengths) >= 32:  # a few strengths in use; never an unbounded cache
+            self._strengths.pop(next(iter(self._strengths)))
+        self._strengths[strength] = rails
+        return rails
+
+    @property
+    def strength_limit(self) -> float:
+        """The largest strength every rail allows (:meth:`rails_at`)."""
+        return min((rail.strength_limit for rail in self.rails if _steers(rail)), default=1.0)
 
     def generate(
         self,
@@ -242,6 +269,7 @@ class Guardrail:
         progress: bool = False,
         streamer: Any = None,
         gates: bool | str = True,
+        strength: float | None = None,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate an answer per conversation; ``steer=False`` gives the unsteered model.
@@ -250,9 +278,12 @@ class Guardrail:
         temperature, top_p, top_k, repetition_penalty, batch_size, seed). ``gates=False``
         steers every row, whatever the rails' gates say, on each rail's default side;
         ``gates="answer"`` or ``"refuse"`` steers every row towards that side (calibration
-        compares them with the base model's answers).
+        compares them with the base model's answers). ``strength`` multiplies each rail's
+        calibrated step size, up to what its calibration allows (:meth:`rails_at`).
         """
         settings = merge_settings(self.policy.generation, overrides)
+        if steer:
+            self.rails_at(strength)  # a bad strength fails before anything runs
         texts = self.render(conversations, steer=steer)
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -266,7 +297,7 @@ class Guardrail:
             started = time.perf_counter()
             outs = self._generate_batch([texts[i] for i in batch], steer, settings, streamer,
                                         prompts=[last_user(conversations[i]) for i in batch],
-                                        gates=gates)
+                                        gates=gates, strength=strength)
             seconds = time.perf_counter() - started
             for i, out in zip(batch, outs, strict=True):
                 out.telemetry.seconds = seconds / len(batch)
@@ -297,6 +328,7 @@ class Guardrail:
         streamer: Any = None,
         stopping_criteria: Any = None,
         gates: bool | str = True,
+        strength: float | None = None,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate for exactly these conversations as ONE batch, in the order given (serving).
@@ -309,7 +341,8 @@ class Guardrail:
         texts = self.render(conversations, steer=steer)
         started = time.perf_counter()
         results = self._generate_batch(texts, steer, settings, streamer, stopping_criteria,
-                                       prompts=[last_user(c) for c in conversations], gates=gates)
+                                       prompts=[last_user(c) for c in conversations], gates=gates,
+                                       strength=strength)
         seconds = time.perf_counter() - started
         for result in results:
             result.telemetry.seconds = seconds / max(len(results), 1)
@@ -328,6 +361,7 @@ class Guardrail:
         *,
         prompts: Sequence[str],
         gates: bool | str = True,
+        strength: float | None = None,
     ) -> list[GenerationResult]:
         enc = self.encode(texts)
         decisions = self.gate(prompts, enc) if steer and gates is True else {}
@@ -341,7 +375,8 @@ class Guardrail:
             kwargs["streamer"] = streamer
         if stopping_criteria is not None:
             kwargs["stopping_criteria"] = stopping_criteria
-        with self.session(steer=steer, rows=rows) as session, torch.no_grad():
+        with self.session(steer=steer, rows=rows, strength=strength) as session, \
+                torch.no_grad():
             output = self.model.generate(**enc, **kwargs)
         eos = eos_ids(self.model, self.tokenizer)
         answers = [cut_at_eos(row, eos) for row in output[:, prompt_len:].tolist()]
@@ -362,6 +397,7 @@ class Guardrail:
                     completion_tokens=len(ids),
                     layers=per_row[row],
                     gates=self._gate_telemetry(decisions, row),
+                    strength=strength if steer and strength is not None else None,
                 ),
             )
             for row, (ids, finish) in enumerate(answers)
@@ -474,7 +510,8 @@ class Guardrail:
             ) from exc
 
     def stream(
-        self, conversation: Conversation, *, steer: bool = True, **overrides: Any
+        self, conversation: Conversation, *, steer: bool = True,
+        strength: float | None = None, **overrides: Any
     ) -> GenerationStream:
         """Generate one answer and yield its text as it is produced.
 
@@ -485,16 +522,19 @@ class Guardrail:
         from transformers import TextIteratorStreamer
 
         merge_settings(self.policy.generation, overrides)
+        if steer:
+            self.rails_at(strength)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True)
         return GenerationStream(
             streamer,
             lambda: self.generate_batch([conversation], steer=steer, streamer=streamer,
-                                        **overrides)[0],
+                                        strength=strength, **overrides)[0],
         )
 
     @contextlib.contextmanager
-    def attach(self, model: Any = None) -> Iterator[SteeringSession]:
+    def attach(self, model: Any = None, *, strength: float | None = None
+               ) -> Iterator[SteeringSession]:
         """Steer ``model.generate(...)`` / forward calls on a model object of your own.
 
         The model must be the one the artifacts were trained for (checked by fingerprint).
@@ -508,6 +548,9 @@ class Guardrail:
         token ids through the chat template, scored, and each row is steered towards the side
         its gate chooses, or not at all. A row whose user message cannot be found (a prompt
         not rendered with this tokenizer's chat template, or ``inputs_embeds``) is not steered.
+
+        ``strength`` multiplies each rail's calibrated step size while attached, up to what
+        its calibration allows (:meth:`rails_at`).
         """
         target = model if model is not None else self.model
         if target is not self.model:
@@ -518,7 +561,7 @@ class Guardrail:
         check = target.register_forward_pre_hook(refuse_right_padding, with_kwargs=True)
         handles = [check]
         try:
-            with self.session(model=target) as session:
+            with self.session(model=target, strength=strength) as session:
                 if any(rail.gate is not None for rail in self.rails):
                     handles.append(target.register_forward_pre_hook(
                         _AttachGate(self, session, target), with_kwargs=True))
@@ -589,6 +632,33 @@ def _starts_sequence(kwargs: dict[str, Any], input_ids: torch.Tensor | None) -> 
     if callable(length):
         return int(length()) == 0
     return input_ids is not None and input_ids.shape[1] > 1
+
+
+def _steers(rail: Rail) -> bool:
+    """Whether a rail moves hidden states (a strength applies to it)."""
+    return bool(rail.energies or rail.directions) or rail.steerer.strength_param is not None
+
+
+def check_strength(strength: Any, rails: Sequence[Rail]) -> None:
+    """Raise :class:`GuardrailError` unless ``strength`` is a number in ``(0, limit]`` for
+    every rail that moves states, and each such rail's steerers have a strength to scale."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
+            strength > 0 and strength != float("inf")):
+        raise GuardrailError(f"strength: got {strength!r}; expected a number > 0 (a "
+                             "multiplier on the calibrated step size; 1 is as calibrated)")
+    for rail in rails:
+        if not _steers(rail):
+            continue
+        fixed = [s.name for s in rail.steerers if s.strength_param is None]
+        if fixed:
+            raise GuardrailError(f"strength: got {strength!r}; rail {rail.name!r} steers with "
+                                 f"{fixed}, which have no strength to scale")
+        if strength > rail.strength_limit + 1e-9:
+            raise GuardrailError(
+                f"strength: got {strength!r}; rail {rail.name!r} allows at most "
+                f"{rail.strength_limit:g} (the largest step size its artifact's calibration "
+                "found within the safety budget, over the calibrated one; run `guardrail "
+                "calibrate` with a wider grid to allow more)")
 
 
 def _but_steerer_params(policy: Policy) -> dict[str, Any]:

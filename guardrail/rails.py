@@ -91,7 +91,37 @@ def build_rail(
         above=above,
         budget=dict(calibrated.get("budget") or {}),
         directions=directions,
+        strength_limit=strength_limit(calibrated, steerer, directions, below, above),
     )
+
+
+def strength_limit(calibrated: dict[str, Any], steerer: Steerer,
+                   directions: dict[str, Direction], below: float | None,
+                   above: float | None) -> float:
+    """The largest strength the calibration vouches for: on each side the rail steers, the
+    largest step size (``eta``) calibration tried at the chosen steps and threshold whose
+    setting held the safety budget, over the step size the side steers with now; the
+    smallest over the sides. 1 without that evidence (no calibration, or one that stored no
+    curves), and never below 1: the calibrated strength held the budget."""
+    curves = calibrated.get("curves")
+    if not isinstance(curves, dict):
+        return 1.0
+    limits = []
+    for side, threshold in (("answer", below), ("refuse", above)):
+        if threshold is None:
+            continue
+        own = directions[side].steerer if side in directions else steerer
+        param = own.strength_param
+        current = getattr(own.params, param, None) if param else None
+        if not isinstance(current, (int, float)) or current <= 0:
+            return 1.0
+        steps = getattr(own.params, "steps", None)
+        etas = [float(c["eta"]) for c in curves.get(side) or []
+                if isinstance(c, dict) and c.get("feasible") is True
+                and c.get("threshold") == threshold and c.get("steps") in (steps, None)
+                and isinstance(c.get("eta"), (int, float))]
+        limits.append(max(etas) / current if etas else 1.0)
+    return max(1.0, min(limits)) if limits else 1.0
 
 
 def _calibrated_spec(spec: PluginSpec, values: Any) -> PluginSpec:

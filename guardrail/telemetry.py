@@ -59,6 +59,9 @@ class GenerationTelemetry:
     gates: list[GateTelemetry] = field(default_factory=list)
     verdict: dict[str, Any] | None = None
     seconds: float | None = None
+    #: The strength asked for: a multiplier on each rail's calibrated step size (None: 1, the
+    #: calibrated strength).
+    strength: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary."""
@@ -70,6 +73,7 @@ class GenerationTelemetry:
         after = [t.energy_after for t in self.layers if t.energy_after is not None]
         return {
             "steered": self.steered,
+            **({"strength": self.strength} if self.strength is not None else {}),
             **({"gates": [{"rail": g.rail, "score": g.score, "side": g.side}
                           for g in self.gates]} if self.gates else {}),
             "layers": sorted({t.layer for t in self.layers}),

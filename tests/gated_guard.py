@@ -86,8 +86,10 @@ def gated_artifact(loaded: Any, path: Path, *, resources: Sequence[str] = (),
 
 
 def gated_policy_data(artifact: Path, *, below: float | None = 0.0, above: float | None = None,
-                      resources: Sequence[str] = (), **steerer: Any) -> dict[str, Any]:
-    """Policy ``tiny-gated``: one gated ``eds`` rail on ``artifact``."""
+                      resources: Sequence[str] = (), params: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """Policy ``tiny-gated``: one gated ``eds`` rail on ``artifact``; the gradient steerer's
+    ``params`` (default: eta 5, 2 steps)."""
     member: dict[str, Any] = {"plugin": "word-gate"}
     if resources:
         member["params"] = {"resources": list(resources)}
@@ -96,7 +98,7 @@ def gated_policy_data(artifact: Path, *, below: float | None = 0.0, above: float
         "generation": {"max_new_tokens": 4, "batch_size": 4},
         "rails": [{"name": "eds", "energy_model": {"plugin": "mlp", "artifact": str(artifact)},
                    "steerer": {"plugin": "gradient-descent",
-                               "params": {"eta": 5.0, "steps": 2, **steerer}},
+                               "params": {"eta": 5.0, "steps": 2} if params is None else params},
                    "gate": {"members": [member], "below": below, "above": above}}],
     }
 

@@ -56,6 +56,10 @@ class GuardrailOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     steer: bool = Field(True, description="false gives the policy's unsteered model")
     classify: bool = Field(True, description="run the policy's refusal classifier on the answer")
+    strength: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="a multiplier on each rail's calibrated step size, up to the largest its "
+        "artifact's calibration found within the safety budget; omitted: as calibrated")
 
 
 class StreamOptions(BaseModel):
@@ -161,6 +165,9 @@ class LayerEnergy(BaseModel):
 
     rail: str
     layer: int
+    side: str | None = Field(
+        None, description="the gate side the row was steered towards (answer, refuse; shared "
+        "for an ungated rail); null when the gate left it alone")
     energy_before: float | None
     energy_after: float | None
     steps: int
@@ -170,6 +177,20 @@ class LayerEnergy(BaseModel):
     nonfinite_positions: int
     mean_energy_before_generated: float | None
     mean_energy_after_generated: float | None
+
+
+class GateDecision(BaseModel):
+    """A gated rail's decision on the request, made before generation."""
+
+    rail: str
+    score: float = Field(description="the gate's harm score, in training standard deviations "
+                         "(> 0 leans harmful)")
+    side: Literal["answer", "refuse"] | None = Field(
+        description="answer: scored below `below`, steered towards answering; refuse: above "
+        "`above`, steered towards refusing; null: left as the model has it")
+    steered: bool
+    below: float | None
+    above: float | None
 
 
 class VerdictBody(BaseModel):
@@ -195,7 +216,14 @@ class GuardrailExtension(BaseModel):
 
     policy: str
     model: str
-    steered: bool
+    steered: bool = Field(description="whether any rail steered this request (false when "
+                          "steering was off, or every gate left the request alone)")
+    strength: float | None = Field(
+        None, description="the strength asked for (a multiplier on each rail's calibrated "
+        "step size); null: the calibrated strength")
+    gates: list[GateDecision] = Field(
+        default_factory=list, description="each gated rail's decision (empty when steering "
+        "was off or no rail is gated)")
     layers_steered: list[int]
     layers_skipped: list[int] = Field(
         description="layers that left at least one position unsteered: its energy was not finite")
@@ -287,6 +315,7 @@ class EnergiesResponse(BaseModel):
     model: str
     prompt_tokens: int
     energies: list[PromptEnergy]
+    gates: list[GateDecision] = Field(default_factory=list)
     timing: Timing
 
 
