@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from guardrail.defaults import DEFAULT_COMPONENTS
-from guardrail.errors import PluginError, PolicyError
+from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.policy import (
     EnergyModelSpec,
     GateMemberSpec,
@@ -147,6 +147,10 @@ def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
     ``guardrail train`` from the policy's ``training:`` section.
     """
     where = policy.path or "<policy>"
+    installed = _ships_installed(policy)
+    if installed:
+        # Its folder is inside the installed package: no place to write an artifact.
+        where = "my-policy.yaml"
     notes = []
     for i, rail in enumerate(policy.rails):
         energy = rail.energy_model
@@ -160,8 +164,26 @@ def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
             how = "train it with `guardrail train` from a policy with a `training:` section"
         else:
             how = f"train it with `guardrail train --policy {where}`"
+        if installed:
+            how = (f"this policy ships inside the installed package, so make one of your own "
+                   f"first: `guardrail policy init my-policy.yaml --extends {policy.name}`, set "
+                   f"its rails[{i}] (name {rail.name!r}) energy_model.artifact to a file of "
+                   f"yours, then {how}")
         notes.append(f"rails[{i}].energy_model.artifact: {artifact} does not exist yet; {how}")
     return notes
+
+
+def _ships_installed(policy: Policy) -> bool:
+    """Whether ``policy`` is a shipped policy file of an installed wheel (not a checkout)."""
+    from guardrail.shipped import is_checkout, policies_dir
+
+    if policy.path is None:
+        return False
+    try:
+        folder = policies_dir().resolve()
+        return policy.path.resolve().parent == folder and not is_checkout()
+    except (GuardrailError, OSError):
+        return False
 
 
 def _artifact_command(registry: Any, plugin: str) -> str | None:

@@ -96,6 +96,21 @@ def test_missing_artifacts_name_the_command_that_writes_them(tmp_path: Path, reg
         assert len(notes) == 1 and f"`{command} {policy.path}`" in notes[0], notes
 
 
+def test_an_installed_shipped_policy_is_never_told_to_write_into_the_package(  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], registry) -> None:
+    # As installed from the wheel: the shipped folder is site-packages, not a checkout.
+    monkeypatch.setattr("guardrail.shipped.is_checkout", lambda: False)
+    caa = load_policy("caa-qwen2.5-coder-0.5b")
+    [note] = missing_artifacts(caa, registry)
+    assert str(caa.path) not in note.split("does not exist yet", 1)[1]
+    assert ("make one of your own first: `guardrail policy init my-policy.yaml --extends "
+            "caa-qwen2.5-coder-0.5b`, set its rails[0] (name 'caa') energy_model.artifact to a "
+            "file of yours, then compute it with `guardrail baseline directions --policy "
+            "my-policy.yaml`") in note
+    assert main(["validate", "caa-qwen2.5-coder-0.5b"]) == 0
+    assert "guardrail policy init my-policy.yaml" in capsys.readouterr().out
+
+
 def test_unknown_plugin_names_registered_ones(tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
     path = write_policy(tmp_path / "p.yaml", _policy(classifier={"plugin": "gpt-judge"}))
     with pytest.raises(

