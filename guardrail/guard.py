@@ -127,6 +127,7 @@ class Guardrail:
         # naming each missing piece and the command that fetches them all.
         check_installed(policy, registry, model=loaded is None,
                         dtype=None if policy.model.dtype == "auto" else policy.model.dtype)
+        classifier = _classifier(policy, registry)  # its configuration errors, before loading
         if loaded is None:
             from guardrail.models import load_model
 
@@ -139,7 +140,6 @@ class Guardrail:
             for index, spec in enumerate(policy.rails)
             if spec.enabled
         ]
-        classifier = _classifier(policy, registry)
         log.info(
             "guardrail.loaded",
             policy=policy.name,
