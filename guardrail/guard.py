@@ -211,7 +211,9 @@ class Guardrail:
             list(texts), return_tensors="pt", padding=True, padding_side="left",
             add_special_tokens=False,
         )
-        return {k: v.to(self.loaded.device) for k, v in enc.items()}
+        # Only what a causal LM takes: transformers 4.x's generate() refuses the
+        # token_type_ids some tokenizers add.
+        return {k: enc[k].to(self.loaded.device) for k in ("input_ids", "attention_mask")}
 
     # --- generation ---------------------------------------------------------------------------
     def session(self, *, steer: bool = True, measure_only: bool = False,
