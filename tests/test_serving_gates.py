@@ -74,3 +74,25 @@ def test_a_stream_and_the_energies_endpoint_carry_the_gate_decision(
             "model": "tiny-gated", "messages": BENIGN}).json()
         assert energies["gates"] == [{"rail": "eds", "score": -1.0, "side": "answer",
                                       "steered": True, "below": 0.0, "above": None}]
+
+
+def test_every_response_and_chunk_is_a_valid_openai_type(
+    tiny_loaded: Any, tmp_path: Path, word_gate: None,  # noqa: F811
+) -> None:
+    # The server keeps its own request and response models (guardrail/serving/schemas.py says
+    # why); the openai SDK's types are the reference they are checked against.
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    with _client(tiny_loaded, tmp_path) as client:
+        for messages in (BENIGN, HARMFUL):
+            body = _complete(client, messages).json()
+            parsed = ChatCompletion.model_validate(body)
+            assert parsed.choices[0].message.role == "assistant"
+            assert (parsed.model_extra or {})["guardrail"]["gates"] == body["guardrail"]["gates"]
+            reply = _complete(client, messages, stream=True,
+                              stream_options={"include_usage": True})
+            chunks = [json.loads(line[len("data: "):]) for line in reply.text.splitlines()
+                      if line.startswith("data: {")]
+            assert len(chunks) >= 3
+            for chunk in chunks:
+                ChatCompletionChunk.model_validate(chunk)

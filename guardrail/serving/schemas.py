@@ -6,6 +6,16 @@ ignoring would silently change the answer (``n > 1``, ``logprobs``, ``tools``,
 Types are strict, as OpenAI's are: ``"max_tokens": "4"`` and ``"stream": "yes"`` are 400s.
 Every response carries the guardrail telemetry in the ``guardrail`` extension field (see
 ``docs/serving.md``).
+
+Why these models and not ``openai.types``: the ``openai`` package's request types
+(``openai.types.chat.completion_create_params``) are TypedDicts for building a request, not
+validators; they hold none of the strictness or the refusals above, which is what a server
+needs. Its response types are pydantic models this module could build, but that would make
+the ``openai`` SDK (and what it pulls in) a dependency of the ``serve`` extra for a dozen
+fields, and tie the server's wire format to whichever SDK release is installed (it ships
+several a week). Instead the test suite validates every response and streamed chunk this
+server sends with ``openai.types.chat.ChatCompletion`` / ``ChatCompletionChunk``
+(``tests/test_serving_gates.py``), so a drift from OpenAI's shapes fails a test, not a client.
 """
 
 from __future__ import annotations
