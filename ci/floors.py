@@ -2,7 +2,8 @@
 
 ``make test-floors`` installs the project under them and runs the fast suite, so a floor in
 ``pyproject.toml`` is a version that was tested, not a guess. Every ``name>=X`` of the runtime
-dependencies and of the extras (but ``dev``) becomes ``name==X``; what the project does not
+dependencies and of the extras (but ``dev``, and ``integrations``, whose libraries move too
+fast for an old release to mean anything) becomes ``name==X``; what the project does not
 declare resolves as it would for a user. ``--skip NAME`` leaves a package out (torch, which
 the Makefile installs first from the CPU index).
 """
@@ -28,7 +29,7 @@ def floors(skip: set[str]) -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"])
     for extra, requirements in project.get("optional-dependencies", {}).items():
-        if extra != "dev":
+        if extra not in ("dev", "integrations"):
             declared += requirements
     out: dict[str, str] = {}
     for text in declared:
