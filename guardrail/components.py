@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ActivationSource",
+    "Answer",
     "Component",
     "EnergyModel",
     "NoParams",
+    "OutputRail",
     "Phase",
     "RefusalClassifier",
     "SteerContext",
@@ -215,6 +217,38 @@ class RefusalClassifier(Component):
     @abstractmethod
     def classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """Return one :class:`Verdict` per pair."""
+
+
+# --- output rails ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Answer:
+    """A finished answer an output rail reviews: the user's message, the answer, the policy's
+    refusal classifier's verdict on it, the side the rails' gates chose for the prompt
+    (``answer``, ``refuse``; ``shared`` when no rail is gated; None: the gate leaves it alone)
+    and whether it was steered."""
+
+    prompt: str
+    text: str
+    verdict: Verdict
+    side: str | None
+    steered: bool
+
+
+class OutputRail(Component):
+    """Reviews finished answers and may have some answered again, steered towards a side
+    (NeMo's output rails, LLM Guard's output scanners, acting on the refusal verdict).
+
+    ``first_pass`` says how :meth:`Guardrail.generate` answers before the review: ``base``
+    (unsteered, so only the rows the rail sends back are steered) or ``steered`` (as the
+    policy steers them).
+    """
+
+    first_pass: ClassVar[Literal["base", "steered"]] = "steered"
+
+    @abstractmethod
+    def review(self, answers: Sequence[Answer]) -> list[str | None]:
+        """Per answer, the side to answer it again towards (``answer`` or ``refuse``; the
+        rails steer it there whatever the gate said), or None to keep it."""
 
 
 # --- evaluation suites ----------------------------------------------------------------------

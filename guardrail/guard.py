@@ -18,7 +18,7 @@ import structlog
 import torch
 
 from guardrail.activations import mean_prompt_states
-from guardrail.components import RefusalClassifier, Verdict
+from guardrail.components import OutputRail, RefusalClassifier, Verdict
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.gating import gate_sides
@@ -32,6 +32,7 @@ from guardrail.generation import (
     merge_settings,
 )
 from guardrail.models.fingerprint import model_fingerprint
+from guardrail.output_rails import review_answers
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import GenerationSection, Policy, load_policy
 from guardrail.policy_checks import check_plugins
@@ -74,6 +75,7 @@ class Guardrail:
         registry: Registry,
         plugin_manager: Any,
         fingerprint: dict[str, Any],
+        output_rails: Sequence[OutputRail] = (),
     ) -> None:
         self.policy = policy
         self.loaded = loaded
@@ -85,6 +87,8 @@ class Guardrail:
         self.plugin_manager = plugin_manager
         self.fingerprint = fingerprint
         self._strengths: dict[float, list[Rail]] = {}
+        #: The policy's output rails, in order (:mod:`guardrail.output_rails`).
+        self.output_rails = list(output_rails)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -128,6 +132,7 @@ class Guardrail:
         check_installed(policy, registry, model=loaded is None,
                         dtype=None if policy.model.dtype == "auto" else policy.model.dtype)
         classifier = _classifier(policy, registry)  # its configuration errors, before loading
+        output_rails = [_output_rail(spec, registry) for spec in policy.output_rails]
         if loaded is None:
             from guardrail.models import load_model
 
@@ -148,7 +153,7 @@ class Guardrail:
                                                            if r.disabled else {})}
                    for r in rails],
         )
-        return cls(policy, loaded, rails, classifier, registry, pm, fingerprint)
+        return cls(policy, loaded, rails, classifier, registry, pm, fingerprint, output_rails)
 
     def missing(self) -> list[str]:
         """What a loaded rail's gate needs but cannot find now (an encoder package removed
@@ -182,7 +187,7 @@ class Guardrail:
         rails = [rail if new == old else with_steerer(rail, new.steerer, self.registry)
                  for new, old, rail in pairs]
         return Guardrail(policy, self.loaded, rails, self.classifier, self.registry,
-                         self.plugin_manager, self.fingerprint)
+                         self.plugin_manager, self.fingerprint, self.output_rails)
 
     # --- prompts ------------------------------------------------------------------------------
     def prepare(self, conversation: Conversation, *, steer: bool = True) -> Conversation:
@@ -282,10 +287,43 @@ class Guardrail:
         ``gates="answer"`` or ``"refuse"`` steers every row towards that side (calibration
         compares them with the base model's answers). ``strength`` multiplies each rail's
         calibrated step size, up to what its calibration allows (:meth:`rails_at`).
+
+        A policy's ``output_rails`` review the answers of a steered call (with the gates
+        deciding) and may have some answered again (:mod:`guardrail.output_rails`); their
+        doings are in each answer's ``telemetry.output_rails``. :meth:`generate_batch`,
+        :meth:`stream` and :meth:`attach` answer once and run no output rail.
         """
         settings = merge_settings(self.policy.generation, overrides)
         if steer:
             self.rails_at(strength)  # a bad strength fails before anything runs
+        reviewed = steer and gates is True and bool(self.output_rails)
+        first = steer and not (reviewed and any(r.first_pass == "base" for r in self.output_rails))
+        final = self.answer(conversations, steer=first, settings=settings, streamer=streamer,
+                            gates=gates, strength=strength, progress=progress)
+        if reviewed:
+            final = review_answers(self, conversations, final, settings=settings,
+                                   strength=strength, first_steered=first)
+        if classify:
+            verdicts = self.classify([last_user(c) for c in conversations], [r.text for r in final])
+            for result, verdict in zip(final, verdicts, strict=True):
+                result.telemetry.verdict = {
+                    "refused": verdict.refused,
+                    "score": verdict.score,
+                    "reason": verdict.reason,
+                }
+        for result in final:
+            self.plugin_manager.hook.guardrail_on_generation(
+                telemetry=result.telemetry, extra={"policy": self.policy.name}
+            )
+            log.debug("generation", policy=self.policy.name, **result.telemetry.summary())
+        return final
+
+    def answer(self, conversations: Sequence[Conversation], *, steer: bool,
+               settings: GenerationSection, streamer: Any = None, gates: bool | str = True,
+               strength: float | None = None, progress: bool = False
+               ) -> list[GenerationResult]:
+        """One answer per conversation, batched longest first (what :meth:`generate` runs
+        before its output rails, classifier and hooks)."""
         texts = self.render(conversations, steer=steer)
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -306,21 +344,7 @@ class Guardrail:
                 results[i] = out
             bar.update(len(batch))
         bar.close()
-        final = [r for r in results if r is not None]
-        if classify:
-            verdicts = self.classify([last_user(c) for c in conversations], [r.text for r in final])
-            for result, verdict in zip(final, verdicts, strict=True):
-                result.telemetry.verdict = {
-                    "refused": verdict.refused,
-                    "score": verdict.score,
-                    "reason": verdict.reason,
-                }
-        for result in final:
-            self.plugin_manager.hook.guardrail_on_generation(
-                telemetry=result.telemetry, extra={"policy": self.policy.name}
-            )
-            log.debug("generation", policy=self.policy.name, **result.telemetry.summary())
-        return final
+        return [r for r in results if r is not None]
 
     def generate_batch(
         self,
@@ -666,6 +690,12 @@ def check_strength(strength: Any, rails: Sequence[Rail]) -> None:
 def _but_steerer_params(policy: Policy) -> dict[str, Any]:
     """The policy as data, less its name and its rails' steerer params."""
     return policy.model_dump(exclude={"name": True, "rails": {"__all__": {"steerer": {"params"}}}})
+
+
+def _output_rail(spec: Any, registry: Registry) -> OutputRail:
+    rail = registry.create("output_rail", spec.plugin, spec.params)
+    assert isinstance(rail, OutputRail)
+    return rail
 
 
 def _classifier(policy: Policy, registry: Registry) -> RefusalClassifier:

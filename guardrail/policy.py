@@ -153,6 +153,10 @@ class Policy(StrictModel):
     generation: GenerationSection = Field(default_factory=lambda: GenerationSection())
     rails: list[RailSpec] = Field(default_factory=list)
     classifier: PluginSpec = Field(default_factory=_default("refusal_classifier"))
+    output_rails: list[PluginSpec] = Field(
+        default_factory=list, max_length=16,
+        description="Review finished answers, in order, and answer some again (docs/policies.md).",
+    )
     training: TrainingSection | None = Field(
         None,
         description="What `guardrail train` trains the rail's energy model on (docs/training.md).",

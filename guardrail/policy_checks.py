@@ -63,6 +63,8 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"rails: name {name!r} is used twice; rail names must be unique")
     check("refusal_classifier", policy.classifier, "classifier")
+    for i, spec in enumerate(policy.output_rails):
+        check("output_rail", spec, f"output_rails[{i}]")
     return problems
 
 
@@ -104,6 +106,9 @@ def check_plugin_sections(data: dict[str, Any], registry: Any) -> list[str]:
             sections += [("gate", member, f"rails[{i}].gate.members[{j}]")
                          for j, member in enumerate(members if isinstance(members, list) else [])]
     sections.append(("refusal_classifier", data.get("classifier", {}), "classifier"))
+    outputs = data.get("output_rails")
+    sections += [("output_rail", spec, f"output_rails[{i}]")
+                 for i, spec in enumerate(outputs if isinstance(outputs, list) else [])]
     problems: list[str] = []
     for kind, section, where in sections:
         if not isinstance(section, dict):

@@ -101,6 +101,10 @@ class PolicyPool:
                     1, thread_name_prefix=f"guardrail-count-{worker.name}")
                 self._counting.append(counting)
                 by_model[id(guard.model)] = (worker, copy.deepcopy(guard.tokenizer), counting)
+            if guard.output_rails:
+                log.warning("serve.output_rails_not_applied", policy=name,
+                            output_rails=[spec.plugin for spec in guard.policy.output_rails],
+                            why="the server answers once (streams go out as they are made)")
             worker, counter, counting = by_model[id(guard.model)]
             worker.policies.append(name)
             self.policies[name] = ServedPolicy(
