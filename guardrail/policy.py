@@ -248,7 +248,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         rails = override["rails"]
         parent = base.get("rails")
         both = isinstance(rails, list) and isinstance(parent, list)
-        merged["rails"] = merge_rails(parent, rails) if both else rails
+        merged["rails"] = merge_rails(parent, rails) if both else rails  # type: ignore[arg-type]
     return merged
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from guardrail.components import Gate
 from guardrail.errors import ArtifactError, GuardrailError, MissingComponentError, PluginError
 from guardrail.model_cache import CACHE_DTYPES, is_cached
 from guardrail.models.catalogue import (
@@ -165,4 +166,4 @@ def _resources(registry: Any, plugin: str, params: dict[str, Any]) -> list[str]:
         gate = registry.create("gate", plugin, params)
     except (PluginError, GuardrailError):
         return []  # check_plugins reports an unknown plugin or bad params
-    return [str(name) for name in gate.resources()]  # type: ignore[attr-defined]
+    return [str(name) for name in gate.resources()] if isinstance(gate, Gate) else []
