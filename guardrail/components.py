@@ -198,7 +198,17 @@ class Gate(Component):
     @abstractmethod
     def from_artifact(cls, params: BaseModel, config: dict[str, Any],
                       tensors: dict[str, torch.Tensor]) -> Gate:
-        """Rebuild a fitted gate from its params and :meth:`config` / :meth:`tensors` output."""
+        """Rebuild a fitted gate from its params and :meth:`config` / :meth:`tensors` output.
+
+        Called when the artifact loads: check the config and tensors, and resolve any file
+        the gate names, here (raise :class:`~guardrail.errors.PluginError` or ``ValueError``),
+        so a broken gate fails at load rather than at the first request."""
+
+    def fitted_mean(self) -> float | None:
+        """The mean score of the prompts the gate was fitted on, if the fitted gate itself
+        determines it (default None: it does not). The artifact stores that mean too; a
+        header that disagrees is refused at load."""
+        return None
 
 
 # --- refusal classifiers --------------------------------------------------------------------

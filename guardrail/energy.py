@@ -29,29 +29,29 @@ from typing import Any
 import structlog
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 
+from guardrail.artifact_header import (
+    FINGERPRINT_KEYS,
+    FORMAT,
+    FORMAT_SHARED,
+    FORMATS,
+    HEADER_KEY,
+    SIDES,
+    ArtifactFile,
+    ArtifactHeader,
+    Calibration,
+    check_header,
+    read_artifact,
+)
 from guardrail.components import EnergyModel
 from guardrail.errors import ArtifactError, PluginError
-from guardrail.gating import TENSOR_PREFIX as GATE_TENSOR_PREFIX
 from guardrail.gating import GateSet
 
 log = structlog.get_logger("guardrail.energy")
 
-FORMAT_SHARED = "guardrail-energy/1"
-FORMAT = "guardrail-energy/2"
-FORMATS = (FORMAT_SHARED, FORMAT)
-HEADER_KEY = "guardrail"
-#: The sides of a gate a side-specific energy-model set steers towards.
-SIDES = ("answer", "refuse")
-#: The fingerprint fields an artifact must match, each where both the artifact and the model
-#: record it (artifacts written before a field existed are checked on the fields they have).
-#: Not ``config_sha256``: it hashes the raw config, whose keys change between transformers
-#: releases, so it would refuse an artifact that still fits.
-FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers", "num_attention_heads",
-                    "num_key_value_heads", "intermediate_size", "vocab_size", "tokenizer_sha256")
-#: The fields every artifact's header has had since the first format.
-REQUIRED_FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers")
+__all__ = ["FINGERPRINT_KEYS", "FORMAT", "FORMATS", "FORMAT_SHARED", "HEADER_KEY", "SIDES",
+           "EnergyArtifact", "finite"]
 
 
 @dataclass
@@ -72,6 +72,13 @@ class EnergyArtifact:
     #: Per-side energy models (``answer``, ``refuse``), and their layers disabled at load.
     sides: dict[str, dict[int, EnergyModel]] = field(default_factory=dict)
     sides_disabled: dict[str, dict[int, str]] = field(default_factory=dict)
+    #: The checked header it was loaded from (None: built in memory, not loaded).
+    checked: ArtifactHeader | None = None
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """``metadata.calibration`` as checked at load (None: not calibrated, or not loaded)."""
+        return self.checked.calibration if self.checked is not None else None
 
     @property
     def layers(self) -> list[int]:
@@ -139,34 +146,10 @@ class EnergyArtifact:
 
     @staticmethod
     def read_header(path: str | Path) -> dict[str, Any]:
-        """Read and check the JSON header (every field) without loading tensors."""
-        path = Path(path)
-        if path.is_dir():
-            raise ArtifactError(f"energy-model artifact {path} is a directory, not a file")
-        if not path.is_file():
-            raise ArtifactError(f"energy-model artifact {path} not found")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
-        if HEADER_KEY not in meta:
-            raise ArtifactError(f"{path}: no '{HEADER_KEY}' header; not a guardrail artifact")
-        try:
-            header = json.loads(meta[HEADER_KEY])
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ArtifactError(f"{path}: header is not valid JSON ({exc})") from exc
-        if not isinstance(header, dict):
-            raise ArtifactError(f"{path}: header is a JSON {type(header).__name__}; expected "
-                                "an object")
-        if header.get("format") not in FORMATS:
-            raise ArtifactError(f"{path}: header key 'format' is "
-                                f"{_shown(header.get('format'))}; expected one of "
-                                f"{list(FORMATS)}")
-        problems = header_problems(header)
-        if problems:
-            raise ArtifactError(f"{path}: " + "; ".join(problems))
-        return header
+        """Read and check the JSON header (every field, and the tensor table) without loading
+        tensors; returns it as a mapping (:func:`~guardrail.artifact_header.read_artifact`
+        gives the checked model)."""
+        return read_artifact(path).raw
 
     @classmethod
     def load(
@@ -176,49 +159,50 @@ class EnergyArtifact:
 
         Layers with non-finite weights are left out of ``models`` and listed in ``disabled``
         (one ``artifact.nonfinite_weights`` warning); if that leaves none, it is an error.
+        The gate's members are rebuilt, and the files they name resolved, here: a broken
+        gate is an error now, not at the first request.
         """
         path = Path(path)
-        header = cls.read_header(path)
-        plugin = header["energy_model"]
-        try:
-            model_cls = registry.get("energy_model", plugin).cls
-        except PluginError as exc:
-            raise ArtifactError(f"{path}: header key 'energy_model': {exc}") from exc
+        checked = read_artifact(path)
         try:
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as exc:
             raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
-        described = _described_sets(header)
-        claimed = (*(f"{_prefix(side)}{layer}." for side, (layers, _) in described.items()
-                     for layer in layers),
-                   *((GATE_TENSOR_PREFIX,) if header.get("gate") is not None else ()))
-        strays = sorted(name for name in tensors if not name.startswith(claimed))
-        if strays:
-            listed = (f"'layers' {described['shared'][0]}" if "shared" in described else
-                      "'sides' (" + "; ".join(f"{side}: {layers}" for side, (layers, _)
-                                              in described.items()) + ")")
-            raise ArtifactError(f"{path}: tensors {_shown(strays)} belong to no layer in the "
-                                f"header's {listed}" + ("" if header.get("gate") else
-                                                        " and there is no gate"))
-        hidden_size = header["model"].get("hidden_size")
+        return cls.assemble(checked, tensors, registry, path, device)
+
+    @classmethod
+    def assemble(cls, checked: ArtifactFile, tensors: dict[str, torch.Tensor], registry: Any,
+                 path: str | Path, device: torch.device | str = "cpu") -> EnergyArtifact:
+        """The artifact a checked header and its tensors describe (:meth:`load`'s second
+        half): energy models rebuilt and checked, the gate rebuilt."""
+        path = Path(path)
+        header = checked.header
+        plugin = header.energy_model
+        try:
+            model_cls = registry.get("energy_model", plugin).cls
+        except PluginError as exc:
+            raise ArtifactError(f"{path}: header field 'energy_model': {exc}") from exc
+        hidden_size = header.model.hidden_size
         sets: dict[str, dict[int, EnergyModel]] = {}
         disabled_sets: dict[str, dict[int, str]] = {}
-        for side, (layers, configs) in described.items():
+        for side, entry in header.sets().items():
             sets[side], disabled_sets[side] = _load_set(
-                model_cls, side, layers, configs, tensors, hidden_size, path, device)
+                model_cls, side, entry.layers, entry.configs, tensors, hidden_size, path, device)
         gate = None
-        if header.get("gate") is not None:
-            gate = GateSet.from_header(header["gate"], tensors, registry, str(path))
+        if header.gate is not None:
+            gate = GateSet.from_header(header.gate, tensors, registry, str(path),
+                                       num_layers=header.model.num_layers)
         shared = "shared" in sets
         return cls(
             plugin=plugin,
-            fingerprint=header["model"],
+            fingerprint=checked.raw["model"],
             models=sets["shared"] if shared else {},
-            metadata=header.get("metadata", {}),
+            metadata=checked.raw.get("metadata", {}),
             gate=gate,
             disabled=disabled_sets["shared"] if shared else {},
             sides={} if shared else sets,
             sides_disabled={} if shared else disabled_sets,
+            checked=header,
         )
 
     @staticmethod
@@ -246,22 +230,20 @@ class EnergyArtifact:
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
-    """Save tensors and header to a temporary file beside ``path``, then rename over it."""
+    """Save tensors and header to a temporary file beside ``path``, then rename over it.
+
+    The header is checked as a load would check it first: nothing writes an artifact that
+    would then be refused."""
+    text = json.dumps(header)
+    check_header(json.loads(text), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
+    save_file(tensors, str(tmp), metadata={HEADER_KEY: text})
     os.replace(tmp, path)
 
 def _prefix(side: str) -> str:
     """Tensor-name prefix of a set's layers: ``layers.`` (shared) or ``{side}.layers.``."""
     return "layers." if side == "shared" else f"{side}.layers."
-
-
-def _described_sets(header: dict[str, Any]) -> dict[str, tuple[list[int], dict[str, Any]]]:
-    """Side -> (layers, configs) as a checked header lists them."""
-    if header.get("format") == FORMAT_SHARED:
-        return {"shared": (header["layers"], header["configs"])}
-    return {side: (entry["layers"], entry["configs"]) for side, entry in header["sides"].items()}
 
 
 def _load_set(model_cls: Any, side: str, layers: list[int], configs: dict[str, Any],
@@ -272,26 +254,20 @@ def _load_set(model_cls: Any, side: str, layers: list[int], configs: dict[str, A
     models: dict[int, EnergyModel] = {}
     disabled: dict[int, str] = {}
     label = "" if side == "shared" else f"side {side!r} "
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    base = _prefix(side)
+    for name, tensor in tensors.items():
+        if name.startswith(base):
+            layer_key, _, rest = name[len(base):].partition(".")
+            by_layer.setdefault(layer_key, {})[rest] = tensor
     for layer in layers:
-        prefix = f"{_prefix(side)}{layer}."
-        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        where = f"{path}: {label}layer {layer}"
-        if not own:
-            raise ArtifactError(f"{where}: the header lists it but the file has no tensors "
-                                f"named {prefix}*")
-        config = configs[str(layer)]
-        if _is_index(hidden_size) and config.get("hidden_size", hidden_size) != hidden_size:
-            raise ArtifactError(f"{where}: config field 'hidden_size' is "
-                                f"{_shown(config['hidden_size'])} but the header's model has "
-                                f"hidden_size {hidden_size}")
-        model = _rebuild(model_cls, config, own, where)
-        _check_input_size(model, hidden_size, where)
-        bad = sorted(name for name, t in own.items()
-                     if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-        if bad:
-            disabled[int(layer)] = f"non-finite weights in {', '.join(bad)}"
+        found = _load_layer(model_cls, configs[str(layer)], by_layer.get(str(layer), {}),
+                            hidden_size, f"{path}: {label}layer {layer}", f"{base}{layer}.",
+                            device)
+        if isinstance(found, str):
+            disabled[int(layer)] = found
             continue
-        models[int(layer)] = model.to(device).eval().requires_grad_(False)
+        models[int(layer)] = found
     if disabled:
         log.warning("artifact.nonfinite_weights", path=str(path), side=side,
                     layers=sorted(disabled),
@@ -303,70 +279,25 @@ def _load_set(model_cls: Any, side: str, layers: list[int], configs: dict[str, A
     return models, disabled
 
 
-def header_problems(header: dict[str, Any]) -> list[str]:
-    """Every header field checked for type and consistency; one line per problem."""
-    problems = []
-    plugin = header.get("energy_model")
-    if not isinstance(plugin, str) or not plugin:
-        problems.append(f"header field 'energy_model': got {_shown(plugin)}; expected the "
-                        "name of an energy-model plugin")
-    model = header.get("model")
-    if not isinstance(model, dict):
-        problems.append(f"header field 'model': got {_shown(model)}; expected the fingerprint "
-                        f"object ({', '.join(REQUIRED_FINGERPRINT_KEYS)})")
-    else:
-        for key in REQUIRED_FINGERPRINT_KEYS:
-            if key not in model:
-                problems.append(f"header field 'model.{key}': missing")
-        for key in ("hidden_size", "num_layers"):
-            value = model.get(key)
-            if key in model and not (_is_index(value) and value != 0):
-                problems.append(f"header field 'model.{key}': got {_shown(value)}; expected an "
-                                "integer >= 1")
-    if header.get("format") == FORMAT_SHARED:
-        problems += _set_problems(header.get("layers"), header.get("configs"), "")
-    else:
-        sides = header.get("sides")
-        if not isinstance(sides, dict) or not sides or not set(sides) <= set(SIDES):
-            problems.append(f"header field 'sides': got {_shown(sides)}; expected an object "
-                            f"with one or more of {list(SIDES)}")
-        else:
-            for side, entry in sides.items():
-                if not isinstance(entry, dict):
-                    problems.append(f"header field 'sides.{side}': got {_shown(entry)}; "
-                                    "expected an object with 'layers' and 'configs'")
-                    continue
-                problems += _set_problems(entry.get("layers"), entry.get("configs"),
-                                          f"sides.{side}.")
-    if not isinstance(header.get("metadata", {}), dict):
-        problems.append(f"header field 'metadata': got {_shown(header.get('metadata'))}; "
-                        "expected an object")
-    return problems
-
-
-def _set_problems(layers: Any, configs: Any, where: str) -> list[str]:
-    """The ``layers`` and ``configs`` fields of one energy-model set, checked."""
-    problems = []
-    if not isinstance(layers, list) or not layers or not all(_is_index(v) for v in layers):
-        problems.append(f"header field '{where}layers': got {_shown(layers)}; expected a "
-                        "non-empty list of layer indices >= 0")
-        layers = []
-    elif len(set(layers)) != len(layers):
-        problems.append(f"header field '{where}layers': {layers} lists a layer twice")
-    if not isinstance(configs, dict):
-        problems.append(f"header field '{where}configs': got {_shown(configs)}; expected an "
-                        "object with one config per layer")
-    else:
-        for layer in layers:
-            if not isinstance(configs.get(str(layer)), dict):
-                problems.append(f"header field '{where}configs.{layer}': got "
-                                f"{_shown(configs.get(str(layer)))}; expected the layer's "
-                                "config object")
-        extra = sorted(set(configs) - {str(layer) for layer in layers})
-        if extra:
-            problems.append(f"header field '{where}configs': has configs for {extra}, which "
-                            f"are not in '{where}layers'")
-    return problems
+def _load_layer(model_cls: Any, config: dict[str, Any], own: dict[str, torch.Tensor],
+                hidden_size: int, where: str, prefix: str, device: torch.device | str = "cpu"
+                ) -> EnergyModel | str:
+    """One layer's energy model rebuilt from its config and tensors and checked, or why it
+    is disabled (non-finite weights); anything else wrong is an :class:`ArtifactError`."""
+    if not own:
+        raise ArtifactError(f"{where}: the header lists it but the file has no tensors "
+                            f"named {prefix}*")
+    if config.get("hidden_size", hidden_size) != hidden_size:
+        raise ArtifactError(f"{where}: config field 'hidden_size' is "
+                            f"{_shown(config['hidden_size'])} but the header's model has "
+                            f"hidden_size {hidden_size}")
+    model = _rebuild(model_cls, config, own, where)
+    _check_input_size(model, hidden_size, where)
+    bad = sorted(name for name, t in own.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        return f"non-finite weights in {', '.join(bad)}"
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _rebuild(model_cls: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor],

@@ -22,9 +22,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from guardrail.console import remember_expansion
 from guardrail.defaults import DEFAULT_COMPONENTS
 from guardrail.errors import PolicyError
-from guardrail.policy_files import read_policy_file
+from guardrail.policy_files import read_policy_file, resolved
 from guardrail.shipped import resolve_policy, shipped_policy
 from guardrail.training_config import CalibrationSection, TrainingSection
 
@@ -178,6 +179,8 @@ class Policy(StrictModel):
         return self._path
 
 
+#: The longest chain of ``extends`` followed (a child, its parent, its grandparent, ...).
+MAX_EXTENDS = 32
 # Keys whose string values are filesystem paths, resolved against the defining file.
 PATH_KEYS = frozenset({"artifact", "path", "output", "cache_dir", "state_cache", "report"})
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -204,6 +207,7 @@ def expand_env(value: str) -> str:
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         if name in os.environ:
+            remember_expansion(name, os.environ[name])
             return os.environ[name]
         if default is None:
             raise UnsetVariableError(name)
@@ -234,9 +238,13 @@ def _resolve_paths(node: Any, base: Path, problems: list[str], key: str | None =
     try:
         candidate = Path(text).expanduser()
     except RuntimeError:  # ~name of a user that does not exist
-        problems.append(f"{where}: got {shown(text)}; cannot expand '~' (no such user's home)")
+        problems.append(f"{where}: got {shown(node)}; cannot expand '~' (no such user's home)")
         return node
-    return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+    try:
+        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError on Python < 3.13)
+        problems.append(f"{where}: got {shown(node)}; the path is a symlink loop")
+        return node
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -294,11 +302,17 @@ def _names_another_plugin(base: dict[str, Any], override: dict[str, Any]) -> boo
 
 
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a policy file, follow ``extends`` and resolve paths; no schema validation yet."""
-    path = Path(path).expanduser().resolve()
+    """Read a policy file, follow ``extends`` (at most :data:`MAX_EXTENDS` files deep) and
+    resolve paths; no schema validation yet."""
+    path = resolved(Path(path))
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise PolicyError(str(path), [f"extends: cycle {chain}"])
+    if len(_seen) >= MAX_EXTENDS:
+        raise PolicyError(str(_seen[0]), [
+            f"extends: the chain is more than {MAX_EXTENDS} files long ({_seen[0]} -> "
+            f"{_seen[1] if len(_seen) > 1 else path} -> ... -> {path}); policies extend a "
+            "few parents at most"])
     problems: list[str] = []
     data = _resolve_paths(read_policy_file(path), path.parent, problems)
     if problems:
@@ -312,7 +326,7 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         parent_path = Path(expand_env(parent)).expanduser()
     except UnsetVariableError as exc:
         raise PolicyError(str(path), [exc.problem("extends")]) from None
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise PolicyError(str(path), [f"extends: got {shown(parent)}; cannot expand '~' (no "
                                       "such user's home)"]) from None
     if not parent_path.is_absolute():
@@ -379,5 +393,5 @@ def parse_policy(data: dict[str, Any], path: str | Path = "<policy>") -> Policy:
 def load_policy(path: str | Path) -> Policy:
     """Load, merge and validate a policy file or shipped policy name (schema only; see
     :func:`check_plugins`)."""
-    resolved = resolve_policy(path).resolve()
-    return parse_policy(load_raw(resolved), resolved)
+    found = resolved(resolve_policy(path))
+    return parse_policy(load_raw(found), found)

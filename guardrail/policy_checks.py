@@ -1,16 +1,20 @@
 """Checks of a loaded policy beyond its schema: plugin names and parameters against the
-registry, references between sections, artifacts not there yet; and ``validate_policy_file``,
-which reports schema and plugin problems of a file in one pass (``guardrail validate``)."""
+registry, value ranges the runtime needs (seeds, devices, layer indices), references between
+sections, the artifacts it names (header, tensor table, gate and calibration, then a load),
+artifacts not there yet; and ``validate_policy_file``, which reports schema, plugin and
+artifact problems of a file in one pass (``guardrail validate``)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from guardrail.artifact_header import MAX_LAYERS, ArtifactFile, Calibration, read_artifact
 from guardrail.defaults import DEFAULT_COMPONENTS
-from guardrail.errors import GuardrailError, PluginError, PolicyError
+from guardrail.errors import ArtifactError, GuardrailError, PluginError, PolicyError
 from guardrail.policy import (
     EnergyModelSpec,
     GateMemberSpec,
@@ -23,6 +27,7 @@ from guardrail.policy import (
     parse_policy,
     shown,
 )
+from guardrail.policy_files import resolved
 from guardrail.shipped import resolve_policy
 
 
@@ -65,6 +70,47 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
     check("refusal_classifier", policy.classifier, "classifier")
     for i, spec in enumerate(policy.output_rails):
         check("output_rail", spec, f"output_rails[{i}]")
+    return problems + check_ranges(policy)
+
+
+#: What torch accepts as a seed (``torch.manual_seed``).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+#: Devices a policy may name (``meta`` and the like load a model that cannot generate).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
+DEVICES = "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'"
+
+
+def seed_problem(value: Any) -> str | None:
+    """Why ``value`` is not a seed torch accepts (None: it is one)."""
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        return None
+    return f"got {shown(value)}; expected an integer from -2**63 to 2**64-1"
+
+
+def device_problem(value: Any) -> str | None:
+    """Why ``value`` is not a device a policy or flag may name (None: it is one)."""
+    if isinstance(value, str) and DEVICE_PATTERN.fullmatch(value):
+        return None
+    return f"got {shown(value)}; expected {DEVICES}"
+
+
+def check_ranges(policy: Policy) -> list[str]:
+    """Values the schema types allow but the runtime cannot use: seeds beyond torch's range,
+    devices that cannot generate, layer indices no model has."""
+    problems = []
+    if policy.generation.seed is not None and (why := seed_problem(policy.generation.seed)):
+        problems.append(f"generation.seed: {why}")
+    if policy.training is not None and (why := seed_problem(policy.training.seed)):
+        problems.append(f"training.seed: {why}")
+    if why := device_problem(policy.model.device):
+        problems.append(f"model.device: {why}")
+    for i, rail in enumerate(policy.rails):
+        if rail.layers != "auto":
+            beyond = [layer for layer in rail.layers if layer >= MAX_LAYERS]
+            if beyond:
+                problems.append(f"rails[{i}].layers: got {shown(beyond)}; expected layer "
+                                f"indices under {MAX_LAYERS} (no model has more layers)")
     return problems
 
 
@@ -136,6 +182,137 @@ def check_references(policy: Policy) -> list[str]:
             problems.append(f"rails[{i}].energy_model.artifact: {artifact} is {what}; "
                             "expected an artifact file (.safetensors)")
     return problems
+
+
+def check_artifacts(policy: Policy, registry: Any, *, load: bool = True) -> list[str]:
+    """Every artifact the policy names that exists, checked as a run would use it, without
+    loading the model: the header and tensor table; the policy's layers, gate members and
+    ``auto`` thresholds against it; calibrated steerer values against the rail's steerer
+    and gate member params against their plugins. With ``load`` (and no problem so far),
+    the artifact is then loaded: energy models rebuilt, weights checked, the gate's members
+    rebuilt and the files they name resolved (this imports torch)."""
+    problems: list[str] = []
+    for i, rail in enumerate(policy.rails):
+        energy = rail.energy_model
+        if energy is None or energy.artifact is None or not is_file(Path(energy.artifact)):
+            continue
+        key = f"rails[{i}].energy_model.artifact"
+        try:
+            found = read_artifact(energy.artifact)
+        except ArtifactError as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        own = _rail_artifact_problems(rail, found, registry, f"rails[{i}]", energy.artifact)
+        problems += own
+        if load and not own:
+            from guardrail.energy import EnergyArtifact
+
+            try:
+                EnergyArtifact.load(energy.artifact, registry)
+            except GuardrailError as exc:
+                problems.append(f"{key}: {exc}")
+    return problems
+
+
+def _rail_artifact_problems(rail: RailSpec, found: ArtifactFile, registry: Any, key: str,
+                            artifact: str) -> list[str]:
+    header = found.header
+    problems = []
+    stored = sorted({layer for entry in header.sets().values() for layer in entry.layers})
+    if rail.layers != "auto":
+        missing = [layer for layer in rail.layers if layer not in stored]
+        if missing:
+            problems.append(f"{key}.layers: {missing} are not in the artifact {artifact} (it "
+                            f"has {stored})")
+    if header.format != "guardrail-energy/1" and rail.gate is None:
+        problems.append(f"{key}.gate: missing; the artifact {artifact} holds one energy-model "
+                        f"set per gate side ({', '.join(header.sets())}), and only a gate can "
+                        "choose the side a prompt is steered towards")
+    calibration = header.calibration
+    if calibration is not None and calibration.rail not in (None, rail.name):
+        calibration = None
+    if rail.gate is not None:
+        if header.gate is None:
+            problems.append(f"{key}.gate: the artifact {artifact} has no fitted gate; retrain "
+                            "it with `guardrail train` from this policy")
+        else:
+            wanted = [_canonical(registry, "gate", m.plugin) for m in rail.gate.members]
+            stored_members = [_canonical(registry, "gate", m.plugin)
+                              for m in header.gate.members]
+            if wanted != stored_members:
+                problems.append(f"{key}.gate.members: the policy names {wanted} but the "
+                                f"artifact {artifact} was fitted with {stored_members}; "
+                                "retrain it")
+            for j, member in enumerate(header.gate.members):
+                problems += [f"{key}.energy_model.artifact: {artifact}: {line}" for line in
+                             _spec_problems(registry, "gate", member.plugin, member.params,
+                                            f"gate.members[{j}].")]
+        for side in ("below", "above"):
+            if getattr(rail.gate, side) == "auto" and (
+                    calibration is None or calibration.gate is None):
+                problems.append(f"{key}.gate.{side}: 'auto' takes the threshold `guardrail "
+                                f"calibrate` stores in the artifact, and {artifact} has none; "
+                                "run `guardrail calibrate` or give a number")
+    if calibration is not None:
+        sides: tuple[str | None, ...] = (None, "answer", "refuse")
+        for part in sides:
+            try:
+                calibrated_spec(rail.steerer, calibration, part, registry, artifact)
+            except ArtifactError as exc:
+                problems.append(f"{key}.energy_model.artifact: {exc}")
+    return problems
+
+
+def calibrated_spec(spec: PluginSpec, calibrated: Calibration | None, side: str | None,
+                    registry: Any, artifact: str) -> PluginSpec:
+    """``spec`` with the steerer values calibration stored (shared, or ``side``'s) filled in;
+    the policy's own win. Values the steerer's ``Params`` refuse are an :class:`ArtifactError`
+    naming the artifact and the header field."""
+    values = calibrated.steerer_values(side) if calibrated is not None else {}
+    if not values:
+        return spec
+    merged = spec.model_copy(update={"params": {**values, **spec.params}})
+    try:
+        registry.params("steerer", spec.plugin, merged.params)
+    except ValidationError as exc:
+        field = ("metadata.calibration.steerer" if side is None
+                 else f"metadata.calibration.sides.{side}.steerer")
+        problems = [_field_line(line) for line in format_validation_error(exc, prefix=field)
+                    if line.split(":")[0].removeprefix(field + ".").split(".")[0] in values]
+        if problems:
+            raise ArtifactError(f"{artifact}: " + "; ".join(problems)
+                                + f" (values for steerer {spec.plugin!r})") from None
+    except PluginError:
+        pass  # an unknown steerer: check_plugins reports it
+    return merged
+
+
+def _field_line(line: str, prefix: str = "") -> str:
+    """``path: got X; expected input should be Y`` as ``header field 'path': got X; expected
+    Y``."""
+    path, _, rest = line.partition(": ")
+    rest = rest.replace("expected input should be ", "expected ")
+    return f"header field '{prefix}{path}': {rest}"
+
+
+def _spec_problems(registry: Any, kind: str, plugin: str, params: dict[str, Any],
+                   prefix: str) -> list[str]:
+    """``header field 'PREFIX.params.KEY': ...`` lines for params the ``Params`` refuse."""
+    try:
+        registry.params(kind, plugin, params)
+    except PluginError as exc:
+        return [f"header field '{prefix}plugin': {exc}"]
+    except ValidationError as exc:
+        return [_field_line(line, prefix) for line in
+                format_validation_error(exc, prefix="params")]
+    return []
+
+
+def _canonical(registry: Any, kind: str, name: str) -> str:
+    try:
+        return str(registry.get(kind, name).name)
+    except PluginError:
+        return name
 
 
 def _exists(path: Path) -> bool:
@@ -223,13 +400,15 @@ def validate_policy_file(path: str | Path, registry: Any) -> Policy:
     A file the schema rejects still has its plugin sections checked, so one run reports
     both kinds of problem.
     """
-    resolved = resolve_policy(path).resolve()
-    data = load_raw(resolved)
+    found = resolved(resolve_policy(path))
+    data = load_raw(found)
     try:
-        policy = parse_policy(data, resolved)
+        policy = parse_policy(data, found)
     except PolicyError as exc:
         raise PolicyError(exc.path, exc.problems + check_plugin_sections(data, registry)) from None
     problems = check_plugins(policy, registry) + check_references(policy)
+    if not problems:
+        problems = check_artifacts(policy, registry)
     if problems:
         raise PolicyError(str(policy.path or path), problems)
     return policy

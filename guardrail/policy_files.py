@@ -19,6 +19,7 @@ the composer that turns them into nodes is PyYAML's, with the limits added.
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,25 @@ class _Refused(Exception):
 
 
 class _LimitedComposer(Composer):
-    """PyYAML's composer with depth, node-count, alias and string checks."""
+    """PyYAML's composer with depth, node-count, alias and string checks.
+
+    Depth is counted after alias expansion: an alias stands for its anchor's whole subtree,
+    so ``*a`` at depth 3 of an anchor 40 levels deep nests the document 43 levels deep.
+    """
 
     def _setup_limits(self) -> None:
         self._depth = 0
         self._nodes = 0
         self._sizes: dict[str, int] = {}
+        self._heights: dict[str, int] = {}
+        self._deepest = 0  # the deepest level reached inside the node being composed
         self._aliased = 0
+
+    def _reach(self, depth: int, mark: Any, aliased: bool = False) -> None:
+        if depth > MAX_DEPTH:
+            how = " once aliases are expanded" if aliased else ""
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep{how}", mark)
+        self._deepest = max(self._deepest, depth)
 
     def _count(self, nodes: int, mark: Any) -> None:
         self._nodes += nodes
@@ -92,18 +105,26 @@ class _LimitedComposer(Composer):
             size = self._sizes.get(event.anchor, 1)
             self._aliased += size
             self._count(size, event.start_mark)
+            self._reach(self._depth + self._heights.get(event.anchor, 1), event.start_mark,
+                        aliased=True)
             return super().compose_node(parent, index)
         if isinstance(event, ScalarEvent) and _BAD_CHARACTER.search(event.value):
             raise _Refused(_bad_character_message(event.value), event.start_mark)
-        self._depth += 1
-        if self._depth > MAX_DEPTH:
+        self._depth = depth = self._depth + 1
+        if depth > MAX_DEPTH:
             raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
-        before = self._nodes
-        self._count(1, event.start_mark)
+        before, outer = self._nodes, self._deepest
+        self._deepest = depth
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            self._count(0, event.start_mark)
         node: Node = super().compose_node(parent, index)
-        self._depth -= 1
         if event.anchor is not None:
             self._sizes[event.anchor] = self._nodes - before
+            self._heights[event.anchor] = self._deepest - depth + 1
+        if outer > self._deepest:
+            self._deepest = outer
+        self._depth = depth - 1
         return node
 
 
@@ -181,6 +202,23 @@ def read_policy_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PolicyError(str(path), [f"top level: expected a mapping, got {type(data).__name__}"])
     return data
+
+
+def resolved(path: Path) -> Path:
+    """``path`` made absolute with symlinks followed; a symlink loop (or a path the system
+    cannot follow) is a :class:`PolicyError` naming it, not a traceback."""
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop, on Python < 3.13
+        why = "a symlink loop" if isinstance(exc, RuntimeError) or getattr(
+            exc, "errno", None) == errno.ELOOP else f"not usable ({exc.__class__.__name__})"
+        raise PolicyError(str(path), [f"the path is {why}; expected a file"]) from None
+
+
+def read_policy_text(path: Path) -> str:
+    """The text of a policy file, with the limits of :func:`read_policy_file` on size and
+    encoding (``guardrail policy show --source``)."""
+    return _read_text(path)
 
 
 def _read_text(path: Path) -> str:

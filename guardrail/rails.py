@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
+from guardrail.artifact_header import Calibration
 from guardrail.components import ActivationSource, EnergyModel, Steerer
 from guardrail.energy import SIDES, EnergyArtifact
 from guardrail.errors import ArtifactError, PolicyError
 from guardrail.gating import GateSet
 from guardrail.plugins import Registry
 from guardrail.policy import GateSpec, PluginSpec, RailSpec
+from guardrail.policy_checks import calibrated_spec
 from guardrail.steering import SHARED, Direction, Rail
 
 
@@ -38,8 +40,10 @@ def build_rail(
     assert isinstance(source, ActivationSource)
     key = f"rails[{index}]"
     artifact = _artifact(spec, key, registry, fingerprint, device, where)
-    calibrated = calibration_of(artifact, spec.name) if artifact is not None else {}
-    steerer = create_steerer(_calibrated_spec(spec.steerer, calibrated.get("steerer")), registry)
+    calibrated = calibration_of(artifact, spec.name) if artifact is not None else None
+    named = str(spec.energy_model.artifact if spec.energy_model else "")
+    steerer = create_steerer(calibrated_spec(spec.steerer, calibrated, None, registry, named),
+                             registry)
     disabled: dict[int, str] = {}
     sets: dict[str, dict[int, EnergyModel]] = {}
     if artifact is not None:
@@ -56,17 +60,16 @@ def build_rail(
     shared = sets.get(SHARED, {})
     directions: dict[str, Direction] = {}
     for side in SIDES:
-        values = ((calibrated.get("sides") or {}).get(side) or {}).get("steerer")
+        values = calibrated.steerer_values(side) if calibrated is not None else {}
         if side not in sets and not values:
             continue
-        own = (create_steerer(_calibrated_spec(spec.steerer, values), registry) if values
-               else steerer)
+        own = (create_steerer(calibrated_spec(spec.steerer, calibrated, side, registry, named),
+                              registry) if values else steerer)
         directions[side] = Direction(sets.get(side, shared), own)
     gate, below, above = None, None, None
     if spec.gate is not None:
         assert artifact is not None  # check_plugins: a gate needs an energy-model artifact
-        gate, below, above = _gate(spec.gate, artifact.gate, calibrated, f"{key}.gate",
-                                   str(spec.energy_model.artifact if spec.energy_model else ""),
+        gate, below, above = _gate(spec.gate, artifact.gate, calibrated, f"{key}.gate", named,
                                    where)
         missing = [side for side, value in (("answer", below), ("refuse", above))
                    if value is not None and artifact.sides and side not in artifact.sides]
@@ -89,13 +92,13 @@ def build_rail(
         gate=gate,
         below=below,
         above=above,
-        budget=dict(calibrated.get("budget") or {}),
+        budget=calibrated.budget.model_dump(exclude_none=True) if calibrated else {},
         directions=directions,
         strength_limit=strength_limit(calibrated, steerer, directions, below, above),
     )
 
 
-def strength_limit(calibrated: dict[str, Any], steerer: Steerer,
+def strength_limit(calibrated: Calibration | None, steerer: Steerer,
                    directions: dict[str, Direction], below: float | None,
                    above: float | None) -> float:
     """The largest strength the calibration vouches for: on each side the rail steers, the
@@ -103,7 +106,7 @@ def strength_limit(calibrated: dict[str, Any], steerer: Steerer,
     setting held the safety budget, over the step size the side steers with now; the
     smallest over the sides. 1 without that evidence (no calibration, or one that stored no
     curves), and never below 1: the calibrated strength held the budget."""
-    curves = calibrated.get("curves")
+    curves = (calibrated.model_extra or {}).get("curves") if calibrated is not None else None
     if not isinstance(curves, dict):
         return 1.0
     limits = []
@@ -124,22 +127,15 @@ def strength_limit(calibrated: dict[str, Any], steerer: Steerer,
     return max(1.0, min(limits)) if limits else 1.0
 
 
-def _calibrated_spec(spec: PluginSpec, values: Any) -> PluginSpec:
-    """``spec`` with steerer values calibration stored filled in; the policy's own win."""
-    if not values:
-        return spec
-    return spec.model_copy(update={"params": {**values, **spec.params}})
-
-
-def calibration_of(artifact: EnergyArtifact, rail: str) -> dict[str, Any]:
-    """What ``guardrail calibrate`` stored in ``artifact`` for ``rail`` ({} if nothing)."""
-    found = artifact.metadata.get("calibration")
-    if not isinstance(found, dict) or found.get("rail") not in (None, rail):
-        return {}
+def calibration_of(artifact: EnergyArtifact, rail: str) -> Calibration | None:
+    """What ``guardrail calibrate`` stored in ``artifact`` for ``rail`` (None if nothing)."""
+    found = artifact.calibration
+    if found is None or found.rail not in (None, rail):
+        return None
     return found
 
 
-def _gate(spec: GateSpec, fitted: GateSet | None, calibrated: dict[str, Any], key: str,
+def _gate(spec: GateSpec, fitted: GateSet | None, calibrated: Calibration | None, key: str,
           artifact: str, where: str) -> tuple[GateSet, float | None, float | None]:
     """The rail's fitted gate and its thresholds, ``auto`` read from the calibration."""
     if fitted is None:
@@ -154,7 +150,8 @@ def _gate(spec: GateSpec, fitted: GateSet | None, calibrated: dict[str, Any], ke
     for side in ("below", "above"):
         value = getattr(spec, side)
         if value == "auto":
-            value = (calibrated.get("gate") or {}).get(side, "missing")
+            chosen = calibrated.gate if calibrated is not None else None
+            value = getattr(chosen, side) if chosen is not None else "missing"
             if value == "missing":
                 raise PolicyError(where, [
                     f"{key}.{side}: 'auto' takes the threshold `guardrail calibrate` stores in "

@@ -68,7 +68,10 @@ def resolve_policy(ref: str | Path) -> Path:
     names neither is returned as it is, for the loader to report as not found; a bare name
     that is not shipped raises :class:`PolicyError` listing the shipped ones.
     """
-    path = Path(ref).expanduser()
+    try:
+        path = Path(ref).expanduser()
+    except RuntimeError:  # ~name of a user that does not exist: not a path, maybe a name
+        path = Path(ref)
     if path.is_file():
         return path
     shipped = shipped_policy(str(ref))
@@ -80,7 +83,11 @@ def resolve_policy(ref: str | Path) -> Path:
     names = list(shipped_policies())
     close = difflib.get_close_matches(text, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
+    try:
+        looked = path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop
+        looked = path
     raise PolicyError(text, [
-        f"not a policy file (looked at {path.resolve()}) and not a shipped policy name "
+        f"not a policy file (looked at {looked}) and not a shipped policy name "
         f"(shipped: {', '.join(names) or 'none'}; `guardrail policy list`){hint}"
     ])

@@ -67,10 +67,10 @@ def _edit_header(header: dict[str, Any], change: str) -> None:
 
 
 HEADER_CASES = [
-    ("no energy_model", "header field 'energy_model': got None"),
-    ("no configs", "header field 'configs': got None"),
+    ("no energy_model", "header field 'energy_model': missing"),
+    ("no configs", "header field 'configs': missing"),
     ("layers not a list", "header field 'layers': got '1,2'"),
-    ("layer twice", "header field 'layers': [1, 1] lists a layer twice"),
+    ("layer twice", "header field 'layers': got [1, 1]; expected each layer once"),
     ("config not an object", "header field 'configs.2': got [16]"),
     ("fingerprint field missing", "header field 'model.hidden_size': missing"),
 ]

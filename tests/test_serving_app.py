@@ -467,3 +467,18 @@ def test_nonfinite_skips_and_disabled_layers_show_in_telemetry_and_metrics(tiny_
     assert 'guardrail_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' \
         in text
     assert 'guardrail_queue_depth{model="tiny-model"} 0.0' in text
+
+
+def test_the_console_log_escapes_what_a_client_sends(pool: PolicyPool,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from guardrail.telemetry import configure_logging
+
+    configure_logging(json=False)
+    capsys.readouterr()
+    # An OSC title change, a clear-screen CSI, a C1 CSI and a bidi override in the path.
+    response = call(pool, lambda c: c.get("/v1/models/%1b%5d0%3bpwned%07%1b%5b2J%c2%9b%e2%80%ae"))
+    assert response.status_code == 404
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "serve.request" in line)
+    assert not any(c in err for c in "\x1b\x07\u009b\u202e"), err
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b\\u202e" in line

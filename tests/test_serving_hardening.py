@@ -176,8 +176,8 @@ def test_a_chunked_body_over_the_limit_is_refused_without_buffering_it(guarded: 
             yield b"x" * 4096
         yield b'"}]}'
 
-    response = httpx.post(f"{guarded.base_url}/chat/completions", content=chunks(), headers=AUTH,
-                          timeout=60)
+    response = httpx.post(f"{guarded.base_url}/chat/completions", content=chunks(),
+                          headers={**AUTH, "content-type": "application/json"}, timeout=60)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 
@@ -445,3 +445,198 @@ def test_serve_refuses_an_empty_api_key(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("GUARDRAIL_API_KEY", "")
     assert main(["serve", "--policy", str(policy)]) == 1
     assert "GUARDRAIL_API_KEY: the API key is empty" in capsys.readouterr().err
+
+
+# --- trust boundaries: Host and content type ---------------------------------------------------
+@pytest.mark.parametrize(("host", "path", "status"), [
+    ("evil.example", "/v1/models", 400),
+    ("evil.example:80", "/v1/chat/completions", 400),
+    ("127.0.0.1.evil.example", "/v1/models", 400),
+    ("localhost:{port}", "/v1/models", 200),
+    ("127.0.0.1:{port}", "/v1/models", 200),
+    ("[::1]:{port}", "/v1/models", 200),
+    ("evil.example", "/healthz", 200),  # the probes answer whatever the Host
+])
+def test_a_foreign_host_is_refused(guarded: LiveServer, host: str, path: str, status: int) -> None:
+    headers = {**AUTH, "host": host.format(port=guarded.port)}
+    if path == CHAT:
+        reply = httpx.post(f"{guarded.root}{path}", content=_body(max_tokens=1),
+                           headers={**headers, "content-type": "application/json"}, timeout=60)
+    else:
+        reply = httpx.get(f"{guarded.root}{path}", headers=headers, timeout=60)
+    assert reply.status_code == status, reply.text[:300]
+    if status == 400:
+        error = reply.json()["error"]
+        assert error["code"] == "host_not_allowed" and "--allowed-host" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x",
+                                          "application/json; charset=latin-1"])
+def test_request_bodies_must_be_json(guarded: LiveServer, content_type: str | None) -> None:
+    headers = {**AUTH, **({"content-type": content_type} if content_type else {})}
+    reply = httpx.post(f"{guarded.base_url}/chat/completions", content=_body(max_tokens=1),
+                       headers=headers, timeout=60)
+    assert reply.status_code == 415, reply.text[:300]
+    assert reply.json()["error"]["code"] == "unsupported_media_type"
+    ok = httpx.post(f"{guarded.base_url}/chat/completions", content=_body(max_tokens=1),
+                    headers={**AUTH, "content-type": "application/json; charset=UTF-8"},
+                    timeout=60)
+    assert ok.status_code == 200, ok.text[:300]
+
+
+# --- metrics cardinality --------------------------------------------------------------------------
+def test_metrics_stay_bounded_whatever_methods_and_paths_clients_send(guarded: LiveServer) -> None:
+    import random
+
+    rng = random.Random(0)
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    size_before = len(httpx.get(f"{guarded.root}/metrics", headers=AUTH, timeout=30).content)
+
+    async def flood() -> None:
+        async with httpx.AsyncClient(base_url=guarded.root, timeout=60) as client:
+            for start in range(0, 2000, 100):
+                await asyncio.gather(*(client.request(
+                    "".join(rng.choices(letters, k=rng.randint(3, 12))),
+                    f"/{rng.randint(0, 10**9)}/x%1b%5d0", headers={"host": "127.0.0.1"})
+                    for _ in range(start, start + 100)))
+
+    asyncio.run(flood())
+    text = httpx.get(f"{guarded.root}/metrics", headers=AUTH, timeout=30).text
+    methods = {s.labels["method"] for f in text_string_to_metric_families(text)
+               for s in f.samples if "method" in s.labels}
+    routes = {s.labels["route"] for f in text_string_to_metric_families(text)
+              for s in f.samples if "route" in s.labels}
+    print(f"\n/metrics: {size_before} bytes before 2000 requests with random methods, "
+          f"{len(text)} after")
+    assert methods <= {"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH", "other"}
+    assert "other" in methods and "other" in routes
+    assert len(text) < size_before + 8000
+    assert guarded.process.poll() is None
+
+
+# --- one admission path ---------------------------------------------------------------------------
+def _big(i: int, words: int, model: str = "admit") -> bytes:
+    return json.dumps({"model": model, "max_tokens": 2, "messages": [
+        {"role": "user", "content": f"tell me about the store {i} " * words}]}).encode()
+
+
+def _post(client: httpx.Client, server: LiveServer, body: bytes) -> dict[str, Any]:
+    try:
+        reply = client.post(f"{server.base_url}/chat/completions", content=body,
+                            headers={"content-type": "application/json"})
+        return {"status": reply.status_code, "text": reply.text,
+                "type": reply.headers.get("content-type", "")}
+    except httpx.HTTPError as exc:
+        return {"status": None, "text": repr(exc), "type": ""}
+
+
+def _admit_server(tiny_dir: Path, name: str, *extra: str) -> LiveServer:
+    policy = _policy(tiny_dir, name, steps=1, batch=4)
+    return start_server([policy], tiny_dir / f"{name}.log", "--max-request-bytes", str(2 << 20),
+                        "--max-prompt-tokens", "64", *extra)
+
+
+def test_sigterm_with_tokenisation_in_flight_answers_everyone_in_openai_shape(
+    tiny_dir: Path,
+) -> None:
+    # 40 megabyte prompts queue up on the one tokenising thread (each is refused after
+    # tokenising: too long); 4 small requests wait behind them. SIGTERM then.
+    server = _admit_server(tiny_dir, "admit", "--drain-timeout", "1")
+    bodies = [_big(i, 40_000) for i in range(40)] + [_big(i, 2) for i in range(4)]
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool, httpx.Client(
+                timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
+            futures = [pool.submit(_post, client, server, body) for body in bodies]
+            _until(lambda: server.health()["admission"]["admitted"] >= 30, "30 admitted")
+            server.process.send_signal(signal.SIGTERM)
+            replies = [f.result(timeout=120) for f in futures]
+        server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    statuses = [r["status"] for r in replies]
+    print(f"\nSIGTERM while tokenising: {statuses.count(503)} x 503, {statuses.count(400)} x "
+          f"400 (too long, tokenised before the signal), {statuses.count(200)} x 200")
+    for reply in replies:
+        assert reply["status"] in (200, 400, 503), reply
+        assert reply["type"].startswith("application/json"), reply
+        body = json.loads(reply["text"])
+        if reply["status"] == 503:
+            assert body["error"]["code"] == "shutting_down"
+    assert all(r["status"] in (200, 503) for r in replies[40:])
+    assert statuses.count(503) >= 20
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "Internal Server Error" not in log
+    drained = [e for e in server.log_events() if e.get("event") == "serve.draining"]
+    assert drained and drained[0]["admitted_answered_503"] >= 20
+
+
+def test_the_queue_bound_counts_requests_still_tokenising(tiny_dir: Path) -> None:
+    server = _admit_server(tiny_dir, "bound", "--max-queue", "4")
+    try:
+        with ThreadPoolExecutor(12) as pool, httpx.Client(timeout=120) as client:
+            futures = [pool.submit(_post, client, server, _big(i, 40_000, "bound"))
+                       for i in range(12)]
+            seen = 0
+            while not all(f.done() for f in futures):
+                seen = max(seen, server.health()["admission"]["admitted"])
+                time.sleep(0.05)
+            replies = [f.result() for f in futures]
+    finally:
+        server.stop()
+    codes = [json.loads(r["text"])["error"]["code"] for r in replies]
+    assert seen <= 4 and codes.count("queue_full") >= 4, (seen, codes)
+    assert set(codes) <= {"queue_full", "context_length_exceeded"}
+
+
+def test_a_client_gone_mid_upload_is_logged_as_a_disconnect(guarded: LiveServer) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                     b"authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"content-type: application/json\r\ncontent-length: 60000\r\n\r\n"
+                     + b'{"model": "tiny", "messages": [' + b" " * 1000)
+        time.sleep(0.5)
+    _until(lambda: any(e.get("event") == "serve.request" and e.get("status") == 499
+                       for e in guarded.log_events()), "the disconnect's log event", timeout=30)
+    event = next(e for e in guarded.log_events()
+                 if e.get("event") == "serve.request" and e.get("status") == 499)
+    assert event["disconnected"] is True and event["path"] == CHAT
+    assert "Traceback" not in guarded.log_path.read_text(errors="replace")
+    assert _value(_metrics(guarded), "guardrail_requests_total", route=CHAT, status="500") == 0
+
+
+@pytest.mark.integration
+def test_sigterm_while_smollm2_tokenises_megabyte_prompts(tmp_path: Path) -> None:
+    # The probe's case: SmolLM2's BPE tokenizer takes about a second per megabyte prompt.
+    from guardrail.models import is_installed
+
+    from .live_server import SMOL
+
+    if not is_installed(SMOL):
+        pytest.skip(f"packaged checkpoint {SMOL} is not installed")
+    policy = write_yaml(tmp_path / "admit.yaml", {"name": "admit", "model": {"source": SMOL},
+                                                  "generation": {"max_new_tokens": 4}})
+    server = start_server([policy], tmp_path / "admit.log", "--drain-timeout", "1",
+                          "--max-request-bytes", str(2 << 20))
+    bodies = [_big(i, 40_000) for i in range(40)] + [_big(i, 2) for i in range(4)]
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool, httpx.Client(
+                timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
+            futures = [pool.submit(_post, client, server, body) for body in bodies]
+            _until(lambda: server.health()["admission"]["admitted"] >= 30, "30 admitted")
+            time.sleep(1.5)  # one or two tokenised by now
+            server.process.send_signal(signal.SIGTERM)
+            replies = [f.result(timeout=120) for f in futures]
+        server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    statuses = [r["status"] for r in replies]
+    print(f"\nSmolLM2, SIGTERM while tokenising: {statuses.count(503)} x 503, "
+          f"{statuses.count(400)} x 400, {statuses.count(200)} x 200")
+    assert all(r["status"] in (200, 400, 503) and r["type"].startswith("application/json")
+               for r in replies), replies
+    assert all(r["status"] in (200, 503) for r in replies[40:])
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "Internal Server Error" not in log

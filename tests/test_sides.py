@@ -135,6 +135,8 @@ def test_attach_applies_the_gate_exactly_as_generate_does(
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         assert session.sides_of("eds", 2) == expected
+        score, _ = session.gate_decisions["eds"]
+        assert score.tolist() == pytest.approx(scores, abs=1e-4)  # what generate() scored
     for row, gated in enumerate(steered):
         assert out[row, prompt_len:].tolist()[: len(gated.token_ids)] == gated.token_ids
     assert out[high, prompt_len:].tolist()[: len(base[high].token_ids)] == base[high].token_ids
@@ -215,3 +217,78 @@ def test_a_row_calibration_did_not_answer_steered_is_never_given_to_a_side() -> 
     assert chosen is not None and chosen.below is not None
     assert chosen.outcomes["benign-src"].steered <= 5
 
+
+
+def test_the_answer_threshold_reaches_the_budget_edge_exactly() -> None:
+    # 300 benign rows spread over -3..3, steering fixes every one; 300 harmful rows high up,
+    # but one scores -2.05: the best feasible threshold is that score, which the quantile
+    # grid alone (every 1/60 of the scores: ... -2.2, -2.0 ...) would miss.
+    contexts = "b" * 300 + "h" * 300
+    benign = [-3 + 0.02 * i for i in range(300)]
+    harmful = [-2.05] + [4.0 + 0.001 * i for i in range(299)]
+    base = [True] * 300 + [True] * 300
+    answer = [False] * 300 + [True] * 300
+    evidence = _evidence(contexts, base, answer, base, benign + harmful)
+    chosen, _ = choose(evidence, CalibrationSection(), search_below=True, search_above=False)
+    assert chosen is not None and chosen.below is not None and -2.06 < chosen.below <= -2.05
+    assert chosen.outcomes["benign-src"].right_way == 48  # -3.00 .. -2.06
+
+
+def test_calibration_takes_the_base_answers_from_the_label_cache(
+    tmp_path: Path, tiny_model_dir: Path, keyword_classifier: None, bomb_gate: None,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from guardrail.evaluation.runner import Answerer
+
+    path = sided_policy(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(path.read_text())
+    data["rails"][0]["gate"]["above"] = "auto"
+    data["calibration"]["refuse_grid"] = {"eta": [3.0], "steps": [1]}
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", "--policy", str(path), "--no-progress"]) == 0
+    calls: list[tuple[bool, Any]] = []
+    original = Answerer.answer
+
+    def spy(self: Any, prompts: Any, *, steer: bool, progress: bool = False,
+            gates: Any = True) -> Any:
+        calls.append((steer, gates))
+        return original(self, prompts, steer=steer, progress=progress, gates=gates)
+
+    monkeypatch.setattr(Answerer, "answer", spy)
+    assert main(["calibrate", "--policy", str(path), "--no-progress"]) == 0
+    assert all(steer for steer, _ in calls)  # the base answers came from the labels
+    assert {gates for _, gates in calls} <= {"answer", "refuse"}
+    calibration = EnergyArtifact.read_header(tmp_path / "artifacts" / "tiny.safetensors")[
+        "metadata"]["calibration"]
+    assert set(calibration["sides"]) <= {"answer", "refuse"}
+    assert {"answer", "refuse"} == set(calibration["curves"])
+    rail = Guardrail.from_policy(load_policy(path)).rails[0]
+    assert rail.below == calibration["gate"]["below"]
+    assert rail.above == calibration["gate"]["above"]
+
+
+def test_gate_only_sources_feed_a_text_only_gate_and_are_refused_for_a_state_reading_one(
+    tmp_path: Path, tiny_model_dir: Path, keyword_classifier: None, bomb_gate: None,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from .test_training_pipeline import write_jsonl
+
+    path = gated_policy(tmp_path, tiny_model_dir, below=0.0)
+    write_jsonl(tmp_path / "more.jsonl", [f"tell me about the store {w}" for w in WORDS_EXTRA])
+    data = yaml.safe_load(path.read_text())
+    data["training"]["sources"].append({"path": "more.jsonl", "context": "benign",
+                                        "field": "text", "gate_only": True})
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", "--policy", str(path), "--no-progress"]) != 0
+    assert "gate_only sources are read by text-only gates" in capsys.readouterr().err
+    data["rails"][0]["gate"]["members"] = [{"plugin": "bomb-words"}]
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", "--policy", str(path), "--no-progress"]) == 0
+    header = EnergyArtifact.read_header(tmp_path / "artifacts" / "tiny.safetensors")
+    fitted_on = header["gate"]["members"][0]["config"]["fitted_on"]
+    prompts = header["metadata"]["data"]["prompts"]
+    assert fitted_on == sum(prompts["train"].values()) + len(WORDS_EXTRA)
+    assert prompts["gate_only"] == {"more.jsonl": len(WORDS_EXTRA)}
+
+
+WORDS_EXTRA = ("please", "here", "now", "you", "it")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from guardrail import __version__
+from guardrail.console import EscapingWriter, printable
 from guardrail.errors import GuardrailError, PluginError
 from guardrail.prompts import DATA_ENV
 from guardrail.telemetry import configure_logging
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
     except PluginError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
     configure_logging(json=args.log_json, level=args.log_level)
@@ -107,18 +108,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command != "plugins":  # which lists them itself
         _warn_failed_plugins()
+    stdout = sys.stdout
+    sys.stdout = EscapingWriter(stdout)
     try:
         return int(args.func(args) or 0)
     except GuardrailError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `guardrail plugins | head`: the reader left; not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stdout.fileno())
         return 0
+    finally:
+        if isinstance(sys.stdout, EscapingWriter):
+            sys.stdout = stdout
 
 
 def _warn_failed_plugins() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from guardrail.policy_checks import device_problem, seed_problem
+
 
 def _number(text: str, kind: type[int] | type[float], expected: str) -> float:
     try:
@@ -67,3 +69,23 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"got {text!r}; expected 0..65535")
     return value
+
+
+def seed(text: str) -> int:
+    """An integer torch accepts as a seed (-2**63 .. 2**64-1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer") from None
+    problem = seed_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem.replace(repr(value), repr(text), 1))
+    return value
+
+
+def device(text: str) -> str:
+    """A device a model can generate on: auto, cpu, mps, cuda or cuda:N."""
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text

@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from guardrail.cli.arg_types import device
 from guardrail.policy import load_policy
 
 
@@ -29,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
                      help="at most N prompts per validation source (a quick look)")
     cal.add_argument("--cache-dir", help="cache root (default $GUARDRAIL_CACHE_DIR or "
                      "~/.cache/guardrail)")
-    cal.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
+    cal.add_argument("--device", type=device, help="auto, cpu, cuda (overrides the policy)")
     cal.add_argument("--plot", metavar="PATH", help="trade-off plot (default: next to the "
                      "artifact, .calibration.png)")
     cal.add_argument("--json", action="store_true", help="print the chosen setting as JSON")

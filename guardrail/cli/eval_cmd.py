@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from guardrail.cli.arg_types import non_negative_int, positive_int
+from guardrail.cli.arg_types import device, non_negative_int, positive_int, seed
 from guardrail.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 from guardrail.errors import GuardrailError
 
@@ -63,7 +63,7 @@ def _common(parser: argparse.ArgumentParser, suites: tuple[str, ...] = EVAL_SUIT
                              f"(default {' '.join(suites)})")
     parser.set_defaults(default_suites=list(suites))
     parser.add_argument("--limit", type=positive_int, help="seeded sample of N items per suite")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--data-dir", help=DATA_HELP)
     parser.add_argument("--max-new-tokens", type=positive_int, default=48,
                         help="answer length (default 48; refusals show early)")
@@ -72,7 +72,7 @@ def _common(parser: argparse.ArgumentParser, suites: tuple[str, ...] = EVAL_SUIT
     parser.add_argument("--out", help="output folder (eval: reports/eval, sweep: reports/sweep)")
     parser.add_argument("--cache-dir", help=CACHE_HELP)
     parser.add_argument("--no-cache", action="store_true", help="generate everything afresh")
-    parser.add_argument("--device", help="auto, cpu, cuda (overrides the policies)")
+    parser.add_argument("--device", type=device, help="auto, cpu, cuda (overrides the policies)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
 
 
@@ -147,10 +147,26 @@ def run_eval(args: argparse.Namespace) -> int:
     json_path, md_path = write_report(report, args.out)
     print(console(report))
     print(f"wrote {json_path} and {md_path}")
+    roc = _gate_roc(results, Path(args.out) / "gate_roc.png")
+    if roc is not None:
+        print(f"gate ROC: {roc}")
     if args.save_generations:
         paths = write_generations(results, args.out)
         print(f"wrote {len(paths)} generation files under {Path(args.out) / 'generations'}")
     return 0
+
+
+def _gate_roc(results: Any, path: Path) -> Path | None:
+    """The gated policies' ROC per suite (None without matplotlib or without a gate)."""
+    from guardrail.errors import GuardrailError
+    from guardrail.evaluation.plots import plot_gate_roc
+
+    suites = [{"name": r.suite.name, "rows": [row.to_dict(records=True) for row in r.rows]}
+              for r in results]
+    try:
+        return plot_gate_roc({"suites": suites}, path)
+    except GuardrailError:
+        return None
 
 
 def _settings(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:

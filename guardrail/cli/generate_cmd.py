@@ -8,7 +8,8 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
-from guardrail.cli.arg_types import positive_float, positive_int, probability
+from guardrail.cli.arg_types import device, positive_float, positive_int, probability, seed
+from guardrail.console import printable
 from guardrail.generation import user_turns
 
 if TYPE_CHECKING:  # guardrail.guard imports torch: only the commands themselves load it
@@ -39,8 +40,8 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--do-sample", action="store_true", default=None)
     parser.add_argument("--temperature", type=positive_float)
     parser.add_argument("--top-p", type=probability)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
+    parser.add_argument("--seed", type=seed)
+    parser.add_argument("--device", type=device, help="auto, cpu, cuda (overrides the policy)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,6 +78,22 @@ def energy_line(telemetry: GenerationTelemetry, disabled: dict[int, str] | None 
     if not parts and gated_out:
         return f"(not steered: the gate of rail {', '.join(sorted(gated_out))} kept it out)"
     return "  ".join(parts) if parts else "(no energy at the last prompt token)"
+
+
+def gate_lines(telemetry: GenerationTelemetry) -> list[str]:
+    """Per gated rail: the harm score and the side the gate chose, against its thresholds."""
+    lines = []
+    for gate in telemetry.gates:
+        below = "never" if gate.below is None else f"{gate.below:+.2f}"
+        above = "never" if gate.above is None else f"{gate.above:+.2f}"
+        if gate.side == "answer":
+            what = f"steered towards answering (score below {below})"
+        elif gate.side == "refuse":
+            what = f"steered towards refusing (score above {above})"
+        else:
+            what = f"left as the model has it (answer below {below}, refuse above {above})"
+        lines.append(f"rail {gate.rail}: harm score {gate.score:+.2f}, {what}")
+    return lines
 
 
 def disabled_layers(guard: Guardrail) -> dict[int, str]:
@@ -120,18 +137,20 @@ def run_generate(args: argparse.Namespace) -> int:
     width = 100
     for i, prompt in enumerate(args.prompts):
         print("=" * width)
-        print(f"PROMPT   {prompt}")
+        print(f"PROMPT   {printable(prompt, newlines=False)}")
         for label, results in (("BASE", base), ("STEERED", steered)):
             if results is None:
                 continue
             result = results[i]
             print(f"{label:<8} [{_verdict(guard, prompt, result)}]")
-            body = result.text.strip() or "(empty)"
+            body = printable(result.text.strip()) or "(empty)"
             print(
                 textwrap.indent(textwrap.fill(body, width - 9, replace_whitespace=False), " " * 9)
             )
         if steered is not None:
             print(f"ENERGY   {energy_line(steered[i].telemetry, disabled_layers(guard))}")
+            for line in gate_lines(steered[i].telemetry):
+                print(f"GATE     {line}")
     return 0
 
 
@@ -143,7 +162,8 @@ def run_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     steer = True
     print(
-        f"policy {guard.policy.name!r} on {guard.loaded.name}; /help for commands", file=sys.stderr
+        printable(f"policy {guard.policy.name!r} on {guard.loaded.name}; /help for commands",
+                  newlines=False), file=sys.stderr
     )
     while True:
         try:
@@ -167,6 +187,6 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         result = guard.generate([history], steer=steer, **_overrides(args))[0]
         history.append({"role": "assistant", "content": result.text})
-        print(f"bot> {result.text.strip()}")
+        print(f"bot> {printable(result.text.strip())}")
         if steer:
             print(f"     energy {energy_line(result.telemetry, disabled_layers(guard))}")

@@ -11,11 +11,13 @@ from typing import Any
 
 import yaml
 
+from guardrail.console import printable
 from guardrail.defaults import DEFAULT_POLICY
 from guardrail.errors import GuardrailError
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import load_policy, load_raw
 from guardrail.policy_checks import missing_artifacts, validate_policy_file
+from guardrail.policy_files import read_policy_text, resolved
 from guardrail.shipped import resolve_policy, shipped_policies
 
 POLICY_HELP = "a policy file, or a shipped policy's name (guardrail policy list)"
@@ -60,12 +62,13 @@ def run_validate(args: argparse.Namespace) -> int:
             policy = validate_policy_file(path, registry)
         except GuardrailError as exc:
             failed += 1
-            print(str(exc), file=sys.stderr)
+            print(printable(exc), file=sys.stderr)
             continue
-        rails = ", ".join(r.name for r in policy.rails) or "none"
-        print(f"ok {path}: policy {policy.name!r}, model {policy.model.source!r}, rails: {rails}")
+        rails = ", ".join(repr(r.name) for r in policy.rails) or "none"
+        print(printable(f"ok {path}: policy {policy.name!r}, model {policy.model.source!r}, "
+                        f"rails: {rails}", newlines=False))
         for note in missing_artifacts(policy, registry):
-            print(f"   note: {note}")
+            print(printable(f"   note: {note}", newlines=False))
     return 1 if failed else 0
 
 
@@ -99,15 +102,18 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     """Print the policy as loaded, or with ``--source`` the file as written."""
-    path = resolve_policy(args.policy).resolve()
+    path = resolved(resolve_policy(args.policy))
     if args.source:
-        print(f"# {path}")
-        print(path.read_text(encoding="utf-8"), end="")
+        # Read as validate reads it (size-bounded, UTF-8 text), printed with control
+        # characters escaped: the file may be a download.
+        text = read_policy_text(path)
+        print(printable(f"# {path}", newlines=False))
+        print(printable(text), end="" if text.endswith("\n") else "\n")
         return 0
     load_policy(path)  # the schema's errors, if any, before printing
-    print(f"# {path}, extends merged and paths resolved "
-          "(`guardrail policy show --source` prints the file as written)")
-    print(yaml.safe_dump(load_raw(path), sort_keys=False, width=100), end="")
+    print(printable(f"# {path}, extends merged and paths resolved ", newlines=False)
+          + "(`guardrail policy show --source` prints the file as written)")
+    print(printable(yaml.safe_dump(load_raw(path), sort_keys=False, width=100)), end="")
     return 0
 
 
@@ -119,14 +125,14 @@ def run_init(args: argparse.Namespace) -> int:
     parent = load_policy(args.extends)
     assert parent.path is not None
     extends = parent.path.stem if resolve_policy(args.extends) in shipped_policies().values() \
-        else _relative(parent.path, target.resolve().parent)
+        else _relative(parent.path, resolved(target).parent)
     name = args.name or target.stem
     target.write_text(starter_policy(name, extends, parent.rails[0].name if parent.rails
                                      else None), encoding="utf-8")
     validate_policy_file(target, Registry.from_plugin_manager(get_plugin_manager()))
-    print(f"wrote {target}: policy {name!r} extends {extends!r}")
-    print(f"next: guardrail validate {target}; guardrail policy show {target}; "
-          f"guardrail generate --policy {target} --compare \"...\"")
+    print(printable(f"wrote {target}: policy {name!r} extends {extends!r}", newlines=False))
+    print(printable(f"next: guardrail validate {target}; guardrail policy show {target}; "
+                    f"guardrail generate --policy {target} --compare \"...\"", newlines=False))
     return 0
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import structlog
 
-from guardrail.cli.arg_types import non_negative_float, port, positive_float, positive_int
+from guardrail.cli.arg_types import device, non_negative_float, port, positive_float, positive_int
 from guardrail.errors import GuardrailError
 from guardrail.serving.auth import ENV_VAR
+from guardrail.serving.trust import default_hosts
 
 log = structlog.get_logger("guardrail.serving")
 
@@ -28,7 +29,7 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=port, default=8000)
-    serve.add_argument("--device", help="auto, cpu, cuda (overrides the policies)")
+    serve.add_argument("--device", type=device, help="auto, cpu, cuda (overrides the policies)")
     serve.add_argument("--threads", type=positive_int,
                        help="torch CPU threads (1 is fastest on a busy shared CPU)")
     limits = serve.add_argument_group("batching and limits")
@@ -51,6 +52,11 @@ def add_parser(subparsers: Any) -> None:
                         help="on SIGTERM/SIGINT, seconds running requests may take to finish; "
                              "queued ones get 503 at once (default 30)")
     access = serve.add_argument_group("access")
+    access.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a Host name clients may use besides the bound address and "
+                             "localhost (repeat for several; '*' allows any, as behind a proxy "
+                             "that checks it). Other names get 400: a browser page cannot "
+                             "reach the server by DNS rebinding")
     access.add_argument("--api-key", metavar="KEY",
                         help=f"require `Authorization: Bearer KEY` on every path but /healthz "
                              f"and /readyz (default: ${ENV_VAR}; prefer the variable, a "
@@ -89,19 +95,26 @@ def run(args: argparse.Namespace) -> int:
     api_key = api_key_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    allowed = default_hosts(args.host, args.allowed_host)
     config = ServeConfig(
         max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         batch_wait_ms=max(args.batch_wait_ms, 0.0), max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
         request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+        allowed_hosts=allowed,
     )
     pool = PolicyPool.load(args.policy, config, device=args.device)
     app = create_app(pool, config, api_key=api_key)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serve.no_auth", host=args.host,
                     hint=f"anyone who can reach {args.host} can use the model; set {ENV_VAR}")
+    if "*" in allowed and api_key is None:
+        log.warning("serve.any_host", hint="--allowed-host '*' without an API key: a web page "
+                    "in a browser on a machine that can reach the server can use it (DNS "
+                    "rebinding); set an API key")
     log.info("serve.listening", url=f"http://{args.host}:{args.port}/v1",
              policies=sorted(pool.policies), threads=torch.get_num_threads(),
-             auth=api_key is not None, drain_timeout_s=args.drain_timeout)
+             auth=api_key is not None, drain_timeout_s=args.drain_timeout,
+             allowed_hosts=sorted(allowed))
     run_server(app, host=args.host, port=args.port)
     return 0

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from guardrail.cli.arg_types import non_negative_int, positive_int
+from guardrail.cli.arg_types import device, non_negative_int, positive_int
 from guardrail.errors import GuardrailError
 from guardrail.policy import Policy, load_policy
 
@@ -30,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--output", help="artifact path (default: the rail's energy_model.artifact)")
     train.add_argument("--cache-dir", help="state cache (default: training.capture.cache_dir or "
                        "<guardrail cache>/states)")
-    train.add_argument("--device", help="auto, cpu, cuda (overrides the policy)")
+    train.add_argument("--device", type=device, help="auto, cpu, cuda (overrides the policy)")
     train.add_argument("--top-k", type=positive_int,
                        help="layers to keep (overrides selection.top_k)")
     train.add_argument("--threads", type=non_negative_int, default=1,

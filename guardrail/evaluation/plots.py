@@ -93,3 +93,39 @@ def _save(fig: Any, path: str | Path, plt: Any) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_gate_roc(report: dict[str, Any], path: str | Path) -> Path | None:
+    """ROC of each gated policy's harm score on each suite with benign and harmful items
+    (None when no row has gate scores and both contexts)."""
+    curves = []
+    for suite in report["suites"]:
+        for row in suite["rows"]:
+            records = row.get("records") or []
+            if not row.get("gate") or not records or "gate_score" not in records[0]:
+                continue
+            scores = [(r["gate_score"], r["harmful"]) for r in records]
+            if len({h for _, h in scores}) < 2:
+                continue
+            curves.append((f"{row['label']} on {suite['name']} (AUROC {row['gate']['auroc']})",
+                           scores))
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for label, scores in curves:
+        ordered = sorted(scores, key=lambda item: -item[0])
+        positives = sum(h for _, h in ordered)
+        negatives = len(ordered) - positives
+        tpr, fpr, tp, fp = [0.0], [0.0], 0, 0
+        for _, harmful in ordered:
+            tp, fp = tp + harmful, fp + (not harmful)
+            tpr.append(tp / positives)
+            fpr.append(fp / negatives)
+        ax.plot(fpr, tpr, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("benign prompts scored above the threshold")
+    ax.set_ylabel("harmful prompts scored above the threshold")
+    ax.set_title("harm gate ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path, plt)

@@ -131,19 +131,38 @@ def suite_table(suite: dict[str, Any]) -> list[str]:
             f"| {q['empty']} | {q['degenerate']} | {q['cut_off']} |"
         )
     budgets = [r for r in rows if r.get("budget")]
-    if budgets:
-        lines += [""] + [f"- {budget_line(r)}" for r in budgets]
+    gates = [r for r in rows if r.get("gate")]
+    if budgets or gates:
+        lines += [""] + [f"- {budget_line(r)}" for r in budgets] + [
+            f"- {gate_line(r)}" for r in gates]
     return lines
 
 
 def flips_cell(row: dict[str, Any]) -> str:
-    """``right / wrong`` prompts against the base model, as shares of the suite."""
+    """``right / wrong`` prompts against the base model, as shares of the suite (per context
+    when the suite has both)."""
     flips = row.get("flips")
     if not flips or not flips["n"]:
         return "–"
-    n = flips["n"]
-    return (f"{flips['right_way'] / n:.2f} / {flips['wrong_way'] / n:.2f} "
-            f"({flips['right_way']} / {flips['wrong_way']})")
+    by_context = flips.get("by_context") or {}
+    if len(by_context) > 1:
+        return "; ".join(f"{context} {_flips(c)}" for context, c in by_context.items())
+    return _flips(flips)
+
+
+def _flips(counts: dict[str, Any]) -> str:
+    n = counts["n"]
+    return (f"{counts['right_way'] / n:.2f} / {counts['wrong_way'] / n:.2f} "
+            f"({counts['right_way']} / {counts['wrong_way']})")
+
+
+def gate_line(row: dict[str, Any]) -> str:
+    """A gated policy's gate on the suite: AUROC and rows per side."""
+    g = row["gate"]
+    auc = "" if g.get("auroc") is None else f"AUROC harmful vs benign {g['auroc']}; "
+    return (f"{row['label']}: gate of rail {g['rail']}: {auc}steered towards answering "
+            f"{g['answer']} (below {g['below']}), towards refusing {g['refuse']} "
+            f"(above {g['above']})")
 
 
 def timing_cell(row: dict[str, Any]) -> str:

@@ -3,9 +3,10 @@
 ``config`` holds the server limits, ``schemas`` the request and response models, ``errors``
 the OpenAI-style error bodies, ``streaming`` the per-row decoding that feeds server-sent
 events, ``batcher`` the bounded queue and the one model worker thread per loaded model,
-``pool`` the loaded policies, ``auth`` the bearer-key check, ``metrics`` the Prometheus
-metrics, ``request_log`` the per-request log event, ``lifecycle`` the drain on shutdown, and
-``app`` the FastAPI application factory.
+``pool`` the loaded policies, ``admission`` the one path every request takes from its body to
+its worker's queue, ``trust`` the ``Host`` allow-list and the JSON-only bodies, ``auth`` the
+bearer-key check, ``metrics`` the Prometheus metrics, ``request_log`` the per-request log
+event, ``lifecycle`` the drain on shutdown, and ``app`` the FastAPI application factory.
 """
 
 from guardrail.serving.config import ServeConfig

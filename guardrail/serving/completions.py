@@ -343,16 +343,23 @@ def stream(request: Request, served: ServedPolicy, job: Job, req: ChatCompletion
 
 
 async def energies(request: Request, served: ServedPolicy, req: EnergiesRequest,
-                   config: ServeConfig) -> EnergiesResponse:
-    """Energies at the prompt's last token per rail and layer; nothing is generated."""
+                   config: ServeConfig, *, admit: Any = None,
+                   queued: Any = None) -> EnergiesResponse:
+    """Energies at the prompt's last token per rail and layer; nothing is generated.
+
+    ``admit`` wraps the tokenisation (the server's admission, see :mod:`.admission`);
+    ``queued`` is called once the job is in the worker's queue."""
     conversation = req.conversation()
-    tokens = await check_prompt(served, conversation, steer=True, max_tokens=0, config=config)
+    counting = check_prompt(served, conversation, steer=True, max_tokens=0, config=config)
+    tokens = await (admit(counting) if admit is not None else counting)
     job = Job(kind="energies", policy=served.name, guard=served.guard, conversation=conversation,
               key=("energies", served.name), loop=asyncio.get_running_loop(),
               max_batch=served.max_batch)
     fields = log_fields(request)
     fields.update(request_id=job.id, policy=served.name, prompt_tokens=tokens)
     served.worker.submit(job)
+    if queued is not None:
+        queued()
     result = await wait_done(job, request, config.request_timeout_s)
     thresholds = {(rail.name, layer): getattr(model, "threshold", None)
                   for rail in served.guard.rails for layer, model in rail.energies.items()}

@@ -24,6 +24,8 @@ class ServeConfig:
     max_stop_sequences: int = 4
     #: On SIGTERM/SIGINT, how long running requests may take to finish (then they get 503).
     drain_timeout_s: float = 30.0
+    #: ``Host`` names the server answers (``'*'``: any); None checks none (an embedded app).
+    allowed_hosts: frozenset[str] | None = None
 
     def batch_size_for(self, policy_batch_size: int) -> int:
         """The largest batch the worker builds for a policy."""

@@ -24,6 +24,9 @@ from guardrail.serving.schemas import GuardrailExtension
 #: Routes by template; anything else is counted as ``other`` (no label per unknown path).
 ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/guardrail/energies", "/healthz", "/readyz",
           "/metrics")
+#: HTTP methods counted by name; any other token a client sends is counted as ``other``, so
+#: no request, authenticated or not, can add a label value (and grow ``/metrics``).
+METHODS = ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 ENERGY_BUCKETS = (-8, -4, -2, -1, -0.5, 0, 0.5, 1, 2, 4, 8)
@@ -39,10 +42,20 @@ def route_of(path: str) -> str:
     return "other"
 
 
+def method_of(method: str) -> str:
+    """The method label: a standard method's name, else ``other``."""
+    return method if method in METHODS else "other"
+
+
+def status_of(status: int) -> str:
+    """The status label: the code, if it is one (100-599), else ``other``."""
+    return str(status) if 100 <= status <= 599 else "other"
+
+
 class ServerMetrics:
     """The metrics of one app; ``render()`` is the ``/metrics`` body."""
 
-    def __init__(self, pool: PolicyPool) -> None:
+    def __init__(self, pool: PolicyPool, admission: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("guardrail_requests", "HTTP requests answered, by route, "
@@ -69,14 +82,15 @@ class ServerMetrics:
         self.nonfinite = Counter("guardrail_nonfinite_skips", "Positions left unsteered "
                                  "because their energy was not finite",
                                  ["policy", "rail", "layer"], registry=r)
-        r.register(_PoolCollector(pool))
+        r.register(_PoolCollector(pool, admission))
         for worker in pool.workers:
             worker.observe_batch = self.batch_size.labels(model=worker.name).observe
 
     def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
         """One answered HTTP request."""
         route = route_of(path)
-        self.requests.labels(route=route, method=method, status=str(status)).inc()
+        self.requests.labels(route=route, method=method_of(method),
+                             status=status_of(status)).inc()
         self.latency.labels(route=route).observe(seconds)
 
     def observe_completion(self, policy: str, result: JobResult, ext: GuardrailExtension
@@ -105,12 +119,17 @@ class ServerMetrics:
 class _PoolCollector(Collector):
     """Queue depth, rows running and queue capacity per model worker, read at scrape time."""
 
-    def __init__(self, pool: PolicyPool) -> None:
+    def __init__(self, pool: PolicyPool, admission: Any = None) -> None:
         self.pool = pool
+        self.admission = admission
 
     def collect(self) -> Iterator[Metric]:
+        admitted = (self.admission.admitted if self.admission is not None
+                    else lambda worker: 0)
         gauges: dict[str, tuple[str, Any]] = {
             "guardrail_queue_depth": ("Requests waiting per model worker", lambda w: w.queued),
+            "guardrail_admitted_requests": ("Requests per model worker read but not queued "
+                                            "yet (tokenising)", admitted),
             "guardrail_running_requests": ("Requests in the running batch per model worker",
                                            lambda w: w.stats.running),
             "guardrail_queue_capacity": ("--max-queue per model worker", lambda w: w.max_queue),

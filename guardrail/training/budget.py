@@ -215,11 +215,54 @@ def violations(found: dict[str, Outcome], budget: CalibrationSection, label: str
     return problems
 
 
-def thresholds(scores: torch.Tensor) -> list[float | None]:
-    """Candidate thresholds: evenly spaced quantiles of ``scores``, then ``None`` (never)."""
+def thresholds(scores: torch.Tensor, near: list[float] | None = None) -> list[float | None]:
+    """Candidate thresholds: evenly spaced quantiles of ``scores`` and the values ``near``
+    (where the budget's edge lies, every score counts), then ``None`` (never)."""
     qs = torch.linspace(0, 1, THRESHOLD_STEPS + 1)
-    values = sorted({round(float(v), 4) for v in torch.quantile(scores.float(), qs)})
-    return [*values, None]
+    values = {round(float(v), 4) for v in torch.quantile(scores.float(), qs)}
+    if near:
+        step = max(1, len(near) // MAX_NEAR)
+        values |= {round(v, 4) for v in sorted(near)[::step]}
+    return [*sorted(values), None]
+
+
+#: At most this many extra candidate thresholds near the budget's edge, per side.
+MAX_NEAR = 400
+
+
+def side_bound(evidence: Evidence, budget: CalibrationSection, side: str) -> float:
+    """The furthest a threshold of ``side`` can go within the per-side rules, on both score
+    sets: below the answer side's threshold at most ``max_harmful_steered`` of each harmful
+    source may lie, above the refuse side's every benign row counts against
+    ``max_wrong_way``. (+inf / -inf: no limit.)"""
+    limit = budget.max_harmful_steered if side == "answer" else budget.max_wrong_way
+    context = "harmful" if side == "answer" else "benign"
+    bound = math.inf if side == "answer" else -math.inf
+    for found, mask in evidence.sources.values():
+        if found != context:
+            continue
+        allowed = int(limit * int(mask.sum()) + 1e-9)
+        for scores in (evidence.scores, evidence.held_out_scores):
+            values = scores[mask].sort(descending=side == "refuse").values
+            if allowed < len(values):
+                edge = float(values[allowed])
+                bound = min(bound, edge) if side == "answer" else max(bound, edge)
+    return bound
+
+
+def side_rows(evidence: Evidence, side: str, bound: float) -> torch.Tensor:
+    """Rows some threshold within ``bound`` can give ``side`` (on either score set)."""
+    if side == "answer":
+        return (evidence.scores < bound) | (evidence.held_out_scores < bound)
+    return (evidence.scores > bound) | (evidence.held_out_scores > bound)
+
+
+def _near(evidence: Evidence, budget: CalibrationSection, side: str) -> list[float]:
+    """Every score on the usable side of ``side``'s bound, and the bound itself."""
+    bound = side_bound(evidence, budget, side)
+    pool = torch.cat([evidence.scores, evidence.held_out_scores])
+    inside = pool[pool < bound] if side == "answer" else pool[pool > bound]
+    return [float(v) for v in inside.unique()] + ([bound] if math.isfinite(bound) else [])
 
 
 # --- the search ------------------------------------------------------------------------------
@@ -283,11 +326,12 @@ def choose(evidence: Evidence, budget: CalibrationSection, *, search_below: bool
     Ties go to the setting that steers fewer rows, then to the smaller step sizes.
     """
     pool = torch.cat([evidence.scores, evidence.held_out_scores])
-    candidates = thresholds(pool)
-    answer = _side_table(evidence, "answer", candidates if search_below else [fixed[0]],
-                         search_below or fixed[0] is not None)
-    refuse = _side_table(evidence, "refuse", candidates if search_above else [fixed[1]],
-                         search_above or fixed[1] is not None)
+    answer = _side_table(evidence, "answer",
+                         thresholds(pool, _near(evidence, budget, "answer")) if search_below
+                         else [fixed[0]], search_below or fixed[0] is not None)
+    refuse = _side_table(evidence, "refuse",
+                         thresholds(pool, _near(evidence, budget, "refuse")) if search_above
+                         else [fixed[1]], search_above or fixed[1] is not None)
     contexts = [context for context, _ in evidence.sources.values()]
     n = torch.tensor([float(mask.sum()) for _, mask in evidence.sources.values()])
     base_refused = torch.tensor([float(evidence.base_refused[mask].sum())

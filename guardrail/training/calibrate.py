@@ -52,6 +52,8 @@ from guardrail.training.budget import (
     outcome_table,
     outcomes,
     plot_calibration,
+    side_bound,
+    side_rows,
     summary_text,
     thresholds,
     violations,
@@ -228,27 +230,8 @@ def grid_points(grid: CalibrationGrid) -> list[Point]:
 
 def candidate_rows(evidence: Evidence, section: CalibrationSection, side: str) -> torch.Tensor:
     """The rows some threshold within the budget could give ``side`` (on either score set):
-    the only ones worth answering steered towards it.
-
-    Below the answer side's threshold at most ``max_harmful_steered`` of each harmful source
-    may lie, so no feasible threshold exceeds the lowest score that rule stops at; above the
-    refuse side's, every benign row counts against ``max_wrong_way``, likewise.
-    """
-    limit = section.max_harmful_steered if side == "answer" else section.max_wrong_way
-    context = "harmful" if side == "answer" else "benign"
-    bound = math.inf if side == "answer" else -math.inf
-    for _, (found, mask) in evidence.sources.items():
-        if found != context:
-            continue
-        allowed = int(limit * int(mask.sum()) + 1e-9)
-        for scores in (evidence.scores, evidence.held_out_scores):
-            values = scores[mask].sort(descending=side == "refuse").values
-            if allowed < len(values):
-                edge = float(values[allowed])
-                bound = min(bound, edge) if side == "answer" else max(bound, edge)
-    if side == "answer":
-        return (evidence.scores < bound) | (evidence.held_out_scores < bound)
-    return (evidence.scores > bound) | (evidence.held_out_scores > bound)
+    the only ones worth answering steered towards it (:func:`side_bound`)."""
+    return side_rows(evidence, side, side_bound(evidence, section, side))
 
 
 def _fixed_rows(evidence: Evidence, side: str, fixed: tuple[float | None, float | None]

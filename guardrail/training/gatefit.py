@@ -23,7 +23,7 @@ import structlog
 import torch
 from safetensors.torch import load_file, save_file
 
-from guardrail.errors import ArtifactError
+from guardrail.errors import ArtifactError, PluginError
 from guardrail.evaluation.cache import digest
 from guardrail.gating import GateMember, GateSet
 from guardrail.training.metrics import auroc
@@ -31,7 +31,7 @@ from guardrail.training.sources import TrainingPrompt
 
 log = structlog.get_logger("guardrail.training")
 
-CACHE_FORMAT = "guardrail-gate-fit/1"
+CACHE_FORMAT = "guardrail-gate-fit/2"
 
 
 def blank_gate(members: Sequence[tuple[str, dict[str, Any], float]], registry: Any) -> GateSet:
@@ -54,23 +54,32 @@ def fit_gate_set(members: Sequence[tuple[str, dict[str, Any], float]], registry:
                  prompts: Sequence[TrainingPrompt],
                  states: dict[int, torch.Tensor] | None, num_layers: int,
                  cache_dir: Path | None) -> GateSet:
-    """A gate set fitted on ``prompts`` (harmful context = 1): from the cache when a text-only
-    gate was fitted on exactly these prompts before, else fitted (and cached)."""
+    """A gate set fitted on ``prompts`` (harmful context = 1). Each text-only member is taken
+    from the cache when it was fitted on exactly these prompts before (alone or in another
+    set), else fitted and cached."""
     gate = blank_gate(members, registry)
     harmful = torch.tensor([p.context == "harmful" for p in prompts])
     texts = [p.text for p in prompts]
-    path = None
-    if cache_dir is not None and text_only(gate, num_layers):
-        key = digest({"members": [list(m) for m in members], "prompts": texts,
-                      "harmful": harmful.tolist()})
-        path = Path(cache_dir) / f"{key[:40]}.safetensors"
-        cached = _load(path, registry)
-        if cached is not None:
-            log.info("gate.fit_cached", members=[m[0] for m in members], prompts=len(texts))
-            return cached
-    gate.fit(texts, states, harmful, num_layers)
-    if path is not None:
-        _save(path, gate)
+    key = digest({"prompts": texts, "harmful": harmful.tolist()})
+
+    def fit_member(member: GateMember, prompts: Sequence[str], own: torch.Tensor | None,
+                   labels: torch.Tensor) -> torch.Tensor:
+        path = None
+        if cache_dir is not None and own is None:
+            params = member.gate.params.model_dump(mode="json")
+            name = digest({"plugin": member.plugin, "params": params, "data": key})
+            path = Path(cache_dir) / f"{name[:40]}.safetensors"
+            cached = _load(path, registry, member)
+            if cached is not None:
+                log.info("gate.fit_cached", member=member.plugin, prompts=len(prompts))
+                return cached
+        member.gate.fit(prompts, own, labels)
+        raw = member.gate.score(prompts, own)
+        if path is not None:
+            _save(path, member, raw)
+        return raw
+
+    gate.fit(texts, states, harmful, num_layers, fit_member=fit_member)
     return gate
 
 
@@ -163,16 +172,23 @@ def gate_figures(scores: torch.Tensor, held: torch.Tensor | None,
     return out
 
 
-def _save(path: Path, gate: GateSet) -> None:
+def _save(path: Path, member: GateMember, raw: torch.Tensor) -> None:
+    """One fitted member and its raw scores of the prompts it was fitted on."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tensors = {k: v.contiguous() for k, v in gate.tensors().items()}
-    save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT,
-                                           "gate": json.dumps(gate.header())})
+    tensors = {f"member.{k}": v.detach().cpu().contiguous()
+               for k, v in member.gate.tensors().items()}
+    tensors["train_scores"] = raw.detach().float().cpu().contiguous()
+    save_file(tensors, str(tmp), metadata={
+        "format": CACHE_FORMAT, "plugin": member.plugin,
+        "params": json.dumps(member.gate.params.model_dump(mode="json")),
+        "config": json.dumps(member.gate.config())})
     os.replace(tmp, path)
 
 
-def _load(path: Path, registry: Any) -> GateSet | None:
+def _load(path: Path, registry: Any, member: GateMember) -> torch.Tensor | None:
+    """Fill ``member`` from a cached fit; returns its raw training scores (None: no usable
+    cache entry)."""
     if not path.is_file():
         return None
     try:
@@ -180,11 +196,15 @@ def _load(path: Path, registry: Any) -> GateSet | None:
 
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-        if meta.get("format") != CACHE_FORMAT:
+        if meta.get("format") != CACHE_FORMAT or meta.get("plugin") != member.plugin:
             return None
-        return GateSet.from_header(json.loads(meta["gate"]), load_file(str(path)), registry,
-                                   str(path))
-    except (ArtifactError, OSError, ValueError, KeyError) as exc:
+        tensors = load_file(str(path))
+        entry = registry.get("gate", member.plugin)
+        params = entry.cls.Params.model_validate(json.loads(meta["params"]))
+        own = {k[len("member."):]: v for k, v in tensors.items() if k.startswith("member.")}
+        member.gate = entry.cls.from_artifact(params, json.loads(meta["config"]), own)
+        return tensors["train_scores"]
+    except (ArtifactError, PluginError, OSError, ValueError, KeyError) as exc:
         log.warning("gate.cache_unreadable", path=str(path), error=str(exc)[:200],
                     action="refitted")
         return None

@@ -302,22 +302,29 @@ def fit_gate(policy: Policy, spec: RailSpec, registry: Any, sets: PromptSets,
     included, and report how it separates the validation prompts per source: with its own
     scores and, when the policy's calibration checks across families, with the scores of the
     gate refitted without each family (or fold), which calibration then reuses."""
-    from guardrail.training.gatefit import fit_gate_set, gate_figures, held_out_scores
+    from guardrail.training.gatefit import (
+        blank_gate,
+        fit_gate_set,
+        gate_figures,
+        held_out_scores,
+        text_only,
+    )
     from guardrail.training_config import CalibrationSection
 
     assert spec.gate is not None
     members = [(m.plugin, m.params, m.weight) for m in spec.gate.members]
     started = time.perf_counter()
     prompts = sets.gate_train
-    states = _mean_states(train)
-    if sets.gate and states is not None:
+    reads_states = not text_only(blank_gate(members, registry), num_layers)
+    if sets.gate and reads_states:
         raise PolicyError(str(policy.path or policy.name), [
             f"training.sources: gate_only sources are read by text-only gates, but the gate of "
             f"rail {spec.name!r} has members reading the model's states "
             f"({[m.plugin for m in spec.gate.members]})"])
+    states = _mean_states(train) if reads_states else None
     cache_dir = gate_cache_root(training_section(policy), options.cache_dir)
     gates = fit_gate_set(members, registry, prompts, states, num_layers, cache_dir)
-    val_states = _mean_states(val)
+    val_states = _mean_states(val) if reads_states else None
     scores = gates.score([p.text for p in val.prompts], val_states, num_layers)
     calibration = policy.calibration or CalibrationSection()
     held = None

