@@ -97,6 +97,15 @@ class Rail:
         found = self.directions.get(side)
         return found if found is not None else Direction(self.energies, self.steerer)
 
+    @property
+    def steerers(self) -> list[Steerer]:
+        """Every steerer of the rail, the shared one first (each object once)."""
+        out = [self.steerer]
+        for d in self.directions.values():
+            if all(d.steerer is not s for s in out):
+                out.append(d.steerer)
+        return out
+
 
 @dataclass
 class _Record:
