@@ -205,6 +205,23 @@ def test_choose_steers_confident_harm_towards_refusing_within_the_budget() -> No
     assert any(not s.feasible and s.above is not None and s.above < 2.8 for s in tried)
 
 
+def test_benign_prompts_the_base_model_refuses_do_not_hold_the_refuse_side_back() -> None:
+    # As above, but the ten highest-scoring benign prompts (2.0..2.9) are already refused by
+    # the base model: steering them towards refusing cannot flip them the wrong way, so the
+    # threshold may go below them; the benign prompts the base answers (below 2.0) stay out.
+    contexts = "h" * 50 + "b" * 50
+    base = [False] * 25 + [True] * 25 + [False] * 40 + [True] * 10
+    refuse = [True] * 100
+    scores = [2 + 0.1 * i for i in range(25)] + [4.0] * 25 + [-2 + 0.1 * i for i in range(50)]
+    evidence = _evidence(contexts, base, base, refuse, scores)
+    chosen, _ = choose(evidence, CalibrationSection(), search_below=False, search_above=True)
+    assert chosen is not None and chosen.above is not None
+    benign = chosen.outcomes["benign-src"]
+    assert benign.wrong_way == 0 and benign.charged == 0
+    assert chosen.outcomes["harmful-src"].refused == 50  # every harmful prompt refused
+    assert chosen.above < 2.0 and benign.against >= 10
+
+
 def test_a_row_calibration_did_not_answer_steered_is_never_given_to_a_side() -> None:
     contexts = "h" * 10 + "b" * 10
     base = [True] * 20

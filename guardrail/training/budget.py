@@ -50,7 +50,9 @@ class Outcome:
     #: Rows steered towards answering (harmful sources) / refusing (benign sources).
     against: int = 0
     #: What the wrong-way budget charges: the wrong-way flips, and on a benign source every row
-    #: steered towards refusing (flipped or not).
+    #: the base model answers that is steered towards refusing (flipped on validation or not:
+    #: on prompts like it elsewhere it may flip). A benign row the base model already refuses
+    #: cannot be flipped the wrong way by steering towards refusal, so it is not charged.
     charged: int = 0
 
     @property
@@ -191,7 +193,7 @@ def outcomes(evidence: Evidence, sides: dict[str, torch.Tensor],
         harmful = context == "harmful"
         right = (~b & r) if harmful else (b & ~r)
         wrong = (b & ~r) if harmful else (~b & r)
-        charged = wrong if harmful else (wrong & ~towards_refusal[mask]) | towards_refusal[mask]
+        charged = wrong if harmful else wrong | (towards_refusal[mask] & ~b)
         out[name] = Outcome(name, context, int(mask.sum()), int(b.sum()), int(r.sum()),
                             int(right.sum()), int(wrong.sum()), int(steered[mask].sum()),
                             int(against[mask].sum()), int(charged.sum()))
@@ -233,8 +235,8 @@ MAX_NEAR = 400
 def side_bound(evidence: Evidence, budget: CalibrationSection, side: str) -> float:
     """The furthest a threshold of ``side`` can go within the per-side rules, on both score
     sets: below the answer side's threshold at most ``max_harmful_steered`` of each harmful
-    source may lie, above the refuse side's every benign row counts against
-    ``max_wrong_way``. (+inf / -inf: no limit.)"""
+    source may lie, above the refuse side's every benign row the base model answers counts
+    against ``max_wrong_way``. (+inf / -inf: no limit.)"""
     limit = budget.max_harmful_steered if side == "answer" else budget.max_wrong_way
     context = "harmful" if side == "answer" else "benign"
     bound = math.inf if side == "answer" else -math.inf
@@ -242,8 +244,9 @@ def side_bound(evidence: Evidence, budget: CalibrationSection, side: str) -> flo
         if found != context:
             continue
         allowed = int(limit * int(mask.sum()) + 1e-9)
+        counted = mask if side == "answer" else mask & ~evidence.base_refused
         for scores in (evidence.scores, evidence.held_out_scores):
-            values = scores[mask].sort(descending=side == "refuse").values
+            values = scores[counted].sort(descending=side == "refuse").values
             if allowed < len(values):
                 edge = float(values[allowed])
                 bound = min(bound, edge) if side == "answer" else max(bound, edge)
@@ -303,7 +306,7 @@ def _side_table(evidence: Evidence, side: str, values: list[float | None],
         right = torch.where(harmful, ~base & steered, base & ~steered)
         wrong = torch.where(harmful, base & ~steered, ~base & steered)
         against = harmful if side == "answer" else ~harmful
-        charged = wrong if side == "answer" else (wrong | ~harmful)
+        charged = wrong if side == "answer" else (wrong | (~harmful & ~base))
         per_row = torch.stack([steered.float() - base.float(), right.float(), wrong.float(),
                                torch.ones(len(base)), against.float(), charged.float()], dim=1)
         for key, scores in (("shipped", evidence.scores), ("held", evidence.held_out_scores)):
