@@ -258,6 +258,9 @@ class Calibration(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     rail: str | None = None
+    #: The steerer plugin ``steerer`` and each side's values are for; a rail that names
+    #: another steerer ignores them (None: written before this field, values always apply).
+    steerer_plugin: str | None = Field(default=None, max_length=200)
     steerer: SteererValues | None = None
     sides: dict[Side, CalibratedSide] = Field(default_factory=dict)
     gate: CalibratedGate | None = None

@@ -263,12 +263,28 @@ def _rail_artifact_problems(rail: RailSpec, found: ArtifactFile, registry: Any, 
     return problems
 
 
+def calibrated_for(calibrated: Calibration | None, steerer: str, registry: Any) -> bool:
+    """Whether ``calibrated`` holds steerer values for the steerer plugin ``steerer`` (a name
+    or alias); a calibration that does not say which steerer it tuned is taken as the rail's."""
+    if calibrated is None:
+        return False
+    if calibrated.steerer_plugin is None:
+        return True
+    try:
+        canonical = registry.aliases("steerer").get(steerer, steerer)
+    except (AttributeError, KeyError):
+        canonical = steerer
+    return calibrated.steerer_plugin in (steerer, canonical)
+
+
 def calibrated_spec(spec: PluginSpec, calibrated: Calibration | None, side: str | None,
                     registry: Any, artifact: str) -> PluginSpec:
     """``spec`` with the steerer values calibration stored (shared, or ``side``'s) filled in;
-    the policy's own win. Values the steerer's ``Params`` refuse are an :class:`ArtifactError`
-    naming the artifact and the header field."""
-    values = calibrated.steerer_values(side) if calibrated is not None else {}
+    the policy's own win; none when calibration chose them for another steerer plugin.
+    Values the steerer's ``Params`` refuse are an :class:`ArtifactError` naming the artifact
+    and the header field."""
+    found = calibrated_for(calibrated, spec.plugin, registry)
+    values = calibrated.steerer_values(side) if found and calibrated is not None else {}
     if not values:
         return spec
     merged = spec.model_copy(update={"params": {**values, **spec.params}})

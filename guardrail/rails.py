@@ -21,7 +21,7 @@ from guardrail.errors import ArtifactError, PolicyError
 from guardrail.gating import GateSet
 from guardrail.plugins import Registry
 from guardrail.policy import GateSpec, PluginSpec, RailSpec
-from guardrail.policy_checks import calibrated_spec
+from guardrail.policy_checks import calibrated_for, calibrated_spec
 from guardrail.steering import SHARED, Direction, Rail
 
 
@@ -60,7 +60,8 @@ def build_rail(
     shared = sets.get(SHARED, {})
     directions: dict[str, Direction] = {}
     for side in SIDES:
-        values = calibrated.steerer_values(side) if calibrated is not None else {}
+        values = (calibrated.steerer_values(side)  # type: ignore[union-attr]
+                  if calibrated_for(calibrated, spec.steerer.plugin, registry) else {})
         if side not in sets and not values:
             continue
         own = (create_steerer(calibrated_spec(spec.steerer, calibrated, side, registry, named),
@@ -107,7 +108,8 @@ def strength_limit(calibrated: Calibration | None, steerer: Steerer,
     smallest over the sides. 1 without that evidence (no calibration, or one that stored no
     curves), and never below 1: the calibrated strength held the budget."""
     curves = (calibrated.model_extra or {}).get("curves") if calibrated is not None else None
-    if not isinstance(curves, dict):
+    if not isinstance(curves, dict) or calibrated is None \
+            or calibrated.steerer_plugin not in (None, steerer.name):
         return 1.0
     limits = []
     for side, threshold in (("answer", below), ("refuse", above)):
