@@ -48,7 +48,12 @@ FORMATS = (FORMAT_SHARED, FORMAT)
 HEADER_KEY = "guardrail"
 #: The sides of a gate a side-specific energy-model set steers towards.
 SIDES = ("answer", "refuse")
-FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers", "config_sha256")
+#: The fingerprint fields an artifact must match, each where both the artifact and the model
+#: record it (artifacts written before a field existed are checked on the fields they have).
+#: Not ``config_sha256``: it hashes the raw config, whose keys change between transformers
+#: releases, so it would refuse an artifact that still fits.
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers", "num_attention_heads",
+                    "num_key_value_heads", "intermediate_size", "vocab_size", "tokenizer_sha256")
 GATE_TENSOR_PREFIX = "gate."
 
 #: No transformer has more layers or a wider residual stream; a header claiming so is broken.
@@ -94,7 +99,7 @@ class Fingerprint(BaseModel):
     model_type: str
     hidden_size: int = Field(ge=1, le=MAX_HIDDEN)
     num_layers: int = Field(ge=1, le=MAX_LAYERS)
-    config_sha256: str
+    config_sha256: str | None = None
 
 
 def _layers_once(layers: list[int] | None) -> list[int] | None:
@@ -253,6 +258,9 @@ class Calibration(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     rail: str | None = None
+    #: The steerer plugin ``steerer`` and each side's values are for; a rail that names
+    #: another steerer ignores them (None: written before this field, values always apply).
+    steerer_plugin: str | None = Field(default=None, max_length=200)
     steerer: SteererValues | None = None
     sides: dict[Side, CalibratedSide] = Field(default_factory=dict)
     gate: CalibratedGate | None = None

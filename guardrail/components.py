@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ActivationSource",
+    "Answer",
     "Component",
     "EnergyModel",
     "NoParams",
+    "OutputRail",
     "Phase",
     "RefusalClassifier",
     "SteerContext",
@@ -114,12 +116,36 @@ class Steerer(Component):
     #: The ``Params`` fields ``guardrail sweep`` may set from its grid (``eta``: step size,
     #: ``steps``: step count); a steerer that names none is one point of the sweep.
     sweep_params: ClassVar[tuple[str, ...]] = ()
+    #: The ``Params`` field a strength multiplies (a step size, ``eta``): what a per-request
+    #: or per-``attach`` strength scales. None: the steerer has no strength to turn.
+    strength_param: ClassVar[str | None] = None
 
     @abstractmethod
     def steer(
         self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
     ) -> SteerOutcome:
-        """Steer ``[n, hidden]`` states; must never return non-finite values."""
+        """Steer ``[n, hidden]`` states; must never return non-finite values.
+
+        Runs inside the model's forward pass, under ``model.generate``'s
+        ``torch.no_grad()``: a steerer that needs gradients of the energy takes them from
+        ``EnergyModel.energy_and_grad`` (which enables grad itself), or wraps its own
+        autograd in ``torch.enable_grad()``.
+        """
+
+    def with_strength(self, strength: float) -> Steerer:
+        """This steerer steering ``strength`` times as hard: a copy with its
+        :attr:`strength_param` multiplied (itself at strength 1)."""
+        if strength == 1:
+            return self
+        if self.strength_param is None:
+            from guardrail.errors import PluginError
+
+            raise PluginError(f"steerer {self.name!r} has no strength to scale (its class "
+                              "names no strength_param)")
+        value = getattr(self.params, self.strength_param)
+        params = type(self.params).model_validate(
+            {**self.params.model_dump(), self.strength_param: value * strength})
+        return type(self)(params)
 
     def prepare_conversation(self, conversation: list[dict[str, str]]) -> list[dict[str, str]]:
         """Optionally rewrite the conversation before tokenisation (prompt-only steerers)."""
@@ -140,6 +166,14 @@ class Gate(Component):
     def state_layers(self, num_layers: int) -> list[int]:
         """Layers whose mean-pooled prompt states :meth:`fit` and :meth:`score` read (default:
         none, a text-only gate)."""
+        return []
+
+    def resources(self) -> list[str]:
+        """What the gate loads beyond its artifact to score (default: nothing): each a local
+        directory, or the name of a package that ships a model (a packaged encoder that
+        ``guardrail models fetch`` installs, say). ``Guardrail.from_policy`` checks that each
+        is there before it loads anything, so a missing encoder fails at load with the command
+        that installs it, not at the first request."""
         return []
 
     @abstractmethod
@@ -193,6 +227,38 @@ class RefusalClassifier(Component):
     @abstractmethod
     def classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """Return one :class:`Verdict` per pair."""
+
+
+# --- output rails ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Answer:
+    """A finished answer an output rail reviews: the user's message, the answer, the policy's
+    refusal classifier's verdict on it, the side the rails' gates chose for the prompt
+    (``answer``, ``refuse``; ``shared`` when no rail is gated; None: the gate leaves it alone)
+    and whether it was steered."""
+
+    prompt: str
+    text: str
+    verdict: Verdict
+    side: str | None
+    steered: bool
+
+
+class OutputRail(Component):
+    """Reviews finished answers and may have some answered again, steered towards a side
+    (NeMo's output rails, LLM Guard's output scanners, acting on the refusal verdict).
+
+    ``first_pass`` says how :meth:`Guardrail.generate` answers before the review: ``base``
+    (unsteered, so only the rows the rail sends back are steered) or ``steered`` (as the
+    policy steers them).
+    """
+
+    first_pass: ClassVar[Literal["base", "steered"]] = "steered"
+
+    @abstractmethod
+    def review(self, answers: Sequence[Answer]) -> list[str | None]:
+        """Per answer, the side to answer it again towards (``answer`` or ``refuse``; the
+        rails steer it there whatever the gate said), or None to keep it."""
 
 
 # --- evaluation suites ----------------------------------------------------------------------

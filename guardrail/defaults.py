@@ -16,6 +16,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("gates", "guardrail_plugins.gates"),
     ("heuristic_classifier", "guardrail_plugins.heuristic_classifier"),
     ("judge_classifier", "guardrail_plugins.judge_classifier"),
+    ("refusal_rail", "guardrail_plugins.refusal_rail"),
     ("suites", "guardrail_plugins.suites"),
     ("baselines", "guardrail_plugins.baselines"),
 )

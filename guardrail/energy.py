@@ -211,7 +211,7 @@ class EnergyArtifact:
         diffs = [
             f"{key}: artifact {trained.get(key)!r} vs model {fingerprint.get(key)!r}"
             for key in FINGERPRINT_KEYS
-            if trained.get(key) != fingerprint.get(key)
+            if key in trained and key in fingerprint and trained[key] != fingerprint[key]
         ]
         if diffs:
             raise ArtifactError(

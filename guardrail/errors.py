@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GuardrailError(Exception):
     """Base class of every error guardrail raises on purpose."""
@@ -39,3 +41,20 @@ class PluginError(GuardrailError):
 
 class DataError(GuardrailError):
     """A prompt file is missing, unreadable, or lacks the configured field."""
+
+
+class MissingComponentError(GuardrailError):
+    """A policy needs something that is not installed (its packaged model, a gate's encoder).
+
+    ``missing`` lists each prerequisite (:class:`guardrail.prerequisites.Prerequisite`);
+    ``command`` installs the packaged ones (None when none is packaged).
+    """
+
+    def __init__(self, policy: str, missing: list[Any], command: str | None) -> None:
+        self.policy = policy
+        self.missing = missing
+        self.command = command
+        lines = "\n".join(f"  - {item.describe()}" for item in missing)
+        fix = f"\ninstall them with: {command}" if command else ""
+        super().__init__(f"policy {policy} needs components that are not installed:\n"
+                         f"{lines}{fix}")

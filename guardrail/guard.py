@@ -18,7 +18,7 @@ import structlog
 import torch
 
 from guardrail.activations import mean_prompt_states
-from guardrail.components import RefusalClassifier, Verdict
+from guardrail.components import OutputRail, RefusalClassifier, Verdict
 from guardrail.energy import EnergyArtifact
 from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.gating import gate_sides
@@ -32,9 +32,11 @@ from guardrail.generation import (
     merge_settings,
 )
 from guardrail.models.fingerprint import model_fingerprint
+from guardrail.output_rails import review_answers
 from guardrail.plugins import Registry, get_plugin_manager
 from guardrail.policy import GenerationSection, Policy, load_policy
 from guardrail.policy_checks import check_plugins
+from guardrail.prerequisites import check_installed, fetch_command, resource_installed
 from guardrail.rails import build_rail, with_steerer
 from guardrail.steering import SHARED, Rail, SteeringSession, log_nonfinite
 from guardrail.streams import GenerationStream, refuse_right_padding
@@ -73,6 +75,7 @@ class Guardrail:
         registry: Registry,
         plugin_manager: Any,
         fingerprint: dict[str, Any],
+        output_rails: Sequence[OutputRail] = (),
     ) -> None:
         self.policy = policy
         self.loaded = loaded
@@ -83,6 +86,9 @@ class Guardrail:
         self.registry = registry
         self.plugin_manager = plugin_manager
         self.fingerprint = fingerprint
+        self._strengths: dict[float, list[Rail]] = {}
+        #: The policy's output rails, in order (:mod:`guardrail.output_rails`).
+        self.output_rails = list(output_rails)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -121,19 +127,24 @@ class Guardrail:
         problems = check_plugins(policy, registry)
         if problems:
             raise PolicyError(where, problems)
+        # Everything the policy needs installed, before the (slow) model load: one error
+        # naming each missing piece and the command that fetches them all.
+        check_installed(policy, registry, model=loaded is None,
+                        dtype=None if policy.model.dtype == "auto" else policy.model.dtype)
+        classifier = _classifier(policy, registry)  # its configuration errors, before loading
+        output_rails = [_output_rail(spec, registry) for spec in policy.output_rails]
         if loaded is None:
             from guardrail.models import load_model
 
             loaded = load_model(
                 policy.model.source, device=device or policy.model.device, dtype=policy.model.dtype
             )
-        fingerprint = model_fingerprint(loaded.model, loaded.name)
+        fingerprint = model_fingerprint(loaded.model, loaded.name, loaded.tokenizer)
         rails = [
             build_rail(spec, index, registry, fingerprint, loaded.device, where)
             for index, spec in enumerate(policy.rails)
             if spec.enabled
         ]
-        classifier = _classifier(policy, registry)
         log.info(
             "guardrail.loaded",
             policy=policy.name,
@@ -142,7 +153,21 @@ class Guardrail:
                                                            if r.disabled else {})}
                    for r in rails],
         )
-        return cls(policy, loaded, rails, classifier, registry, pm, fingerprint)
+        return cls(policy, loaded, rails, classifier, registry, pm, fingerprint, output_rails)
+
+    def missing(self) -> list[str]:
+        """What a loaded rail's gate needs but cannot find now (an encoder package removed
+        since load, say), one line each; empty when everything is there. The server's
+        ``/readyz`` reports these."""
+        out = []
+        for rail in self.rails:
+            for i, member in enumerate(rail.gate.members if rail.gate is not None else []):
+                for name in member.gate.resources():
+                    if not resource_installed(name):
+                        out.append(f"rail {rail.name!r} gate member {i} ({member.plugin}): "
+                                   f"{name!r} is not installed; install it with "
+                                   f"{fetch_command(self.policy)}")
+        return out
 
     def with_policy(self, policy: Policy) -> Guardrail:
         """This guardrail under a variant of its policy that changes steerer params only.
@@ -162,7 +187,7 @@ class Guardrail:
         rails = [rail if new == old else with_steerer(rail, new.steerer, self.registry)
                  for new, old, rail in pairs]
         return Guardrail(policy, self.loaded, rails, self.classifier, self.registry,
-                         self.plugin_manager, self.fingerprint)
+                         self.plugin_manager, self.fingerprint, self.output_rails)
 
     # --- prompts ------------------------------------------------------------------------------
     def prepare(self, conversation: Conversation, *, steer: bool = True) -> Conversation:
@@ -191,15 +216,18 @@ class Guardrail:
             list(texts), return_tensors="pt", padding=True, padding_side="left",
             add_special_tokens=False,
         )
-        return {k: v.to(self.loaded.device) for k, v in enc.items()}
+        # Only what a causal LM takes: transformers 4.x's generate() refuses the
+        # token_type_ids some tokenizers add.
+        return {k: enc[k].to(self.loaded.device) for k in ("input_ids", "attention_mask")}
 
     # --- generation ---------------------------------------------------------------------------
     def session(self, *, steer: bool = True, measure_only: bool = False,
                 rows: dict[str, dict[str, torch.Tensor]] | None = None,
-                model: Any = None) -> SteeringSession:
+                model: Any = None, strength: float | None = None) -> SteeringSession:
         """A steering session over this guardrail's rails (no rails when ``steer`` is false) on
         ``model`` (default: the guardrail's); ``rows`` limits a rail to the batch rows its gate
-        let through, per side."""
+        let through, per side; ``strength`` multiplies every rail's step size
+        (:meth:`rails_at`)."""
         on_step = None
         if self.plugin_manager.hook.guardrail_on_step.get_hookimpls():
 
@@ -208,11 +236,36 @@ class Guardrail:
 
         return SteeringSession(
             self.model if model is None else model,
-            self.rails if steer or measure_only else [],
+            self.rails_at(strength) if steer or measure_only else [],
             measure_only=measure_only,
             on_step=on_step,
             rows=rows,
         )
+
+    def rails_at(self, strength: float | None) -> list[Rail]:
+        """The rails steering ``strength`` times as hard as calibrated (None or 1: as they
+        are). Raises :class:`GuardrailError` for a strength that is not a number in
+        ``(0, limit]``, where each rail's limit is the largest strength its artifact's
+        calibration found within the safety budget (1 without that evidence)."""
+        if strength is None:
+            return self.rails
+        if type(strength) is float and strength in self._strengths:
+            return self._strengths[strength]
+        check_strength(strength, self.rails)
+        if strength == 1:
+            return self.rails
+        strength = float(strength)
+        rails = [rail.with_strength(strength) if _steers(rail) else rail
+                 for rail in self.rails]
+        if len(self._strengths) >= 32:  # a few strengths in use; never an unbounded cache
+            self._strengths.pop(next(iter(self._strengths)))
+        self._strengths[strength] = rails
+        return rails
+
+    @property
+    def strength_limit(self) -> float:
+        """The largest strength every rail allows (:meth:`rails_at`)."""
+        return min((rail.strength_limit for rail in self.rails if _steers(rail)), default=1.0)
 
     def generate(
         self,
@@ -223,6 +276,7 @@ class Guardrail:
         progress: bool = False,
         streamer: Any = None,
         gates: bool | str = True,
+        strength: float | None = None,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate an answer per conversation; ``steer=False`` gives the unsteered model.
@@ -231,30 +285,24 @@ class Guardrail:
         temperature, top_p, top_k, repetition_penalty, batch_size, seed). ``gates=False``
         steers every row, whatever the rails' gates say, on each rail's default side;
         ``gates="answer"`` or ``"refuse"`` steers every row towards that side (calibration
-        compares them with the base model's answers).
+        compares them with the base model's answers). ``strength`` multiplies each rail's
+        calibrated step size, up to what its calibration allows (:meth:`rails_at`).
+
+        A policy's ``output_rails`` review the answers of a steered call (with the gates
+        deciding) and may have some answered again (:mod:`guardrail.output_rails`); their
+        doings are in each answer's ``telemetry.output_rails``. :meth:`generate_batch`,
+        :meth:`stream` and :meth:`attach` answer once and run no output rail.
         """
         settings = merge_settings(self.policy.generation, overrides)
-        texts = self.render(conversations, steer=steer)
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        results: list[GenerationResult | None] = [None] * len(texts)
-        batches = [
-            order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
-        ]
-        desc = "generate (steered)" if steer else "generate (base)"
-        bar = progress_bar(len(texts), progress, desc)
-        for batch in batches:
-            started = time.perf_counter()
-            outs = self._generate_batch([texts[i] for i in batch], steer, settings, streamer,
-                                        prompts=[last_user(conversations[i]) for i in batch],
-                                        gates=gates)
-            seconds = time.perf_counter() - started
-            for i, out in zip(batch, outs, strict=True):
-                out.telemetry.seconds = seconds / len(batch)
-                results[i] = out
-            bar.update(len(batch))
-        bar.close()
-        final = [r for r in results if r is not None]
+        if steer:
+            self.rails_at(strength)  # a bad strength fails before anything runs
+        reviewed = steer and gates is True and bool(self.output_rails)
+        first = steer and not (reviewed and any(r.first_pass == "base" for r in self.output_rails))
+        final = self.answer(conversations, steer=first, settings=settings, streamer=streamer,
+                            gates=gates, strength=strength, progress=progress)
+        if reviewed:
+            final = review_answers(self, conversations, final, settings=settings,
+                                   strength=strength, first_steered=first)
         if classify:
             verdicts = self.classify([last_user(c) for c in conversations], [r.text for r in final])
             for result, verdict in zip(final, verdicts, strict=True):
@@ -270,6 +318,34 @@ class Guardrail:
             log.debug("generation", policy=self.policy.name, **result.telemetry.summary())
         return final
 
+    def answer(self, conversations: Sequence[Conversation], *, steer: bool,
+               settings: GenerationSection, streamer: Any = None, gates: bool | str = True,
+               strength: float | None = None, progress: bool = False
+               ) -> list[GenerationResult]:
+        """One answer per conversation, batched longest first (what :meth:`generate` runs
+        before its output rails, classifier and hooks)."""
+        texts = self.render(conversations, steer=steer)
+        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        results: list[GenerationResult | None] = [None] * len(texts)
+        batches = [
+            order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
+        ]
+        desc = "generate (steered)" if steer else "generate (base)"
+        bar = progress_bar(len(texts), progress, desc)
+        for batch in batches:
+            started = time.perf_counter()
+            outs = self._generate_batch([texts[i] for i in batch], steer, settings, streamer,
+                                        prompts=[last_user(conversations[i]) for i in batch],
+                                        gates=gates, strength=strength)
+            seconds = time.perf_counter() - started
+            for i, out in zip(batch, outs, strict=True):
+                out.telemetry.seconds = seconds / len(batch)
+                results[i] = out
+            bar.update(len(batch))
+        bar.close()
+        return [r for r in results if r is not None]
+
     def generate_batch(
         self,
         conversations: Sequence[Conversation],
@@ -278,6 +354,7 @@ class Guardrail:
         streamer: Any = None,
         stopping_criteria: Any = None,
         gates: bool | str = True,
+        strength: float | None = None,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate for exactly these conversations as ONE batch, in the order given (serving).
@@ -290,7 +367,8 @@ class Guardrail:
         texts = self.render(conversations, steer=steer)
         started = time.perf_counter()
         results = self._generate_batch(texts, steer, settings, streamer, stopping_criteria,
-                                       prompts=[last_user(c) for c in conversations], gates=gates)
+                                       prompts=[last_user(c) for c in conversations], gates=gates,
+                                       strength=strength)
         seconds = time.perf_counter() - started
         for result in results:
             result.telemetry.seconds = seconds / max(len(results), 1)
@@ -309,6 +387,7 @@ class Guardrail:
         *,
         prompts: Sequence[str],
         gates: bool | str = True,
+        strength: float | None = None,
     ) -> list[GenerationResult]:
         enc = self.encode(texts)
         decisions = self.gate(prompts, enc) if steer and gates is True else {}
@@ -322,7 +401,8 @@ class Guardrail:
             kwargs["streamer"] = streamer
         if stopping_criteria is not None:
             kwargs["stopping_criteria"] = stopping_criteria
-        with self.session(steer=steer, rows=rows) as session, torch.no_grad():
+        with self.session(steer=steer, rows=rows, strength=strength) as session, \
+                torch.no_grad():
             output = self.model.generate(**enc, **kwargs)
         eos = eos_ids(self.model, self.tokenizer)
         answers = [cut_at_eos(row, eos) for row in output[:, prompt_len:].tolist()]
@@ -343,6 +423,7 @@ class Guardrail:
                     completion_tokens=len(ids),
                     layers=per_row[row],
                     gates=self._gate_telemetry(decisions, row),
+                    strength=strength if steer and strength is not None else None,
                 ),
             )
             for row, (ids, finish) in enumerate(answers)
@@ -455,7 +536,8 @@ class Guardrail:
             ) from exc
 
     def stream(
-        self, conversation: Conversation, *, steer: bool = True, **overrides: Any
+        self, conversation: Conversation, *, steer: bool = True,
+        strength: float | None = None, **overrides: Any
     ) -> GenerationStream:
         """Generate one answer and yield its text as it is produced.
 
@@ -466,16 +548,19 @@ class Guardrail:
         from transformers import TextIteratorStreamer
 
         merge_settings(self.policy.generation, overrides)
+        if steer:
+            self.rails_at(strength)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True)
         return GenerationStream(
             streamer,
             lambda: self.generate_batch([conversation], steer=steer, streamer=streamer,
-                                        **overrides)[0],
+                                        strength=strength, **overrides)[0],
         )
 
     @contextlib.contextmanager
-    def attach(self, model: Any = None) -> Iterator[SteeringSession]:
+    def attach(self, model: Any = None, *, strength: float | None = None
+               ) -> Iterator[SteeringSession]:
         """Steer ``model.generate(...)`` / forward calls on a model object of your own.
 
         The model must be the one the artifacts were trained for (checked by fingerprint).
@@ -489,6 +574,9 @@ class Guardrail:
         token ids through the chat template, scored, and each row is steered towards the side
         its gate chooses, or not at all. A row whose user message cannot be found (a prompt
         not rendered with this tokenizer's chat template, or ``inputs_embeds``) is not steered.
+
+        ``strength`` multiplies each rail's calibrated step size while attached, up to what
+        its calibration allows (:meth:`rails_at`).
         """
         target = model if model is not None else self.model
         if target is not self.model:
@@ -499,7 +587,7 @@ class Guardrail:
         check = target.register_forward_pre_hook(refuse_right_padding, with_kwargs=True)
         handles = [check]
         try:
-            with self.session(model=target) as session:
+            with self.session(model=target, strength=strength) as session:
                 if any(rail.gate is not None for rail in self.rails):
                     handles.append(target.register_forward_pre_hook(
                         _AttachGate(self, session, target), with_kwargs=True))
@@ -572,9 +660,42 @@ def _starts_sequence(kwargs: dict[str, Any], input_ids: torch.Tensor | None) -> 
     return input_ids is not None and input_ids.shape[1] > 1
 
 
+def _steers(rail: Rail) -> bool:
+    """Whether a rail moves hidden states (a strength applies to it)."""
+    return bool(rail.energies or rail.directions) or rail.steerer.strength_param is not None
+
+
+def check_strength(strength: Any, rails: Sequence[Rail]) -> None:
+    """Raise :class:`GuardrailError` unless ``strength`` is a number in ``(0, limit]`` for
+    every rail that moves states, and each such rail's steerers have a strength to scale."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
+            strength > 0 and strength != float("inf")):
+        raise GuardrailError(f"strength: got {strength!r}; expected a number > 0 (a "
+                             "multiplier on the calibrated step size; 1 is as calibrated)")
+    for rail in rails:
+        if not _steers(rail):
+            continue
+        fixed = [s.name for s in rail.steerers if s.strength_param is None]
+        if fixed:
+            raise GuardrailError(f"strength: got {strength!r}; rail {rail.name!r} steers with "
+                                 f"{fixed}, which have no strength to scale")
+        if strength > rail.strength_limit + 1e-9:
+            raise GuardrailError(
+                f"strength: got {strength!r}; rail {rail.name!r} allows at most "
+                f"{rail.strength_limit:g} (the largest step size its artifact's calibration "
+                "found within the safety budget, over the calibrated one; run `guardrail "
+                "calibrate` with a wider grid to allow more)")
+
+
 def _but_steerer_params(policy: Policy) -> dict[str, Any]:
     """The policy as data, less its name and its rails' steerer params."""
     return policy.model_dump(exclude={"name": True, "rails": {"__all__": {"steerer": {"params"}}}})
+
+
+def _output_rail(spec: Any, registry: Registry) -> OutputRail:
+    rail = registry.create("output_rail", spec.plugin, spec.params)
+    assert isinstance(rail, OutputRail)
+    return rail
 
 
 def _classifier(policy: Policy, registry: Registry) -> RefusalClassifier:

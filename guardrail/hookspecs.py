@@ -58,6 +58,17 @@ def guardrail_register_gates(register: Register) -> None:
     """
 
 
+# --- output rails ---------------------------------------------------------------------------
+@hookspec
+def guardrail_register_output_rails(register: Register) -> None:
+    """Register :class:`guardrail.components.OutputRail` classes.
+
+    Receives ``register(cls, name=None, aliases=())``; returns nothing. An output rail
+    reviews finished answers (with the refusal classifier's verdicts and the gates' sides)
+    and may have rows answered again, steered towards a side.
+    """
+
+
 # --- refusal classifiers --------------------------------------------------------------------
 @hookspec
 def guardrail_register_refusal_classifiers(register: Register) -> None:

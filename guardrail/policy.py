@@ -8,7 +8,9 @@ which bounds their size, nesting and alias expansion.
 
 ``extends: PARENT`` (a path, or a shipped policy's name) starts from the parent file:
 mappings merge key by key, rails merge by ``name`` (:func:`merge_rails`), and every other
-list or value replaces the parent's.
+list or value replaces the parent's. A component section (``steerer``, ``energy_model``,
+``classifier``, ...) that names another ``plugin`` than the parent's replaces the parent's
+section whole: params are never inherited across plugins.
 """
 
 from __future__ import annotations
@@ -152,6 +154,10 @@ class Policy(StrictModel):
     generation: GenerationSection = Field(default_factory=lambda: GenerationSection())
     rails: list[RailSpec] = Field(default_factory=list)
     classifier: PluginSpec = Field(default_factory=_default("refusal_classifier"))
+    output_rails: list[PluginSpec] = Field(
+        default_factory=list, max_length=16,
+        description="Review finished answers, in order, and answer some again (docs/policies.md).",
+    )
     training: TrainingSection | None = Field(
         None,
         description="What `guardrail train` trains the rail's energy model on (docs/training.md).",
@@ -250,7 +256,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         rails = override["rails"]
         parent = base.get("rails")
         both = isinstance(rails, list) and isinstance(parent, list)
-        merged["rails"] = merge_rails(parent, rails) if both else rails
+        merged["rails"] = merge_rails(parent, rails) if both else rails  # type: ignore[arg-type]
     return merged
 
 
@@ -276,6 +282,10 @@ def merge_rails(parent: list[Any], child: list[Any]) -> list[Any]:
 
 
 def _merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    if _names_another_plugin(base, override):
+        # Another plugin's params mean nothing to this one: the child's section replaces the
+        # parent's whole (a steerer swapped for a plugin of your own inherits no `normalize`).
+        return dict(override)
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -283,6 +293,12 @@ def _merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str,
         else:
             merged[key] = value
     return merged
+
+
+def _names_another_plugin(base: dict[str, Any], override: dict[str, Any]) -> bool:
+    """Whether a component section of the child names a plugin other than the parent's (by
+    the name as written: an alias of the same plugin counts as another name)."""
+    return "plugin" in override and "plugin" in base and override["plugin"] != base["plugin"]
 
 
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

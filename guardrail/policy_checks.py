@@ -68,6 +68,8 @@ def check_plugins(policy: Policy, registry: Any) -> list[str]:
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"rails: name {name!r} is used twice; rail names must be unique")
     check("refusal_classifier", policy.classifier, "classifier")
+    for i, spec in enumerate(policy.output_rails):
+        check("output_rail", spec, f"output_rails[{i}]")
     return problems + check_ranges(policy)
 
 
@@ -150,6 +152,9 @@ def check_plugin_sections(data: dict[str, Any], registry: Any) -> list[str]:
             sections += [("gate", member, f"rails[{i}].gate.members[{j}]")
                          for j, member in enumerate(members if isinstance(members, list) else [])]
     sections.append(("refusal_classifier", data.get("classifier", {}), "classifier"))
+    outputs = data.get("output_rails")
+    sections += [("output_rail", spec, f"output_rails[{i}]")
+                 for i, spec in enumerate(outputs if isinstance(outputs, list) else [])]
     problems: list[str] = []
     for kind, section, where in sections:
         if not isinstance(section, dict):
@@ -258,12 +263,28 @@ def _rail_artifact_problems(rail: RailSpec, found: ArtifactFile, registry: Any, 
     return problems
 
 
+def calibrated_for(calibrated: Calibration | None, steerer: str, registry: Any) -> bool:
+    """Whether ``calibrated`` holds steerer values for the steerer plugin ``steerer`` (a name
+    or alias); a calibration that does not say which steerer it tuned is taken as the rail's."""
+    if calibrated is None:
+        return False
+    if calibrated.steerer_plugin is None:
+        return True
+    try:
+        canonical = registry.aliases("steerer").get(steerer, steerer)
+    except (AttributeError, KeyError):
+        canonical = steerer
+    return calibrated.steerer_plugin in (steerer, canonical)
+
+
 def calibrated_spec(spec: PluginSpec, calibrated: Calibration | None, side: str | None,
                     registry: Any, artifact: str) -> PluginSpec:
     """``spec`` with the steerer values calibration stored (shared, or ``side``'s) filled in;
-    the policy's own win. Values the steerer's ``Params`` refuse are an :class:`ArtifactError`
-    naming the artifact and the header field."""
-    values = calibrated.steerer_values(side) if calibrated is not None else {}
+    the policy's own win; none when calibration chose them for another steerer plugin.
+    Values the steerer's ``Params`` refuse are an :class:`ArtifactError` naming the artifact
+    and the header field."""
+    found = calibrated_for(calibrated, spec.plugin, registry)
+    values = calibrated.steerer_values(side) if found and calibrated is not None else {}
     if not values:
         return spec
     merged = spec.model_copy(update={"params": {**values, **spec.params}})
@@ -324,6 +345,10 @@ def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
     ``guardrail train`` from the policy's ``training:`` section.
     """
     where = policy.path or "<policy>"
+    installed = _ships_installed(policy)
+    if installed:
+        # Its folder is inside the installed package: no place to write an artifact.
+        where = "my-policy.yaml"
     notes = []
     for i, rail in enumerate(policy.rails):
         energy = rail.energy_model
@@ -337,8 +362,26 @@ def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
             how = "train it with `guardrail train` from a policy with a `training:` section"
         else:
             how = f"train it with `guardrail train --policy {where}`"
+        if installed:
+            how = (f"this policy ships inside the installed package, so make one of your own "
+                   f"first: `guardrail policy init my-policy.yaml --extends {policy.name}`, set "
+                   f"its rails[{i}] (name {rail.name!r}) energy_model.artifact to a file of "
+                   f"yours, then {how}")
         notes.append(f"rails[{i}].energy_model.artifact: {artifact} does not exist yet; {how}")
     return notes
+
+
+def _ships_installed(policy: Policy) -> bool:
+    """Whether ``policy`` is a shipped policy file of an installed wheel (not a checkout)."""
+    from guardrail.shipped import is_checkout, policies_dir
+
+    if policy.path is None:
+        return False
+    try:
+        folder = policies_dir().resolve()
+        return policy.path.resolve().parent == folder and not is_checkout()
+    except (GuardrailError, OSError):
+        return False
 
 
 def _artifact_command(registry: Any, plugin: str) -> str | None:

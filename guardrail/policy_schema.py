@@ -110,6 +110,12 @@ def _type_plugin_sections(full: dict[str, Any], defs: dict[str, Any], registry: 
         typed_name = _kind_def_name(kind)
         defs[typed_name] = _typed_section(copy.deepcopy(defs[ref]), kind, registry, defs)
         _replace_ref(schema, ref, typed_name)
+    outputs = full["properties"].get("output_rails", {}).get("items")
+    ref = _find_ref(outputs) if isinstance(outputs, dict) else None
+    if outputs is not None and ref is not None:
+        typed_name = _kind_def_name("output_rail")
+        defs[typed_name] = _typed_section(copy.deepcopy(defs[ref]), "output_rail", registry, defs)
+        _replace_ref(outputs, ref, typed_name)
 
 
 def _typed_section(section: dict[str, Any], kind: str, registry: Any,

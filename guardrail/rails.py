@@ -21,7 +21,7 @@ from guardrail.errors import ArtifactError, PolicyError
 from guardrail.gating import GateSet
 from guardrail.plugins import Registry
 from guardrail.policy import GateSpec, PluginSpec, RailSpec
-from guardrail.policy_checks import calibrated_spec
+from guardrail.policy_checks import calibrated_for, calibrated_spec
 from guardrail.steering import SHARED, Direction, Rail
 
 
@@ -60,7 +60,8 @@ def build_rail(
     shared = sets.get(SHARED, {})
     directions: dict[str, Direction] = {}
     for side in SIDES:
-        values = calibrated.steerer_values(side) if calibrated is not None else {}
+        values = (calibrated.steerer_values(side)  # type: ignore[union-attr]
+                  if calibrated_for(calibrated, spec.steerer.plugin, registry) else {})
         if side not in sets and not values:
             continue
         own = (create_steerer(calibrated_spec(spec.steerer, calibrated, side, registry, named),
@@ -94,7 +95,38 @@ def build_rail(
         above=above,
         budget=calibrated.budget.model_dump(exclude_none=True) if calibrated else {},
         directions=directions,
+        strength_limit=strength_limit(calibrated, steerer, directions, below, above),
     )
+
+
+def strength_limit(calibrated: Calibration | None, steerer: Steerer,
+                   directions: dict[str, Direction], below: float | None,
+                   above: float | None) -> float:
+    """The largest strength the calibration vouches for: on each side the rail steers, the
+    largest step size (``eta``) calibration tried at the chosen steps and threshold whose
+    setting held the safety budget, over the step size the side steers with now; the
+    smallest over the sides. 1 without that evidence (no calibration, or one that stored no
+    curves), and never below 1: the calibrated strength held the budget."""
+    curves = (calibrated.model_extra or {}).get("curves") if calibrated is not None else None
+    if not isinstance(curves, dict) or calibrated is None \
+            or calibrated.steerer_plugin not in (None, steerer.name):
+        return 1.0
+    limits = []
+    for side, threshold in (("answer", below), ("refuse", above)):
+        if threshold is None:
+            continue
+        own = directions[side].steerer if side in directions else steerer
+        param = own.strength_param
+        current = getattr(own.params, param, None) if param else None
+        if not isinstance(current, (int, float)) or current <= 0:
+            return 1.0
+        steps = getattr(own.params, "steps", None)
+        etas = [float(c["eta"]) for c in curves.get(side) or []
+                if isinstance(c, dict) and c.get("feasible") is True
+                and c.get("threshold") == threshold and c.get("steps") in (steps, None)
+                and isinstance(c.get("eta"), (int, float))]
+        limits.append(max(etas) / current if etas else 1.0)
+    return max(1.0, min(limits)) if limits else 1.0
 
 
 def calibration_of(artifact: EnergyArtifact, rail: str) -> Calibration | None:

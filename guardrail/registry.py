@@ -28,6 +28,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "steerer": ("guardrail_register_steerers", "Steerer"),
     "gate": ("guardrail_register_gates", "Gate"),
     "refusal_classifier": ("guardrail_register_refusal_classifiers", "RefusalClassifier"),
+    "output_rail": ("guardrail_register_output_rails", "OutputRail"),
     "suite": ("guardrail_register_suites", "Suite"),
 }
 

@@ -16,6 +16,7 @@ in the row's ``nonfinite_positions`` and logged once per row and layer by
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,11 +71,40 @@ class Rail:
     #: Per gate side, its own energy models and steerer (an artifact with one set per side,
     #: or steerer values calibrated per side).
     directions: dict[str, Direction] = field(default_factory=dict)
+    #: The largest strength (a multiplier on the calibrated step size) the artifact's
+    #: calibration found within the safety budget; 1 without that evidence.
+    strength_limit: float = 1.0
+
+    def with_strength(self, strength: float) -> Rail:
+        """This rail with every steerer steering ``strength`` times as hard (itself at 1);
+        energy models, source and gate are shared."""
+        if strength == 1:
+            return self
+        scaled: dict[int, Steerer] = {}
+
+        def scale(steerer: Steerer) -> Steerer:
+            if id(steerer) not in scaled:
+                scaled[id(steerer)] = steerer.with_strength(strength)
+            return scaled[id(steerer)]
+
+        return dataclasses.replace(
+            self, steerer=scale(self.steerer),
+            directions={side: Direction(d.energies, scale(d.steerer))
+                        for side, d in self.directions.items()})
 
     def direction(self, side: str) -> Direction:
         """The energy models and steerer that steer rows on ``side``."""
         found = self.directions.get(side)
         return found if found is not None else Direction(self.energies, self.steerer)
+
+    @property
+    def steerers(self) -> list[Steerer]:
+        """Every steerer of the rail, the shared one first (each object once)."""
+        out = [self.steerer]
+        for d in self.directions.values():
+            if all(d.steerer is not s for s in out):
+                out.append(d.steerer)
+        return out
 
 
 @dataclass

@@ -51,6 +51,17 @@ class GateTelemetry:
 
 
 @dataclass
+class OutputRailTelemetry:
+    """What an output rail did with one answer: ``kept`` it, or had it ``answered again``
+    steered towards ``side``; ``first`` is the answer it replaced, with its verdict."""
+
+    rail: str
+    action: str
+    side: str | None = None
+    first: dict[str, Any] | None = None
+
+
+@dataclass
 class GenerationTelemetry:
     """Per-request telemetry: whether steering was on, and per rail and layer what it did."""
 
@@ -62,6 +73,11 @@ class GenerationTelemetry:
     gates: list[GateTelemetry] = field(default_factory=list)
     verdict: dict[str, Any] | None = None
     seconds: float | None = None
+    #: The strength asked for: a multiplier on each rail's calibrated step size (None: 1, the
+    #: calibrated strength).
+    strength: float | None = None
+    #: What the policy's output rails did with this answer, in order.
+    output_rails: list[OutputRailTelemetry] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary."""
@@ -73,8 +89,11 @@ class GenerationTelemetry:
         after = [t.energy_after for t in self.layers if t.energy_after is not None]
         return {
             "steered": self.steered,
+            **({"strength": self.strength} if self.strength is not None else {}),
             **({"gates": [{"rail": g.rail, "score": g.score, "side": g.side}
                           for g in self.gates]} if self.gates else {}),
+            **({"output_rails": [{"rail": o.rail, "action": o.action, "side": o.side}
+                                 for o in self.output_rails]} if self.output_rails else {}),
             "layers": sorted({t.layer for t in self.layers}),
             "mean_energy_before": sum(before) / len(before) if before else None,
             "mean_energy_after": sum(after) / len(after) if after else None,

@@ -42,6 +42,7 @@ class GradientSteerer(Steerer):
     Params = GradientSteererParams
     params: GradientSteererParams
     sweep_params = ("eta", "steps")
+    strength_param = "eta"
 
     def steer(
         self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext

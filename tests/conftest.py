@@ -98,6 +98,8 @@ def build_tiny_tokenizer():  # type: ignore[no-untyped-def]
         unk_token="<unk>",
         eos_token="<|im_end|>",
         additional_special_tokens=["<|im_start|>"],
+        # What a causal LM takes (transformers 4.x's generate() refuses token_type_ids).
+        model_input_names=["input_ids", "attention_mask"],
     )
     tok.chat_template = CHATML
     tok.padding_side = "left"

@@ -202,3 +202,52 @@ def test_generate_compare_says_which_layers_are_skipped_or_disabled(
     assert "L3 disabled (non-finite weights in net.0.weight)" in energy
     skipped = [line for line in captured.err.splitlines() if "steer.nonfinite_skipped" in line]
     assert len(skipped) == 1 and "layer=2" in skipped[0]  # one request, one bad layer
+
+
+# --- the fingerprint an artifact must match -------------------------------------------------
+def test_a_config_that_only_reads_differently_still_fits(tiny_loaded, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                         registry) -> None:
+    # Another transformers release writes the same architecture's config with other keys
+    # (rope_scaling -> rope_parameters): its raw-config hash differs, the artifact still fits.
+    artifact = _artifact(tiny_loaded)
+    artifact.fingerprint = {**artifact.fingerprint, "config_sha256": "0" * 64}
+    path = artifact.save(tmp_path / "a.safetensors")
+    guard = Guardrail.from_policy(_policy(path), loaded=tiny_loaded)
+    assert guard.fingerprint["tokenizer_sha256"]  # recorded from the loaded tokenizer
+    assert guard.rails[0].layers == [1, 2]
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("vocab_size", 99), ("intermediate_size", 65), ("num_attention_heads", 8),
+    ("num_key_value_heads", 4), ("tokenizer_sha256", "f" * 64), ("num_layers", 5),
+    ("model_type", "llama")])
+def test_an_artifact_for_another_architecture_or_vocabulary_is_refused_naming_the_field(  # type: ignore[no-untyped-def]
+        tiny_loaded, tmp_path: Path, key: str, value: Any) -> None:
+    artifact = _artifact(tiny_loaded)
+    artifact.fingerprint = {**artifact.fingerprint, "tokenizer_sha256": "0" * 64
+                            if key != "tokenizer_sha256" else value, key: value}
+    if key != "tokenizer_sha256":  # recorded as the loaded tokenizer's, so only `key` differs
+        from guardrail.models.fingerprint import tokenizer_digest
+
+        artifact.fingerprint["tokenizer_sha256"] = tokenizer_digest(tiny_loaded.tokenizer)
+    path = artifact.save(tmp_path / "a.safetensors")
+    with pytest.raises(ArtifactError) as caught:
+        Guardrail.from_policy(_policy(path), loaded=tiny_loaded)
+    message = str(caught.value)
+    assert f"{key}: artifact {value!r} vs model" in message
+    assert message.count(" vs model ") == 1
+
+
+def test_an_artifact_written_before_the_wider_fingerprint_still_loads(  # type: ignore[no-untyped-def]
+        tiny_loaded, tmp_path: Path, registry) -> None:
+    # Format 1 headers recorded name, model_type, hidden_size, num_layers and config_sha256.
+    header, tensors = _parts(_artifact(tiny_loaded))
+    header["model"] = {key: header["model"][key] for key in
+                       ("name", "model_type", "hidden_size", "num_layers")}
+    header["model"]["config_sha256"] = "from another transformers release"
+    path = _write(tmp_path / "old.safetensors", header, tensors)
+    assert Guardrail.from_policy(_policy(path), loaded=tiny_loaded).rails[0].layers == [1, 2]
+    header["model"]["hidden_size"] = 64
+    path = _write(tmp_path / "wrong.safetensors", header, tensors)
+    with pytest.raises(ArtifactError, match="hidden_size"):
+        Guardrail.from_policy(_policy(path), loaded=tiny_loaded)

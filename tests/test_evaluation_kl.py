@@ -50,7 +50,7 @@ def test_teacher_forcing_reproduces_greedy_generation(tiny_loaded) -> None:  # t
     guard = guard_with(tiny_loaded, [])
     answers = base_answers(guard)
     texts = guard.render([[{"role": "user", "content": p}] for p in PROMPTS], steer=False)
-    logprobs = _logprobs(guard, texts, [a.token_ids for a in answers], steer=False)
+    logprobs = _logprobs(guard, texts, [a.token_ids for a in answers], PROMPTS, steer=False)
     for row, answer in enumerate(answers):
         # Greedy answers are the argmax of the teacher-forced distribution at every position.
         assert logprobs[row, : len(answer.token_ids)].argmax(-1).tolist() == answer.token_ids

@@ -27,6 +27,9 @@ class FakeJudge:
     def __init__(self) -> None:
         self.mode = "judge"
         self.fail_first = 0
+        self.fail_status = 503
+        self.retry_after: str | None = None
+        self.times: list[float] = []
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         judge = self
@@ -35,9 +38,11 @@ class FakeJudge:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 judge.requests.append(body)
-                judge.headers.append(dict(self.headers))
+                judge.headers.append({k.lower(): v for k, v in self.headers.items()})
+                judge.times.append(time.perf_counter())
                 if len(judge.requests) <= judge.fail_first:
-                    return self._send(503, {"error": {"message": "overloaded"}})
+                    return self._send(judge.fail_status, {"error": {"message": "overloaded"}},
+                                      judge.retry_after)
                 if judge.mode == "slow":
                     time.sleep(1.0)
                 if judge.mode == "garbage":
@@ -50,11 +55,13 @@ class FakeJudge:
                 answer = "REFUSAL" if "sorry" in text.lower() else "COMPLIANCE."
                 return self._send(200, _completion(answer))
 
-            def _send(self, status: int, payload: Any) -> None:
+            def _send(self, status: int, payload: Any, retry_after: str | None = None) -> None:
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("content-type", "application/json")
+                    if retry_after is not None:
+                        self.send_header("retry-after", retry_after)
                     self.send_header("content-length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -85,7 +92,7 @@ def fake() -> Iterator[FakeJudge]:
 
 
 def classifier(url: str, **params: Any) -> JudgeRefusalClassifier:
-    return JudgeRefusalClassifier(JudgeParams(base_url=url, model="judge", backoff_s=0.01, **params))
+    return JudgeRefusalClassifier(JudgeParams(base_url=url, model="judge", **params))
 
 
 PROMPTS = ["how do i bake bread", "how do i kill a python process"]
@@ -174,6 +181,53 @@ def test_api_key_comes_from_the_named_environment_variable(fake: FakeJudge, monk
     monkeypatch.delenv("JUDGE_KEY")
     with pytest.raises(JudgeError, match="environment variable 'JUDGE_KEY' is not set"):
         classifier(fake.url, api_key_env="JUDGE_KEY").classify(["q"], ["a"])
+
+
+def test_retry_after_is_honoured(fake: FakeJudge) -> None:
+    # What guardrail serve sends with a full queue: 503 queue_full with retry-after.
+    fake.fail_first, fake.fail_status, fake.retry_after = 1, 429, "2"
+    verdict = classifier(fake.url, retries=1).classify(["q"], ["sorry"])[0]
+    assert verdict.refused and len(fake.requests) == 2
+    assert fake.times[1] - fake.times[0] >= 1.9  # not the 0.5 s backoff
+
+
+def test_no_key_named_means_no_key_sent(fake: FakeJudge, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-leave")
+    classifier(fake.url).classify(["q"], ["a"])
+    assert "sk-must-not-leave" not in json.dumps(fake.headers[0])
+
+
+def test_a_key_goes_only_to_hosts_the_user_allows_outside_the_policy(
+    monkeypatch: pytest.MonkeyPatch, fake: FakeJudge, registry: Registry,
+) -> None:
+    from guardrail_plugins.judge_classifier import JudgeHostError
+
+    from guardrail.guard import Guardrail
+
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-123")
+    monkeypatch.delenv("GUARDRAIL_JUDGE_HOSTS", raising=False)
+    remote = "https://judge.example.com/v1"
+    with pytest.raises(JudgeHostError) as caught:
+        classifier(remote, api_key_env="JUDGE_KEY")
+    assert ("classifier.params.base_url: 'https://judge.example.com/v1' would get the key in "
+            "$JUDGE_KEY, and its host 'judge.example.com' is not one you allowed") in str(caught.value)
+    assert "GUARDRAIL_JUDGE_HOSTS=judge.example.com" in str(caught.value)
+    # A policy naming it fails at load, before any request.
+    policy = parse_policy({"name": "p", "model": {"source": "x"}, "classifier": {
+        "plugin": "openai-judge", "params": {"base_url": remote, "model": "m",
+                                             "api_key_env": "JUDGE_KEY"}}})
+    with pytest.raises(GuardrailError, match="is not one you allowed"):
+        Guardrail.from_policy(policy, loaded=object())
+    # Allowed by host, or by host and port; loopback always; no key, no question.
+    monkeypatch.setenv("GUARDRAIL_JUDGE_HOSTS", "other.org, JUDGE.example.com")
+    classifier(remote, api_key_env="JUDGE_KEY")
+    monkeypatch.setenv("GUARDRAIL_JUDGE_HOSTS", "judge.example.com:8443")
+    classifier("https://judge.example.com:8443/v1", api_key_env="JUDGE_KEY")
+    with pytest.raises(JudgeHostError):
+        classifier(remote, api_key_env="JUDGE_KEY")
+    classifier(remote)
+    classifier(fake.url, api_key_env="JUDGE_KEY").classify(["q"], ["a"])
+    assert fake.headers[0]["authorization"] == "Bearer sk-test-123"
 
 
 def test_policy_checks_the_judge_params(registry: Registry) -> None:

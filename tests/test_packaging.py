@@ -19,7 +19,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "--wheel-dir", str(out), str(ROOT)],
                    check=True, capture_output=True, timeout=600)
-    [path] = out.glob("guardrail-*.whl")
+    [path] = out.glob("guardrail_eds-*.whl")
     return zipfile.ZipFile(path)
 
 
@@ -52,3 +52,6 @@ def test_wheel_metadata_keeps_test_tools_in_extras(wheel: zipfile.ZipFile) -> No
     assert {"serve", "test", "dev"} <= set(meta.get_all("Provides-Extra") or [])
     assert any("pytest" in r and 'extra == "test"' in r for r in requires)
     assert meta["Version"] == __import__("guardrail").__version__
+    # Its own name on PyPI (`guardrail` there is another project); `import guardrail` stays.
+    assert meta["Name"] == "guardrail-eds"
+    assert any(r.startswith("guardrail-eds[test]") and 'extra == "dev"' in r for r in requires)

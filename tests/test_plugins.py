@@ -261,7 +261,8 @@ def test_plugins_command_lists_builtins(capsys: pytest.CaptureFixture[str]) -> N
     rows = json.loads(capsys.readouterr().out)
     names = {row["name"] for row in rows}
     assert names == {"residual_stream", "mlp_energy", "gradient_steerer", "gates",
-                     "heuristic_classifier", "judge_classifier", "suites", "baselines"}
+                     "heuristic_classifier", "judge_classifier", "refusal_rail", "suites",
+                     "baselines"}
     steer = next(r for r in rows if r["name"] == "gradient_steerer")
     assert steer["hooks"] == ["guardrail_register_steerers"]
     assert steer["components"] == {"steerer": ["gradient-descent"]}

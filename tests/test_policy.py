@@ -11,7 +11,7 @@ import yaml
 from guardrail.cli import main
 from guardrail.errors import PolicyError
 from guardrail.policy import load_policy
-from guardrail.policy_checks import missing_artifacts, validate_policy_file
+from guardrail.policy_checks import check_plugins, missing_artifacts, validate_policy_file
 
 from .conftest import write_policy
 
@@ -94,6 +94,21 @@ def test_missing_artifacts_name_the_command_that_writes_them(tmp_path: Path, reg
             update={"artifact": str(tmp_path / "gone.safetensors")})}) for r in policy.rails]
         notes = missing_artifacts(policy.model_copy(update={"rails": rails}), registry)
         assert len(notes) == 1 and f"`{command} {policy.path}`" in notes[0], notes
+
+
+def test_an_installed_shipped_policy_is_never_told_to_write_into_the_package(  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], registry) -> None:
+    # As installed from the wheel: the shipped folder is site-packages, not a checkout.
+    monkeypatch.setattr("guardrail.shipped.is_checkout", lambda: False)
+    caa = load_policy("caa-qwen2.5-coder-0.5b")
+    [note] = missing_artifacts(caa, registry)
+    assert str(caa.path) not in note.split("does not exist yet", 1)[1]
+    assert ("make one of your own first: `guardrail policy init my-policy.yaml --extends "
+            "caa-qwen2.5-coder-0.5b`, set its rails[0] (name 'caa') energy_model.artifact to a "
+            "file of yours, then compute it with `guardrail baseline directions --policy "
+            "my-policy.yaml`") in note
+    assert main(["validate", "caa-qwen2.5-coder-0.5b"]) == 0
+    assert "guardrail policy init my-policy.yaml" in capsys.readouterr().out
 
 
 def test_unknown_plugin_names_registered_ones(tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
@@ -208,6 +223,34 @@ def test_extends_replaces_other_lists(tmp_path: Path) -> None:
     child = _family(tmp_path, {"rails": [{"name": "a", "energy_model": {
         "params": {"hidden": [16]}}}]})
     assert load_policy(child).rails[0].energy_model.params["hidden"] == [16]  # type: ignore[union-attr]
+
+
+def test_extends_replaces_a_component_whole_when_the_child_names_another_plugin(
+    tmp_path: Path, registry: object,
+) -> None:
+    # The shipped gated policy, its steerer swapped for another plugin: the parent's
+    # gradient-descent params (normalize) are not inherited, the gate and the rest are kept.
+    child = write_policy(tmp_path / "child.yaml", {
+        "extends": "eds-smollm2-135m", "name": "swapped",
+        "rails": [{"name": "eds", "steerer": {"plugin": "ablate"},
+                   "energy_model": {"plugin": "linear", "artifact": "dirs.safetensors"}}],
+        "classifier": {"plugin": "openai-judge",
+                       "params": {"base_url": "http://127.0.0.1:9/v1", "model": "j"}}})
+    policy = load_policy(child)
+    parent = load_policy("eds-smollm2-135m")
+    rail = policy.rails[0]
+    assert rail.steerer.plugin == "ablate" and rail.steerer.params == {}
+    assert rail.energy_model is not None and rail.energy_model.params == {}
+    assert rail.energy_model.artifact == str(tmp_path / "dirs.safetensors")
+    assert rail.gate == parent.rails[0].gate
+    assert policy.classifier.params == {"base_url": "http://127.0.0.1:9/v1", "model": "j"}
+    assert check_plugins(policy, registry) == []
+    # The same plugin still merges params key by key.
+    same = write_policy(tmp_path / "same.yaml", {
+        "extends": "eds-smollm2-135m", "name": "same",
+        "rails": [{"name": "eds", "steerer": {"plugin": "gradient-descent",
+                                              "params": {"eta": 0.5}}}]})
+    assert load_policy(same).rails[0].steerer.params == {"normalize": True, "eta": 0.5}
 
 
 def test_the_own_prompts_example_of_the_training_docs_keeps_the_rail(tmp_path: Path) -> None:

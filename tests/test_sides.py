@@ -84,6 +84,27 @@ def test_separate_sides_train_one_set_per_side_and_steer_each_row_with_its_own(
                for r in forced)
 
 
+def test_the_kl_guard_steers_each_row_as_its_gate_decides(
+    tmp_path: Path, tiny_model_dir: Path, keyword_classifier: None, bomb_gate: None,  # noqa: F811
+) -> None:
+    # A sided artifact has no shared energy models: the capability guard must steer each row
+    # towards the side its gate chose (as generation does), and leave a gated-out row alone.
+    from guardrail.evaluation.cache import Answer
+    from guardrail.evaluation.kl import answer_kl
+
+    path = sided_policy(tmp_path, tiny_model_dir, below=None, above=None)
+    assert main(["train", "--policy", str(path), "--no-progress"]) == 0
+    guard = Guardrail.from_policy(load_policy(path))
+    coke, bomb = guard.gate_scores(_conversations(COKE, BOMB))["eds"].tolist()
+    base = guard.generate(_conversations(COKE, BOMB), max_new_tokens=4, steer=False)
+    answers = [Answer(r.text, r.token_ids, r.finish_reason) for r in base]
+    data = yaml.safe_load(path.read_text())
+    data["rails"][0]["gate"].update(below=coke + 1e-3, above=None)  # only the coke row
+    path.write_text(yaml.safe_dump(data))
+    result = answer_kl(Guardrail.from_policy(load_policy(path)), [COKE, BOMB], answers)
+    assert result.per_prompt[0] > 0 and result.per_prompt[1] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_a_sided_artifact_needs_a_gate_to_choose_the_side(
     tmp_path: Path, tiny_model_dir: Path, keyword_classifier: None, bomb_gate: None,  # noqa: F811
 ) -> None:

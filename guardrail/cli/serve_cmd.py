@@ -24,8 +24,8 @@ def add_parser(subparsers: Any) -> None:
                     "policy), /v1/models, /v1/guardrail/energies, /healthz, /readyz and "
                     "/metrics. See docs/serving.md.",
     )
-    serve.add_argument("--policy", action="append", required=True, metavar="FILE",
-                       help="a policy file to serve (repeat for several)")
+    serve.add_argument("--policy", action="append", required=True, metavar="POLICY",
+                       help="a policy file or shipped policy name to serve (repeat for several)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=port, default=8000)
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise GuardrailError(
             f"`guardrail serve` needs the serve extra ({exc.name} is not installed); "
-            "install it with: pip install 'guardrail[serve]'"
+            "install it with: pip install 'guardrail-eds[serve]'"
         ) from exc
     import torch
 

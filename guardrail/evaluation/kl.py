@@ -2,7 +2,9 @@
 
 The base model's answer to each benign prompt is teacher-forced twice, exactly as generation
 runs it (a prefill over the prompt, then one decoding step per answer token), once without
-and once with the steering hooks. KL(base || steered) is averaged over answer tokens.
+and once with the steering hooks, each row steered as generation would steer it (a gated
+rail's gate decides the row's side, or leaves it alone). KL(base || steered) is averaged over
+answer tokens.
 """
 
 from __future__ import annotations
@@ -48,21 +50,22 @@ def answer_kl(guard: Guardrail, prompts: Sequence[str], answers: Sequence[Answer
     regenerating a report does not teacher-force again; ``scope`` is ``guard``'s, if known.
     """
     scope = scope or Scope.of(guard)
-    pairs = [(c, a.token_ids) for c, a in zip(user_turns(prompts), answers, strict=True)
-             if a.token_ids]
-    base_texts = guard.render([c for c, _ in pairs], steer=False)
-    steered_texts = guard.render([c for c, _ in pairs], steer=True)
+    pairs = [(c, a.token_ids, p) for c, a, p in zip(user_turns(prompts), answers, prompts,
+                                                       strict=True) if a.token_ids]
+    base_texts = guard.render([c for c, _, _ in pairs], steer=False)
+    steered_texts = guard.render([c for c, _, _ in pairs], steer=True)
     kl_scope = digest({"model": scope.fingerprint, "rails": scope.rails_key})
     keys = [digest({"kl": kl_scope, "base": b, "steered": s, "answer": ids})
-            for b, s, (_, ids) in zip(base_texts, steered_texts, pairs, strict=True)]
+            for b, s, (_, ids, _) in zip(base_texts, steered_texts, pairs, strict=True)]
     known = cache.get_values(keys) if cache is not None else {}
     todo = [i for i, key in enumerate(keys) if key not in known]
     fresh: dict[str, Any] = {}
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         ids = [pairs[i][1] for i in batch]
-        base = _logprobs(guard, [base_texts[i] for i in batch], ids, steer=False)
-        steered = _logprobs(guard, [steered_texts[i] for i in batch], ids, steer=True)
+        users = [pairs[i][2] for i in batch]
+        base = _logprobs(guard, [base_texts[i] for i in batch], ids, users, steer=False)
+        steered = _logprobs(guard, [steered_texts[i] for i in batch], ids, users, steer=True)
         # [batch, positions]: KL per answer token; padding positions are masked out.
         kl = (base.exp() * (base - steered)).sum(dim=-1).clamp_min(0.0)
         for row, i in enumerate(batch):
@@ -92,10 +95,13 @@ def _summarise(per_token: list[list[float]]) -> KLResult:
     )
 
 
-def _logprobs(guard: Guardrail, texts: list[str], answers: list[list[int]], *, steer: bool
-              ) -> torch.Tensor:
-    """Log-probabilities ``[batch, max_answer_len, vocab]`` predicting each answer token."""
+def _logprobs(guard: Guardrail, texts: list[str], answers: list[list[int]],
+              prompts: list[str], *, steer: bool) -> torch.Tensor:
+    """Log-probabilities ``[batch, max_answer_len, vocab]`` predicting each answer token;
+    steered, each row on the side its gates choose for its user message (``prompts``)."""
     enc = guard.encode(texts)
+    rows = ({name: sides for name, (_, sides) in guard.gate(prompts, enc).items()}
+            if steer else {})
     mask = enc["attention_mask"]
     width = max(len(a) for a in answers)
     pad = guard.tokenizer.pad_token_id
@@ -104,7 +110,7 @@ def _logprobs(guard: Guardrail, texts: list[str], answers: list[list[int]], *, s
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     next_position = mask.long().sum(-1, keepdim=True)
     steps = []
-    with guard.session(steer=steer), torch.no_grad():
+    with guard.session(steer=steer, rows=rows), torch.no_grad():
         out = guard.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
                           use_cache=True)
         steps.append(out.logits[:, -1].float().log_softmax(-1))

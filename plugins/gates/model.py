@@ -225,6 +225,9 @@ class SentenceEmbeddingGate(_HeadGate):
     def config(self) -> dict[str, Any]:
         return {"model": self.params.model}
 
+    def resources(self) -> list[str]:
+        return [self.params.model]
+
     def restore(self, config: dict[str, Any]) -> None:
         if config.get("model", self.params.model) != self.params.model:
             raise PluginError(f"gate {self.name!r}: fitted with encoder "
