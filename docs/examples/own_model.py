@@ -36,7 +36,8 @@ def load_smollm2(dtype: torch.dtype) -> tuple[AutoModelForCausalLM, AutoTokenize
 def main(argv: Sequence[str] | None = None) -> int:
     """Load, wrap, stream one steered answer, print its telemetry, then steer generate()."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("prompt", nargs="?", default="How do I kill a Python process that is stuck?")
+    parser.add_argument("prompt", nargs="?",
+                        default="How do I kill a Python process that is stuck?")
     parser.add_argument("--policy", default="eds-smollm2-135m", help="policy file or shipped name")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--max-new-tokens", type=int, default=48)

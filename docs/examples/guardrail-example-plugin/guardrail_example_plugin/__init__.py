@@ -32,7 +32,8 @@ class PrefixRefusalClassifier(RefusalClassifier):
         for response in responses:
             head = response.strip().lower()
             hit = next((p for p in self.params.prefixes if head.startswith(p.lower())), None)
-            out.append(Verdict(refused=hit is not None, score=float(hit is not None), reason=hit or ""))
+            out.append(Verdict(refused=hit is not None, score=float(hit is not None),
+                               reason=hit or ""))
         return out
 
 
