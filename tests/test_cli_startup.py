@@ -45,4 +45,4 @@ def test_version() -> None:
     assert done.returncode == 0 and done.stdout.strip() == f"guardrail {__version__}"
     from importlib.metadata import version
 
-    assert version("guardrail") == __version__  # one version, read from the package
+    assert version("guardrail-eds") == __version__  # one version, read from the package
