@@ -204,7 +204,8 @@ class SteeringSession:
         window = rail.source.positions(phase, seq_len)
         if window is None:
             return output
-        parts = self.row_index.get(rail.name)
+        parts: list[tuple[str, torch.Tensor | None]] | None = \
+            self.row_index.get(rail.name)  # type: ignore[assignment]
         if parts is None:
             parts = [(SHARED, None)]
         new_states = None
@@ -353,7 +354,7 @@ def _merge(records: list[_Record], batch: int, device: torch.device) -> _Record:
             current = fields[i]
             fields[i] = torch.where(rows, value, current) if current is not None else (
                 torch.where(rows, value, torch.zeros_like(value)))
-    return _Record(*fields, covered)
+    return _Record(*fields, covered)  # type: ignore[call-arg]  # five fields, then rows
 
 
 def _last_position(record: _Record, rows: int, positions: int, index: torch.Tensor | None,
@@ -377,7 +378,8 @@ def _last_position(record: _Record, rows: int, positions: int, index: torch.Tens
     covered = torch.zeros(batch, dtype=torch.bool, device=index.device)
     covered[index] = True
     return _Record(*(None if t is None else _scatter(t, index, batch) for t in (
-        out.energy_before, out.energy_after, out.steps, out.steered, out.nonfinite)), covered)
+        out.energy_before, out.energy_after, out.steps, out.steered, out.nonfinite)),
+        covered)  # type: ignore[call-arg]
 
 
 def _scatter(values: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:

@@ -77,17 +77,17 @@ def _plugin_commands(subparsers: Any) -> None:
     An installed plugin that raises is left out (``guardrail plugins`` shows why); any
     other plugin's error stops the command line.
     """
-    from guardrail.plugins import get_plugin_manager
+    from guardrail.plugins import PluginManager, get_plugin_manager
 
     pm = get_plugin_manager()
-    installed = getattr(pm, "installed", {})
+    installed = pm.installed if isinstance(pm, PluginManager) else {}
     for impl in reversed(pm.hook.guardrail_register_commands.get_hookimpls()):
         try:
             impl.function(subparsers=subparsers)
         except Exception as exc:
             message = (f"plugin {impl.plugin_name!r} raised in hook guardrail_register_commands: "
                        f"{type(exc).__name__}: {exc}")
-            if impl.plugin_name not in installed:
+            if impl.plugin_name not in installed or not isinstance(pm, PluginManager):
                 raise PluginError(message) from exc
             pm.fail(impl.plugin_name, f"registration failed: {message}")
 

@@ -96,7 +96,7 @@ class Answerer:
         on the default side or the side it names)."""
         # A policy without enabled rails steers nothing: its answers are the base model's.
         rails = self.scope.rails_key if steer and self.guard.rails else None
-        payload = {"model": self.scope.model_key, "rails": rails,
+        payload: dict[str, Any] = {"model": self.scope.model_key, "rails": rails,
                    "prompt": rendered, "generation": self._settings_key}
         if rails is not None and gates is not True and (
                 gates is not False or any(r.gate for r in self.guard.rails)):
@@ -143,7 +143,8 @@ class Row:
     cached: int
     records: list[dict[str, Any]] = field(default_factory=list)
     #: Against the base model on the same items: prompts flipped the right and the wrong way.
-    flips: dict[str, int] | None = None
+    #: right_way, wrong_way and n over the suite, and ``by_context`` the same per context.
+    flips: dict[str, Any] | None = None
     #: Answers whose verdict on their first ``head_tokens`` differs from the whole answer's.
     timing: dict[str, int] | None = None
     #: The safety budget the policy's artifact was calibrated to, and whether it held here.

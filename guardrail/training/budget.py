@@ -148,7 +148,7 @@ class Evidence:
     @functools.cached_property
     def sources(self) -> dict[str, tuple[str, torch.Tensor]]:
         """Source name -> (its context, the mask of its prompts), in order of appearance."""
-        out = {}
+        out: dict[str, tuple[str, torch.Tensor]] = {}
         for name in dict.fromkeys(p.source for p in self.prompts):
             mask = torch.tensor([p.source == name for p in self.prompts])
             out[name] = (next(p.context for p in self.prompts if p.source == name), mask)

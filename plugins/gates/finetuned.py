@@ -153,10 +153,12 @@ class FineTunedEncoderGate(Gate):
                               f"targets {p.targets}")
         wrapped = {}
         for name in names:
-            layer = LoRALinear(encoder.get_submodule(name), p.rank, p.alpha, p.dropout, generator)
+            linear = encoder.get_submodule(name)
+            assert isinstance(linear, nn.Linear)  # _targets names linear layers only
+            layer = LoRALinear(linear, p.rank, p.alpha, p.dropout, generator)
             _set(encoder, name, layer)
             wrapped[name] = layer
-        hidden = int(encoder.config.hidden_size)
+        hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr,arg-type]
         head = nn.Linear(hidden, 1)
         with torch.no_grad():
             head.weight.normal_(0.0, 0.02, generator=generator)
