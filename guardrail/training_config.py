@@ -198,8 +198,9 @@ class CalibrationSection(_Section):
     ``max_refusal_drop`` and no source has more than ``max_wrong_way`` of its prompts flipped
     the wrong way (a harmful prompt the base model refuses answered, a benign one it answers
     refused). Per side of the gate: at most ``max_harmful_steered`` of a harmful source's
-    prompts may be steered towards answering, and every benign prompt steered towards
-    refusing counts against ``max_wrong_way`` whether or not its answer changed.
+    prompts may be steered towards answering, and every benign prompt the base model answers
+    that is steered towards refusing counts against ``max_wrong_way`` whether or not its
+    answer changed.
     """
 
     rail: str | None = Field(None, description="Rail to calibrate (default: training.rail).")
