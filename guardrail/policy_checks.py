@@ -268,13 +268,7 @@ def calibrated_for(calibrated: Calibration | None, steerer: str, registry: Any) 
     or alias); a calibration that does not say which steerer it tuned is taken as the rail's."""
     if calibrated is None:
         return False
-    if calibrated.steerer_plugin is None:
-        return True
-    try:
-        canonical = registry.aliases("steerer").get(steerer, steerer)
-    except (AttributeError, KeyError):
-        canonical = steerer
-    return calibrated.steerer_plugin in (steerer, canonical)
+    return calibrated.steerer_plugin in (None, steerer, _canonical(registry, "steerer", steerer))
 
 
 def calibrated_spec(spec: PluginSpec, calibrated: Calibration | None, side: str | None,

@@ -41,6 +41,8 @@ def build_rail(
     key = f"rails[{index}]"
     artifact = _artifact(spec, key, registry, fingerprint, device, where)
     calibrated = calibration_of(artifact, spec.name) if artifact is not None else None
+    # What calibration chose for this rail's steerer plugin (None: nothing, or another one's).
+    tuned = calibrated if calibrated_for(calibrated, spec.steerer.plugin, registry) else None
     named = str(spec.energy_model.artifact if spec.energy_model else "")
     steerer = create_steerer(calibrated_spec(spec.steerer, calibrated, None, registry, named),
                              registry)
@@ -60,8 +62,7 @@ def build_rail(
     shared = sets.get(SHARED, {})
     directions: dict[str, Direction] = {}
     for side in SIDES:
-        values = (calibrated.steerer_values(side)  # type: ignore[union-attr]
-                  if calibrated_for(calibrated, spec.steerer.plugin, registry) else {})
+        values = tuned.steerer_values(side) if tuned is not None else {}
         if side not in sets and not values:
             continue
         own = (create_steerer(calibrated_spec(spec.steerer, calibrated, side, registry, named),
@@ -95,21 +96,21 @@ def build_rail(
         above=above,
         budget=calibrated.budget.model_dump(exclude_none=True) if calibrated else {},
         directions=directions,
-        strength_limit=strength_limit(calibrated, steerer, directions, below, above),
+        strength_limit=strength_limit(tuned, steerer, directions, below, above),
     )
 
 
 def strength_limit(calibrated: Calibration | None, steerer: Steerer,
                    directions: dict[str, Direction], below: float | None,
                    above: float | None) -> float:
-    """The largest strength the calibration vouches for: on each side the rail steers, the
-    largest step size (``eta``) calibration tried at the chosen steps and threshold whose
-    setting held the safety budget, over the step size the side steers with now; the
-    smallest over the sides. 1 without that evidence (no calibration, or one that stored no
-    curves), and never below 1: the calibrated strength held the budget."""
+    """The largest strength ``calibrated`` (the calibration of this rail's steerer) vouches
+    for: on each side the rail steers, the largest step size (``eta``) calibration tried at
+    the chosen steps and threshold whose setting held the safety budget, over the step size
+    the side steers with now; the smallest over the sides. 1 without that evidence (no
+    calibration, one for another steerer, or one that stored no curves), and never below 1:
+    the calibrated strength held the budget."""
     curves = (calibrated.model_extra or {}).get("curves") if calibrated is not None else None
-    if not isinstance(curves, dict) or calibrated is None \
-            or calibrated.steerer_plugin not in (None, steerer.name):
+    if not isinstance(curves, dict):
         return 1.0
     limits = []
     for side, threshold in (("answer", below), ("refuse", above)):
