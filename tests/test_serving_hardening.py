@@ -531,6 +531,24 @@ def _post(client: httpx.Client, server: LiveServer, body: bytes) -> dict[str, An
         return {"status": None, "text": repr(exc), "type": ""}
 
 
+def _sigterm_while_admitted(server: LiveServer, bodies: list[bytes],
+                            settle: float = 0.0) -> list[dict[str, Any]]:
+    """Post every body at once, send SIGTERM once 30 are admitted (``settle`` seconds later),
+    and return each reply once the server has exited; the server is stopped either way."""
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool, httpx.Client(
+                timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
+            futures = [pool.submit(_post, client, server, body) for body in bodies]
+            _until(lambda: server.health()["admission"]["admitted"] >= 30, "30 admitted")
+            time.sleep(settle)
+            server.process.send_signal(signal.SIGTERM)
+            replies = [f.result(timeout=120) for f in futures]
+        server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    return replies
+
+
 def _admit_server(tiny_dir: Path, name: str, *extra: str) -> LiveServer:
     policy = _policy(tiny_dir, name, steps=1, batch=4)
     return start_server([policy], tiny_dir / f"{name}.log", "--max-request-bytes", str(2 << 20),
@@ -544,16 +562,7 @@ def test_sigterm_with_tokenisation_in_flight_answers_everyone_in_openai_shape(
     # tokenising: too long); 4 small requests wait behind them. SIGTERM then.
     server = _admit_server(tiny_dir, "admit", "--drain-timeout", "1")
     bodies = [_big(i, 40_000) for i in range(40)] + [_big(i, 2) for i in range(4)]
-    try:
-        with ThreadPoolExecutor(len(bodies)) as pool, httpx.Client(
-                timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
-            futures = [pool.submit(_post, client, server, body) for body in bodies]
-            _until(lambda: server.health()["admission"]["admitted"] >= 30, "30 admitted")
-            server.process.send_signal(signal.SIGTERM)
-            replies = [f.result(timeout=120) for f in futures]
-        server.process.wait(timeout=60)
-    finally:
-        server.stop()
+    replies = _sigterm_while_admitted(server, bodies)
     statuses = [r["status"] for r in replies]
     print(f"\nSIGTERM while tokenising: {statuses.count(503)} x 503, {statuses.count(400)} x "
           f"400 (too long, tokenised before the signal), {statuses.count(200)} x 200")
@@ -621,17 +630,7 @@ def test_sigterm_while_smollm2_tokenises_megabyte_prompts(tmp_path: Path) -> Non
     server = start_server([policy], tmp_path / "admit.log", "--drain-timeout", "1",
                           "--max-request-bytes", str(2 << 20))
     bodies = [_big(i, 40_000) for i in range(40)] + [_big(i, 2) for i in range(4)]
-    try:
-        with ThreadPoolExecutor(len(bodies)) as pool, httpx.Client(
-                timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
-            futures = [pool.submit(_post, client, server, body) for body in bodies]
-            _until(lambda: server.health()["admission"]["admitted"] >= 30, "30 admitted")
-            time.sleep(1.5)  # one or two tokenised by now
-            server.process.send_signal(signal.SIGTERM)
-            replies = [f.result(timeout=120) for f in futures]
-        server.process.wait(timeout=60)
-    finally:
-        server.stop()
+    replies = _sigterm_while_admitted(server, bodies, settle=1.5)  # one or two tokenised by then
     statuses = [r["status"] for r in replies]
     print(f"\nSmolLM2, SIGTERM while tokenising: {statuses.count(503)} x 503, "
           f"{statuses.count(400)} x 400, {statuses.count(200)} x 200")
