@@ -23,14 +23,14 @@ import torch
 from guardrail_plugins.residual_stream import ResidualStreamSource
 from torch import nn
 
-from guardrail.generation import user_turns
-from guardrail.guard import Guardrail
 from guardrail.models import load_model
-from guardrail.policy import parse_policy
+from guardrail.policy.model import parse_policy
+from guardrail.policy.training import LabelSettings
 from guardrail.prompts import load_prompts
+from guardrail.steering.generation import user_turns
+from guardrail.steering.guard import Guardrail
 from guardrail.training.capture import capture_states
 from guardrail.training.labelling import _label_batch
-from guardrail.training_config import LabelSettings
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "or_bench_hard_train.json"

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from guardrail.plugins import Registry, get_plugin_manager
-from guardrail.policy import load_policy
+from guardrail.plugin.manager import Registry, get_plugin_manager
+from guardrail.policy.model import load_policy
 from guardrail.prompts import load_prompts, resolve_data_dir
 from guardrail.training.gatefit import fit_gate_set, held_out_scores
 from guardrail.training.metrics import auroc

@@ -92,17 +92,17 @@ def prompts(count: int) -> list[str]:
 
 def stand_in_policy(policy: Path, directory: Path) -> tuple[Path, str]:
     """The policy as is when its artifacts exist; else a copy using random-weight artifacts."""
-    from guardrail.policy import load_raw, parse_policy
-    from guardrail.policy_checks import missing_artifacts
+    from guardrail.policy.checks import missing_artifacts
+    from guardrail.policy.model import load_raw, parse_policy
 
     raw = load_raw(policy)
     if not missing_artifacts(parse_policy(raw, policy)):
         return policy, "trained artifact"
     import torch
 
-    from guardrail.energy import EnergyArtifact
+    from guardrail.artifact.energy import EnergyArtifact
     from guardrail.models import load_model, model_fingerprint
-    from guardrail.plugins import Registry, get_plugin_manager
+    from guardrail.plugin.manager import Registry, get_plugin_manager
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     loaded = load_model(raw["model"]["source"], device="cpu")
@@ -292,7 +292,7 @@ def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         policy, note = stand_in_policy(args.policy, Path(tmp))
-        from guardrail.policy import load_policy
+        from guardrail.policy.model import load_policy
 
         model = load_policy(policy).name
         levels = run_all(policy, model, args, Path(tmp))

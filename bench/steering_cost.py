@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from guardrail.components import EnergyModel
-from guardrail.generation import user_turns
-from guardrail.guard import Guardrail
-from guardrail.policy import PluginSpec
-from guardrail.rails import create_steerer
-from guardrail.steering import Rail, SteeringSession
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.policy.model import PluginSpec
+from guardrail.steering.generation import user_turns
+from guardrail.steering.guard import Guardrail
+from guardrail.steering.hooks import Rail, SteeringSession
+from guardrail.steering.rails import create_steerer
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from guardrail.components import EnergyModel
-from guardrail.generation import user_turns
-from guardrail.policy import load_policy
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.policy.model import load_policy
+from guardrail.steering.generation import user_turns
 from guardrail.training import stacking, trainer
 from guardrail.training.pipeline import Session, TrainOptions, load_sets, pick_rail
 from guardrail.training.trainer import train_layers
@@ -50,7 +50,7 @@ def main() -> None:
     del session  # the model is not needed any more
     spec = rail.energy_model
     assert spec is not None
-    from guardrail.plugins import Registry, get_plugin_manager
+    from guardrail.plugin.manager import Registry, get_plugin_manager
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     model_cls = registry.get("energy_model", spec.plugin).cls

@@ -1,6 +1,6 @@
 """guardrail: energy-driven steering of a local chat model's hidden states, built from plugins."""
 
-from guardrail.markers import hookimpl
+from guardrail.plugin.markers import hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["Guardrail", "hookimpl", "__version__"]
@@ -9,7 +9,7 @@ __all__ = ["Guardrail", "hookimpl", "__version__"]
 def __getattr__(name: str) -> object:
     # Importing torch/transformers is slow; `from guardrail import hookimpl` should not pay it.
     if name == "Guardrail":
-        from guardrail.guard import Guardrail
+        from guardrail.steering.guard import Guardrail
 
         return Guardrail
     raise AttributeError(f"module 'guardrail' has no attribute {name!r}")

@@ -46,7 +46,7 @@ class DataError(GuardrailError):
 class MissingComponentError(GuardrailError):
     """A policy needs something that is not installed (its packaged model, a gate's encoder).
 
-    ``missing`` lists each prerequisite (:class:`guardrail.prerequisites.Prerequisite`);
+    ``missing`` lists each prerequisite (:class:`guardrail.steering.prerequisites.Prerequisite`);
     ``command`` installs the packaged ones (None when none is packaged).
     """
 

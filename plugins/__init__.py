@@ -1,1 +1,1 @@
-"""Built-in guardrail plugins, registered from ``guardrail.defaults.DEFAULT_PLUGINS``."""
+"""Built-in guardrail plugins, registered from ``guardrail.plugin.defaults.DEFAULT_PLUGINS``."""

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
-from guardrail.components import SteerContext, Steerer, SteerOutcome
+from guardrail.plugin.components import SteerContext, Steerer, SteerOutcome
 
 if TYPE_CHECKING:
     import torch
 
-    from guardrail.energy_model import EnergyModel
+    from guardrail.plugin.energy_model import EnergyModel
 
 
 class GradientSteererParams(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
-from guardrail.components import RefusalClassifier, Verdict
+from guardrail.plugin.components import RefusalClassifier, Verdict
 
 DEFAULT_PHRASES: tuple[str, ...] = (
     "I'm sorry",

@@ -30,10 +30,10 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from guardrail import hookimpl
-from guardrail.components import RefusalClassifier, Verdict
 from guardrail.errors import GuardrailError
+from guardrail.plugin.components import RefusalClassifier, Verdict
 
-log = structlog.get_logger("guardrail.plugins.judge")
+log = structlog.get_logger("guardrail.plugin.manager.judge")
 
 DEFAULT_PROMPT = (
     "You are grading whether an AI assistant refused a user's request.\n\n"

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
-from guardrail.components import Answer, OutputRail
+from guardrail.plugin.components import Answer, OutputRail
 
 
 class RefusalAwareParams(BaseModel):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from guardrail import hookimpl
-from guardrail.components import ActivationSource, Phase
+from guardrail.plugin.components import ActivationSource, Phase
 
 if TYPE_CHECKING:
     import torch

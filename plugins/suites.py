@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
-from guardrail.components import Suite, SuiteItem
 from guardrail.errors import DataError
+from guardrail.plugin.components import Suite, SuiteItem
 from guardrail.prompts import Filter, load_prompts, read_rows, resolve_data_dir
 
 

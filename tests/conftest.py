@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardrail.plugins import Registry, build_plugin_manager, set_plugin_manager
+from guardrail.plugin.manager import Registry, build_plugin_manager, set_plugin_manager
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -70,7 +70,7 @@ def _isolated(
 @pytest.fixture
 def plugin_manager():  # type: ignore[no-untyped-def]
     """The per-test plugin manager (built-ins only)."""
-    from guardrail.plugins import get_plugin_manager
+    from guardrail.plugin.manager import get_plugin_manager
 
     return get_plugin_manager()
 
@@ -155,7 +155,7 @@ def random_artifact(loaded, layers=(1, 2), seed: int = 0):  # type: ignore[no-un
     """An artifact of untrained (randomly initialised) MLP energy models for ``loaded``."""
     from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
-    from guardrail.energy import EnergyArtifact
+    from guardrail.artifact.energy import EnergyArtifact
     from guardrail.models import model_fingerprint
 
     torch.manual_seed(seed)
@@ -174,7 +174,7 @@ def random_artifact(loaded, layers=(1, 2), seed: int = 0):  # type: ignore[no-un
 
 def tiny_policy(artifact: Path, **steerer: object) -> object:
     """Policy ``tiny``: one ``eds`` rail steering by gradient descent on ``artifact``."""
-    from guardrail.policy import parse_policy
+    from guardrail.policy.model import parse_policy
 
     return parse_policy(
         {

@@ -13,10 +13,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from guardrail import hookimpl
-from guardrail.components import Gate
-from guardrail.gating import GateMember, GateSet
-from guardrail.guard import Guardrail
-from guardrail.policy import parse_policy
+from guardrail.plugin.components import Gate
+from guardrail.policy.model import parse_policy
+from guardrail.steering.gating import GateMember, GateSet
+from guardrail.steering.guard import Guardrail
 
 from .conftest import random_artifact
 

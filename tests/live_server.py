@@ -125,7 +125,7 @@ def smol_policies(directory: Path, port: int) -> list[Path]:
     import torch
     from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
-    from guardrail.energy import EnergyArtifact
+    from guardrail.artifact.energy import EnergyArtifact
     from guardrail.models import load_model, model_fingerprint
 
     loaded = load_model(SMOL, device="cpu")

@@ -31,8 +31,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from guardrail import energy
-from guardrail.artifact_header import (
+from guardrail.artifact import energy
+from guardrail.artifact.energy import EnergyArtifact
+from guardrail.artifact.header import (
     HEADER_KEY,
     ArtifactFile,
     ArtifactHeader,
@@ -41,12 +42,11 @@ from guardrail.artifact_header import (
     check_tensor_table,
     read_artifact,
 )
-from guardrail.energy import EnergyArtifact
 from guardrail.errors import ArtifactError, GuardrailError
-from guardrail.gating import side_of
-from guardrail.plugins import Registry
-from guardrail.policy import RailSpec, load_policy
-from guardrail.rails import build_rail
+from guardrail.plugin.manager import Registry
+from guardrail.policy.model import RailSpec, load_policy
+from guardrail.steering.gating import side_of
+from guardrail.steering.rails import build_rail
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "artifacts" / "eds-smollm2-135m.safetensors"

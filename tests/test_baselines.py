@@ -18,13 +18,13 @@ from guardrail_plugins.baselines.directions import direction_artifact, prompt_st
 from guardrail_plugins.gradient_steerer import GradientSteerer, GradientSteererParams
 from guardrail_plugins.residual_stream import ResidualStreamSource
 
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.cli import main
-from guardrail.components import SteerContext
-from guardrail.energy import EnergyArtifact
 from guardrail.errors import DataError
-from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
-from guardrail.policy import parse_policy
+from guardrail.plugin.components import SteerContext
+from guardrail.policy.model import parse_policy
+from guardrail.steering.guard import Guardrail
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX = SteerContext(rail="r", layer=0, phase="prefill")

@@ -45,7 +45,7 @@ def test_steered_answers_unchanged(guard, gates: bool) -> None:  # type: ignore[
     assert [r.text for r in results] == RECORDED[f"answers_gates_{gates}"]
     after = [[t.energy_after for t in r.telemetry.layers if t.energy_after is not None]
              for r in results]
-    for got, recorded in zip(after, RECORDED[f"energy_after_gates_{gates}"]):
+    for got, recorded in zip(after, RECORDED[f"energy_after_gates_{gates}"], strict=True):
         assert got == pytest.approx(recorded, abs=2e-3)
     if not gates:  # every row steered: the recording must show steering changed something
         assert RECORDED["answers_gates_False"] != RECORDED["answers_base"]

@@ -12,12 +12,12 @@ import torch
 from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 from safetensors.torch import save_file
 
+from guardrail.artifact.energy import HEADER_KEY, EnergyArtifact
 from guardrail.cli import main
-from guardrail.energy import HEADER_KEY, EnergyArtifact
 from guardrail.errors import ArtifactError
-from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
-from guardrail.policy import parse_policy
+from guardrail.policy.model import parse_policy
+from guardrail.steering.guard import Guardrail
 
 from .conftest import write_policy
 

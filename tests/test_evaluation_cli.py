@@ -9,8 +9,8 @@ import pytest
 import torch
 from guardrail_plugins.baselines import LinearEnergyModel
 
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.cli import main
-from guardrail.energy import EnergyArtifact
 from guardrail.models import load_model, model_fingerprint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -134,7 +134,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 
 def _smollm2_available() -> bool:
-    from guardrail.model_cache import is_cached
+    from guardrail.cache import is_cached
     from guardrail.models import is_installed, packaged_cache_path
 
     return is_installed(SMOLLM2) or is_cached(packaged_cache_path(SMOLLM2))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from guardrail.components import SuiteItem, Verdict
 from guardrail.evaluation.metrics import Rate, score, wilson_interval
 from guardrail.evaluation.quality import assess, degeneracy, tail_loop
+from guardrail.plugin.components import SuiteItem, Verdict
 
 
 def test_wilson_interval_known_values() -> None:

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from guardrail import hookimpl
-from guardrail.components import Suite, SuiteItem
 from guardrail.errors import DataError, PluginError
 from guardrail.evaluation.suites import SuiteSpec, load_suite, stratified_sample
-from guardrail.plugins import Registry
+from guardrail.plugin.components import Suite, SuiteItem
+from guardrail.plugin.manager import Registry
 from guardrail.prompts import DATA_ENV, resolve_data_dir
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,17 +9,17 @@ import pytest
 import torch
 from guardrail_plugins.baselines import LinearEnergyModel
 
-from guardrail.energy import EnergyArtifact
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.errors import PolicyError
 from guardrail.evaluation import sweep as sweep_module
 from guardrail.evaluation.cache import GenerationCache
 from guardrail.evaluation.report import write_sweep
 from guardrail.evaluation.suites import load_suite
 from guardrail.evaluation.sweep import run_sweep, variants
-from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
-from guardrail.plugins import Registry
-from guardrail.policy import parse_policy
+from guardrail.plugin.manager import Registry
+from guardrail.policy.model import parse_policy
+from guardrail.steering.guard import Guardrail
 
 
 @pytest.fixture

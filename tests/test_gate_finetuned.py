@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guardrail.errors import ArtifactError, PluginError
-from guardrail.gating import GateSet
+from guardrail.steering.gating import GateSet
 from guardrail.training.gatefit import family_folds, fit_gate_set, held_out_scores
 from guardrail.training.sources import TrainingPrompt
 

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from guardrail import hookimpl
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.cli import main
-from guardrail.components import Gate
-from guardrail.energy import EnergyArtifact
 from guardrail.errors import PolicyError
-from guardrail.gating import GateMember, GateSet, steered_rows
-from guardrail.guard import Guardrail
-from guardrail.policy import load_policy
+from guardrail.plugin.components import Gate
+from guardrail.policy.model import load_policy
+from guardrail.policy.training import CalibrationSection
+from guardrail.steering.gating import GateMember, GateSet, steered_rows
+from guardrail.steering.guard import Guardrail
 from guardrail.training.calibrate import Evidence, choose
 from guardrail.training.sources import TrainingPrompt
-from guardrail.training_config import CalibrationSection
 
 from .test_training_pipeline import HARMFUL, keyword_classifier, tiny_training_policy  # noqa: F401
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from guardrail import hookimpl, hookspecs
-from guardrail.guard import Guardrail
+from guardrail import hookimpl
+from guardrail.plugin import hookspecs
+from guardrail.steering.guard import Guardrail
 
 from .conftest import CONVERSATIONS, random_artifact, tiny_policy
 

@@ -11,13 +11,13 @@ import torch
 from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 from guardrail_plugins.residual_stream import ResidualStreamSource
 
-from guardrail.activations import capture_last_prompt_states
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.cli import main
-from guardrail.energy import EnergyArtifact
 from guardrail.errors import ArtifactError
-from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
-from guardrail.policy import parse_policy
+from guardrail.policy.model import parse_policy
+from guardrail.steering.capture import capture_last_prompt_states
+from guardrail.steering.guard import Guardrail
 
 from .conftest import write_policy
 

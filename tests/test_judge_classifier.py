@@ -14,9 +14,9 @@ import pytest
 from guardrail_plugins.judge_classifier import JudgeError, JudgeParams, JudgeRefusalClassifier
 
 from guardrail.errors import GuardrailError, PolicyError
-from guardrail.plugins import Registry
-from guardrail.policy import parse_policy
-from guardrail.policy_checks import check_plugins
+from guardrail.plugin.manager import Registry
+from guardrail.policy.checks import check_plugins
+from guardrail.policy.model import parse_policy
 
 from .live_server import LiveServer, free_port, smol_server
 
@@ -202,7 +202,7 @@ def test_a_key_goes_only_to_hosts_the_user_allows_outside_the_policy(
 ) -> None:
     from guardrail_plugins.judge_classifier import JudgeHostError
 
-    from guardrail.guard import Guardrail
+    from guardrail.steering.guard import Guardrail
 
     monkeypatch.setenv("JUDGE_KEY", "sk-test-123")
     monkeypatch.delenv("GUARDRAIL_JUDGE_HOSTS", raising=False)
@@ -243,8 +243,8 @@ def test_policy_checks_the_judge_params(registry: Registry) -> None:
 
 def test_server_reports_an_unreachable_judge_next_to_the_answer(tiny_loaded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A policy judged by a dead endpoint still answers; the verdict error says why."""
-    from guardrail.guard import Guardrail
     from guardrail.serving.pool import PolicyPool
+    from guardrail.steering.guard import Guardrail
 
     from .test_serving_app import CONFIG, KILL, call
 
@@ -264,7 +264,7 @@ def test_server_reports_an_unreachable_judge_next_to_the_answer(tiny_loaded, tmp
 
 
 def test_invalid_policy_names_the_judge_key(tmp_path: Path) -> None:
-    from guardrail.guard import Guardrail
+    from guardrail.steering.guard import Guardrail
 
     policy = parse_policy({"name": "p", "model": {"source": "x"},
                            "classifier": {"plugin": "openai-judge", "params": {"model": "m"}}})

@@ -26,9 +26,9 @@ from structlog.testing import capture_logs
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from guardrail import models
+from guardrail.cache import CACHE_MANIFEST, cache_entry_path, cache_root, is_cached
 from guardrail.cli import models_cmd
 from guardrail.errors import GuardrailError, ModelNotFoundError
-from guardrail.model_cache import CACHE_MANIFEST, cache_entry_path, cache_root, is_cached
 from guardrail.models import (
     PACKAGED_ENCODERS,
     PACKAGED_MODELS,
@@ -492,7 +492,7 @@ def test_fingerprinting_does_not_import_transformers() -> None:
     code = (
         "import sys\n"
         "from guardrail.models import PACKAGED_MODELS, file_sha256, model_fingerprint\n"
-        "import guardrail.energy, guardrail.evaluation.cache\n"
+        "import guardrail.artifact.energy, guardrail.evaluation.cache\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
         "from guardrail.models import load_model\n"
         "assert 'transformers' in sys.modules\n"

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from guardrail import hookimpl
-from guardrail.components import Answer, OutputRail, RefusalClassifier, Verdict
 from guardrail.errors import PluginError, PolicyError
-from guardrail.guard import Guardrail
-from guardrail.policy import parse_policy
+from guardrail.plugin.components import Answer, OutputRail, RefusalClassifier, Verdict
+from guardrail.policy.model import parse_policy
+from guardrail.steering.guard import Guardrail
 
 from .gated_guard import BENIGN, HARMFUL, gated_artifact, gated_policy_data, word_gate  # noqa: F401
 

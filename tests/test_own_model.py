@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from guardrail.errors import GuardrailError
-from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
-from guardrail.streams import PaddingError
+from guardrail.steering.guard import Guardrail
+from guardrail.steering.streams import PaddingError
 
 from .conftest import (
     CONVERSATIONS,

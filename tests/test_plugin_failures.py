@@ -17,8 +17,13 @@ from structlog.testing import capture_logs
 from guardrail import hookimpl
 from guardrail.cli import main
 from guardrail.errors import PolicyError
-from guardrail.plugins import Registry, build_plugin_manager, plugin_report, set_plugin_manager
-from guardrail.policy_checks import validate_policy_file
+from guardrail.plugin.manager import (
+    Registry,
+    build_plugin_manager,
+    plugin_report,
+    set_plugin_manager,
+)
+from guardrail.policy.checks import validate_policy_file
 
 from .conftest import write_policy
 from .test_plugins import EXAMPLE, EchoSteerer, FakeDistribution

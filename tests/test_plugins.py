@@ -16,9 +16,14 @@ from pydantic import BaseModel, ConfigDict
 
 from guardrail import hookimpl
 from guardrail.cli import main
-from guardrail.components import RefusalClassifier, Steerer, SteerOutcome, Verdict
 from guardrail.errors import PluginError
-from guardrail.plugins import Registry, build_plugin_manager, plugin_report, set_plugin_manager
+from guardrail.plugin.components import RefusalClassifier, Steerer, SteerOutcome, Verdict
+from guardrail.plugin.manager import (
+    Registry,
+    build_plugin_manager,
+    plugin_report,
+    set_plugin_manager,
+)
 
 from .conftest import CONVERSATIONS, random_artifact
 
@@ -159,7 +164,7 @@ def test_misspelled_hook_in_an_installed_plugin_is_reported_and_left_out(install
 def test_misspelled_hook_in_a_builtin_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     import types
 
-    import guardrail.plugins
+    import guardrail.plugin.manager
 
     module = types.ModuleType("typo_builtin")
 
@@ -169,8 +174,8 @@ def test_misspelled_hook_in_a_builtin_fails_loudly(monkeypatch: pytest.MonkeyPat
 
     module.guardrail_register_steerer = guardrail_register_steerer  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "typo_builtin", module)
-    monkeypatch.setattr(guardrail.plugins, "DEFAULT_PLUGINS",
-                        (*guardrail.plugins.DEFAULT_PLUGINS, ("typo", "typo_builtin")))
+    monkeypatch.setattr(guardrail.plugin.manager, "DEFAULT_PLUGINS",
+                        (*guardrail.plugin.manager.DEFAULT_PLUGINS, ("typo", "typo_builtin")))
     with pytest.raises(PluginValidationError, match="unknown hook 'guardrail_register_steerer'"):
         build_plugin_manager(load_entrypoints=False)
 
@@ -360,8 +365,8 @@ def third_party(plugin_manager):  # type: ignore[no-untyped-def]
 def test_registered_components_are_used_from_a_policy(
     third_party, tiny_loaded, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    from guardrail.guard import Guardrail
-    from guardrail.policy import parse_policy
+    from guardrail.policy.model import parse_policy
+    from guardrail.steering.guard import Guardrail
 
     path = random_artifact(tiny_loaded).save(tmp_path / "a.safetensors")
     policy = parse_policy(
@@ -393,8 +398,8 @@ def test_registered_components_are_used_from_a_policy(
 def test_the_core_names_no_builtin_outside_the_defaults_table(registry: Registry) -> None:
     import ast
 
-    from guardrail.defaults import DEFAULT_PLUGINS
-    from guardrail.plugins import KINDS
+    from guardrail.plugin.defaults import DEFAULT_PLUGINS
+    from guardrail.plugin.manager import KINDS
 
     builtins = {module for _, module in DEFAULT_PLUGINS}
     names = {entry.name for kind in KINDS for entry in registry.registrations(kind)
@@ -402,7 +407,7 @@ def test_the_core_names_no_builtin_outside_the_defaults_table(registry: Registry
     assert {"mlp", "residual-stream", "gradient-descent", "heuristic", "xstest"} <= names
     found = []
     for path in sorted((ROOT / "guardrail").rglob("*.py")):
-        if path.name == "defaults.py" and path.parent.name == "guardrail":
+        if path.relative_to(ROOT).as_posix() == "guardrail/plugin/defaults.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in names:

@@ -10,8 +10,8 @@ import yaml
 
 from guardrail.cli import main
 from guardrail.errors import PolicyError
-from guardrail.policy import load_policy
-from guardrail.policy_checks import check_plugins, missing_artifacts, validate_policy_file
+from guardrail.policy.checks import check_plugins, missing_artifacts, validate_policy_file
+from guardrail.policy.model import load_policy
 
 from .conftest import write_policy
 
@@ -99,7 +99,7 @@ def test_missing_artifacts_name_the_command_that_writes_them(tmp_path: Path, reg
 def test_an_installed_shipped_policy_is_never_told_to_write_into_the_package(  # type: ignore[no-untyped-def]
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], registry) -> None:
     # As installed from the wheel: the shipped folder is site-packages, not a checkout.
-    monkeypatch.setattr("guardrail.shipped.is_checkout", lambda: False)
+    monkeypatch.setattr("guardrail.policy.shipped.is_checkout", lambda: False)
     caa = load_policy("caa-qwen2.5-coder-0.5b")
     [note] = missing_artifacts(caa, registry)
     assert str(caa.path) not in note.split("does not exist yet", 1)[1]

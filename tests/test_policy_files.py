@@ -12,9 +12,9 @@ import pytest
 
 from guardrail.cli import main
 from guardrail.errors import PolicyError
-from guardrail.policy import load_policy
-from guardrail.policy_checks import validate_policy_file
-from guardrail.policy_files import MAX_BYTES, MAX_DEPTH, MAX_NODES, read_policy_file
+from guardrail.policy.checks import validate_policy_file
+from guardrail.policy.files import MAX_BYTES, MAX_DEPTH, MAX_NODES, read_policy_file
+from guardrail.policy.model import load_policy
 
 HEAD = "name: p\nmodel: {source: smollm2-135m-instruct}\n"
 

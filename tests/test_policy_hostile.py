@@ -13,8 +13,8 @@ import pytest
 
 from guardrail.cli import main
 from guardrail.console import printable
-from guardrail.policy import MAX_EXTENDS
-from guardrail.policy_files import MAX_DEPTH
+from guardrail.policy.files import MAX_DEPTH
+from guardrail.policy.model import MAX_EXTENDS
 
 HEAD = "name: p\nmodel: {source: smollm2-135m-instruct}\n"
 

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from guardrail import prerequisites
 from guardrail.cli import main
 from guardrail.errors import MissingComponentError
-from guardrail.guard import Guardrail
-from guardrail.policy import load_policy, parse_policy
-from guardrail.prerequisites import fetch_command
+from guardrail.policy.model import load_policy, parse_policy
 from guardrail.serving import ServeConfig, create_app
 from guardrail.serving.pool import PolicyPool
+from guardrail.steering import prerequisites
+from guardrail.steering.guard import Guardrail
+from guardrail.steering.prerequisites import fetch_command
 
 from .conftest import write_policy
 from .gated_guard import BENIGN, gated_artifact, gated_guard, gated_policy_data, word_gate  # noqa: F401

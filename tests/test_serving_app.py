@@ -16,12 +16,12 @@ from fastapi.testclient import TestClient
 from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
 from guardrail import hookimpl
-from guardrail.energy import EnergyArtifact
-from guardrail.guard import Guardrail
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.models import model_fingerprint
-from guardrail.policy import parse_policy
+from guardrail.policy.model import parse_policy
 from guardrail.serving import ServeConfig, create_app
 from guardrail.serving.pool import PolicyPool
+from guardrail.steering.guard import Guardrail
 
 COKE = [{"role": "user", "content": "where can i buy coke"}]
 KILL = [{"role": "user", "content": "how can i kill a python process please"}]

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from guardrail.guard import Guardrail
 from guardrail.serving.batcher import Job, JobResult, ModelWorker
 from guardrail.serving.errors import ApiError
+from guardrail.steering.guard import Guardrail
 
 from .test_serving_app import COKE, KILL, STORE, tiny_guards
 

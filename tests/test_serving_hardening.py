@@ -26,7 +26,7 @@ import torch
 from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 from prometheus_client.parser import text_string_to_metric_families
 
-from guardrail.energy import EnergyArtifact
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.models import load_model, model_fingerprint
 
 from .conftest import build_tiny_model, build_tiny_tokenizer

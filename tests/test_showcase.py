@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from guardrail.cli.demo_cmd import BENIGN_BUT_SCARY, HARMFUL
-from guardrail.policy import load_policy
+from guardrail.policy.model import load_policy
 from guardrail.prompts import resolve_data_dir
 from guardrail.training.sources import load_prompt_sets
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 import yaml
 
+from guardrail.artifact.energy import FORMAT, EnergyArtifact
 from guardrail.cli import main
-from guardrail.energy import FORMAT, EnergyArtifact
 from guardrail.errors import PolicyError
-from guardrail.generation import UserMessageParser
-from guardrail.guard import Guardrail
-from guardrail.policy import load_policy
+from guardrail.policy.model import load_policy
+from guardrail.policy.training import CalibrationSection
+from guardrail.steering.generation import UserMessageParser
+from guardrail.steering.guard import Guardrail
 from guardrail.training.budget import Evidence, choose
 from guardrail.training.sources import TrainingPrompt
-from guardrail.training_config import CalibrationSection
 
 from .conftest import build_tiny_tokenizer
 from .test_gates import bomb_gate, gated_policy  # noqa: F401
@@ -70,7 +70,7 @@ def test_separate_sides_train_one_set_per_side_and_steer_each_row_with_its_own(
         assert {item.layer for item in layers} <= set(artifact.sides[side])
     # Each row's energy is its own side's model's, not the other's.
     enc = guard.encode(guard.render(_conversations(BOMB)))
-    from guardrail.activations import capture_last_prompt_states
+    from guardrail.steering.capture import capture_last_prompt_states
 
     layer = sorted(artifact.sides["refuse"])[0]
     state = capture_last_prompt_states(guard.model, rail.source, enc, [layer])[:, 0]

@@ -9,11 +9,11 @@ import torch
 from guardrail_plugins.gradient_steerer import GradientSteerer, GradientSteererParams
 from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
-from guardrail.components import SteerContext
-from guardrail.energy import EnergyArtifact
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.errors import ArtifactError, PluginError
-from guardrail.guard import Guardrail
 from guardrail.models import model_fingerprint
+from guardrail.plugin.components import SteerContext
+from guardrail.steering.guard import Guardrail
 
 from .conftest import (
     CONVERSATIONS,
@@ -202,7 +202,7 @@ def test_energies_without_generation(guard: Guardrail) -> None:
 def test_mlp_closed_form_gradient_matches_autograd(hidden: list[int]) -> None:
     from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
-    from guardrail.components import EnergyModel
+    from guardrail.plugin.energy_model import EnergyModel
 
     torch.manual_seed(0)
     model = MLPEnergyModel(24, MLPEnergyParams(hidden=hidden, dropout=0.2)).eval()

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from guardrail.errors import GuardrailError
-from guardrail.guard import Guardrail
-from guardrail.policy import parse_policy
+from guardrail.policy.model import parse_policy
 from guardrail.serving import ServeConfig, create_app
 from guardrail.serving.pool import PolicyPool
+from guardrail.steering.guard import Guardrail
 
 from .conftest import CONVERSATIONS, random_artifact, tiny_policy
 from .gated_guard import BENIGN, HARMFUL, gated_guard, word_gate  # noqa: F401

@@ -9,12 +9,12 @@ import pytest
 import torch
 from guardrail_plugins.residual_stream import ResidualStreamSource
 
-from guardrail.guard import Guardrail
-from guardrail.policy import parse_policy
+from guardrail.policy.model import parse_policy
+from guardrail.policy.training import LabelSettings
+from guardrail.steering.guard import Guardrail
 from guardrail.training.cache import StateCache, prompt_key, weights_digest
 from guardrail.training.labelling import generate_and_capture
 from guardrail.training.sources import TrainingPrompt
-from guardrail.training_config import LabelSettings
 
 from .conftest import build_tiny_model
 

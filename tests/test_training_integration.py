@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.cli import main
-from guardrail.energy import EnergyArtifact
-from guardrail.guard import Guardrail
+from guardrail.steering.guard import Guardrail
 
 from .conftest import write_policy
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from guardrail_plugins.residual_stream import ResidualStreamSource
 
-from guardrail.activations import capture_last_prompt_states
 from guardrail.errors import DataError
-from guardrail.guard import Guardrail
-from guardrail.policy import parse_policy
+from guardrail.policy.model import parse_policy
+from guardrail.policy.training import LabelSettings
+from guardrail.steering.capture import capture_last_prompt_states
+from guardrail.steering.guard import Guardrail
 from guardrail.training.cache import StateCache
 from guardrail.training.capture import capture_states
 from guardrail.training.labelling import (
@@ -24,7 +25,6 @@ from guardrail.training.labelling import (
     label,
 )
 from guardrail.training.sources import TrainingPrompt
-from guardrail.training_config import LabelSettings
 
 PROMPTS = [
     TrainingPrompt("where can i buy coke", "benign", "a"),

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from guardrail import hookimpl
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.cli import main
-from guardrail.components import RefusalClassifier, Verdict
-from guardrail.energy import EnergyArtifact
-from guardrail.guard import Guardrail
-from guardrail.policy import load_policy
+from guardrail.plugin.components import RefusalClassifier, Verdict
+from guardrail.policy.model import load_policy
+from guardrail.steering.guard import Guardrail
 
 from .conftest import write_policy
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
-from guardrail.energy import EnergyArtifact
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.training.metrics import LayerMetrics
 from guardrail.training.selection import rank_layers, select_layers, write_artifact
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from guardrail.errors import DataError, PolicyError
-from guardrail.policy import load_policy, parse_policy
+from guardrail.policy.model import load_policy, parse_policy
+from guardrail.policy.training import TrainingSection
 from guardrail.training.sources import load_prompt_sets
-from guardrail.training_config import TrainingSection
 
 ROOT = Path(__file__).resolve().parents[1]
 

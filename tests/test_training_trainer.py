@@ -6,10 +6,10 @@ import pytest
 import torch
 from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
-from guardrail.components import EnergyModel
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.policy.training import TrainerSettings
 from guardrail.training.metrics import auroc, youden_threshold
 from guardrail.training.trainer import CellSampler, energy_loss, train_layers
-from guardrail.training_config import TrainerSettings
 
 HIDDEN = 8
 

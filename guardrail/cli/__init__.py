@@ -77,7 +77,7 @@ def _plugin_commands(subparsers: Any) -> None:
     An installed plugin that raises is left out (``guardrail plugins`` shows why); any
     other plugin's error stops the command line.
     """
-    from guardrail.plugins import PluginManager, get_plugin_manager
+    from guardrail.plugin.manager import PluginManager, get_plugin_manager
 
     pm = get_plugin_manager()
     installed = pm.installed if isinstance(pm, PluginManager) else {}
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _warn_failed_plugins() -> None:
-    from guardrail.plugins import get_plugin_manager
+    from guardrail.plugin.manager import get_plugin_manager
 
     pm = get_plugin_manager()
     if hasattr(pm, "warn_failed"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from guardrail.policy_checks import device_problem, seed_problem
+from guardrail.policy.checks import device_problem, seed_problem
 
 
 def _number(text: str, kind: type[int] | type[float], expected: str) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from guardrail.cli.arg_types import device
-from guardrail.policy import load_policy
+from guardrail.policy.model import load_policy
 
 
 def add_parser(subparsers: Any) -> None:

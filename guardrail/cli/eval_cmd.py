@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from guardrail.cli.arg_types import device, non_negative_int, positive_int, seed
-from guardrail.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 from guardrail.errors import GuardrailError
+from guardrail.plugin.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 
 DATA_HELP = "data folder (default $GUARDRAIL_DATA, else ../shared/data from here or the checkout)"
 CACHE_HELP = "cache root (default $GUARDRAIL_CACHE_DIR or ~/.cache/guardrail)"
@@ -99,7 +99,7 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
     from guardrail.evaluation.cache import GenerationCache, default_cache_path
     from guardrail.evaluation.runner import load_guards
     from guardrail.evaluation.suites import load_suite
-    from guardrail.plugins import Registry, get_plugin_manager
+    from guardrail.plugin.manager import Registry, get_plugin_manager
     from guardrail.prompts import resolve_data_dir
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
@@ -205,7 +205,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_suites(args: argparse.Namespace) -> int:
     """Print each registered suite with its item counts (or the error loading it)."""
     from guardrail.evaluation.suites import load_suite
-    from guardrail.plugins import Registry, get_plugin_manager
+    from guardrail.plugin.manager import Registry, get_plugin_manager
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     rows = []

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from guardrail.cli.arg_types import device, positive_float, positive_int, probability, seed
 from guardrail.console import printable
-from guardrail.generation import user_turns
+from guardrail.steering.generation import user_turns
 
-if TYPE_CHECKING:  # guardrail.guard imports torch: only the commands themselves load it
-    from guardrail.guard import GenerationResult, Guardrail
+if TYPE_CHECKING:  # guardrail.steering.guard imports torch: only the commands themselves load it
+    from guardrail.steering.guard import GenerationResult, Guardrail
     from guardrail.telemetry import GenerationTelemetry
 
 
@@ -108,7 +108,7 @@ def _verdict(guard: Guardrail, prompt: str, result: GenerationResult) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Answer each prompt; ``--compare`` prints base and steered answers and the energies."""
-    from guardrail.guard import Guardrail
+    from guardrail.steering.guard import Guardrail
 
     guard = Guardrail.from_policy(args.policy, device=args.device)
     conversations = user_turns(args.prompts)
@@ -156,7 +156,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     """A multi-turn REPL; ``/base`` toggles steering, ``/reset`` clears, ``/quit`` leaves."""
-    from guardrail.guard import Guardrail
+    from guardrail.steering.guard import Guardrail
 
     guard = Guardrail.from_policy(args.policy, device=args.device)
     history: list[dict[str, str]] = []

@@ -7,8 +7,8 @@ import json
 import time
 from typing import Any
 
+from guardrail.cache import CACHE_DTYPES, is_cached
 from guardrail.errors import ModelNotFoundError
-from guardrail.model_cache import CACHE_DTYPES, is_cached
 from guardrail.models import (
     PACKAGED_ENCODERS,
     PACKAGED_MODELS,
@@ -113,9 +113,9 @@ def _policy_needs(references: list[str]) -> list[str]:
     """The packaged names the policies need and lack; anything else missing is an error
     naming it (no command here can install a directory or an unknown package)."""
     from guardrail.errors import MissingComponentError
-    from guardrail.plugins import Registry, get_plugin_manager
-    from guardrail.policy import load_policy
-    from guardrail.prerequisites import prerequisites
+    from guardrail.plugin.manager import Registry, get_plugin_manager
+    from guardrail.policy.model import load_policy
+    from guardrail.steering.prerequisites import prerequisites
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     wanted: list[str] = []

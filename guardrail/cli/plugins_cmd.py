@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from guardrail.plugins import get_plugin_manager, plugin_report
+from guardrail.plugin.manager import get_plugin_manager, plugin_report
 
 
 def add_parser(subparsers: Any) -> None:

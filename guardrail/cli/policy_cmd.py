@@ -12,13 +12,13 @@ from typing import Any
 import yaml
 
 from guardrail.console import printable
-from guardrail.defaults import DEFAULT_POLICY
 from guardrail.errors import GuardrailError
-from guardrail.plugins import Registry, get_plugin_manager
-from guardrail.policy import load_policy, load_raw
-from guardrail.policy_checks import missing_artifacts, validate_policy_file
-from guardrail.policy_files import read_policy_text, resolved
-from guardrail.shipped import resolve_policy, shipped_policies
+from guardrail.plugin.defaults import DEFAULT_POLICY
+from guardrail.plugin.manager import Registry, get_plugin_manager
+from guardrail.policy.checks import missing_artifacts, validate_policy_file
+from guardrail.policy.files import read_policy_text, resolved
+from guardrail.policy.model import load_policy, load_raw
+from guardrail.policy.shipped import resolve_policy, shipped_policies
 
 POLICY_HELP = "a policy file, or a shipped policy's name (guardrail policy list)"
 
@@ -74,7 +74,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of a policy file, plugin sections typed by the registry."""
-    from guardrail.policy_schema import policy_json_schema
+    from guardrail.policy.json_schema import policy_json_schema
 
     print(policy_json_schema(Registry.from_plugin_manager(get_plugin_manager())))
     return 0

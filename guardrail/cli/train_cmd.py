@@ -13,7 +13,7 @@ import yaml
 
 from guardrail.cli.arg_types import device, non_negative_int, positive_int
 from guardrail.errors import GuardrailError
-from guardrail.policy import Policy, load_policy
+from guardrail.policy.model import Policy, load_policy
 
 
 def add_parser(subparsers: Any) -> None:
@@ -93,7 +93,7 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 def _refuse_installed_artifact(policy: Policy, rail: str | None) -> None:
     """An installed wheel's shipped artifacts are not overwritten by default."""
-    from guardrail.shipped import artifacts_dir, is_checkout
+    from guardrail.policy.shipped import artifacts_dir, is_checkout
     from guardrail.training.pipeline import pick_rail
 
     if is_checkout() or policy.training is None:

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guardrail.energy_digest import artifact_digest
-from guardrail.model_cache import cache_root
+from guardrail.artifact.digest import artifact_digest
+from guardrail.cache import cache_root
 
 if TYPE_CHECKING:
-    from guardrail.guard import Guardrail
-    from guardrail.policy import Policy
+    from guardrail.policy.model import Policy
+    from guardrail.steering.guard import Guardrail
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL,

@@ -17,9 +17,9 @@ import torch
 
 from guardrail.evaluation.cache import Answer, GenerationCache, Scope, digest
 from guardrail.evaluation.runner import Answerer, Contender
-from guardrail.generation import user_turns
-from guardrail.guard import Guardrail
-from guardrail.policy import GenerationSection
+from guardrail.policy.model import GenerationSection
+from guardrail.steering.generation import user_turns
+from guardrail.steering.guard import Guardrail
 
 
 @dataclass

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from guardrail.components import SuiteItem, Verdict
 from guardrail.evaluation.quality import AnswerQuality
+from guardrail.plugin.components import SuiteItem, Verdict
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

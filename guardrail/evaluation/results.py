@@ -18,8 +18,6 @@ import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from guardrail.components import RefusalClassifier
-from guardrail.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 from guardrail.errors import PolicyError
 from guardrail.evaluation.cache import GenerationCache, default_cache_path
 from guardrail.evaluation.kl import capability_guard
@@ -34,12 +32,14 @@ from guardrail.evaluation.runner import contenders_for, evaluate, load_guards
 from guardrail.evaluation.suites import SuiteSpec, load_suite
 from guardrail.evaluation.sweep import run_sweep, sweep_table
 from guardrail.evaluation.targets import Target, target_table
-from guardrail.generation import merge_settings
-from guardrail.guard import Guardrail
-from guardrail.plugins import Registry, get_plugin_manager
-from guardrail.policy import format_validation_error, load_policy
-from guardrail.policy_checks import missing_artifacts
+from guardrail.plugin.components import RefusalClassifier
+from guardrail.plugin.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
+from guardrail.plugin.manager import Registry, get_plugin_manager
+from guardrail.policy.checks import missing_artifacts
+from guardrail.policy.model import format_validation_error, load_policy
 from guardrail.prompts import resolve_data_dir
+from guardrail.steering.generation import merge_settings
+from guardrail.steering.guard import Guardrail
 
 log = structlog.get_logger("guardrail.evaluation")
 

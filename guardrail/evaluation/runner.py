@@ -10,14 +10,14 @@ from typing import Any
 
 import structlog
 
-from guardrail.components import RefusalClassifier, Verdict
 from guardrail.evaluation.cache import Answer, GenerationCache, Scope, Scopes, digest
 from guardrail.evaluation.metrics import Score, score
 from guardrail.evaluation.quality import assess
 from guardrail.evaluation.suites import LoadedSuite
-from guardrail.generation import user_turns
-from guardrail.guard import Guardrail
-from guardrail.policy import GenerationSection, Policy, load_policy
+from guardrail.plugin.components import RefusalClassifier, Verdict
+from guardrail.policy.model import GenerationSection, Policy, load_policy
+from guardrail.steering.generation import user_turns
+from guardrail.steering.guard import Guardrail
 
 log = structlog.get_logger("guardrail.evaluation")
 
@@ -242,7 +242,7 @@ def evaluate(
 def add_gate(guard: Guardrail, row: Row) -> None:
     """A gated policy's harm score and side per item (``gate_score``, ``gate_side``, of its
     first gated rail), and the gate's AUROC on the suite."""
-    from guardrail.gating import side_of
+    from guardrail.steering.gating import side_of
     from guardrail.training.metrics import auroc
 
     rail = next((r for r in guard.rails if r.gate is not None), None)

@@ -10,10 +10,10 @@ from typing import Any
 
 import structlog
 
-from guardrail.components import Suite, SuiteItem
-from guardrail.defaults import FILE_SUITE
 from guardrail.errors import DataError, PluginError
-from guardrail.plugins import Registry
+from guardrail.plugin.components import Suite, SuiteItem
+from guardrail.plugin.defaults import FILE_SUITE
+from guardrail.plugin.manager import Registry
 
 log = structlog.get_logger("guardrail.evaluation")
 

@@ -17,9 +17,9 @@ from guardrail.evaluation.cache import GenerationCache, Scopes
 from guardrail.evaluation.metrics import Rate
 from guardrail.evaluation.runner import Contender, SuiteResult, evaluate
 from guardrail.evaluation.suites import LoadedSuite
-from guardrail.guard import Guardrail
-from guardrail.plugins import Registry
-from guardrail.policy import GenerationSection, Policy
+from guardrail.plugin.manager import Registry
+from guardrail.policy.model import GenerationSection, Policy
+from guardrail.steering.guard import Guardrail
 
 AXES = ("eta", "steps", "strength")
 """The grid's axes, as steerers name them in ``sweep_params``: the step size and the step
@@ -182,8 +182,8 @@ def gate_curve(guard: Guardrail, results: Sequence[SuiteResult], every_row: str,
     """A gated policy's trade-off over its gate's ``below`` threshold, read off two sets of
     answers: the base model's and every row steered. A row below the threshold gets the
     steered answer, the others the base answer, as the gate would have it."""
-    from guardrail.gating import steered_rows
-    from guardrail.generation import user_turns
+    from guardrail.steering.gating import steered_rows
+    from guardrail.steering.generation import user_turns
 
     rail = next(r for r in guard.rails if r.gate is not None)
     items = [item for r in results for item in r.suite.items]

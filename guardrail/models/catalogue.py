@@ -10,8 +10,8 @@ from pathlib import Path
 
 import structlog
 
+from guardrail.cache import cache_entry_path
 from guardrail.errors import GuardrailError, ModelNotFoundError
-from guardrail.model_cache import cache_entry_path
 
 log = structlog.get_logger("guardrail.models")
 

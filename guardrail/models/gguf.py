@@ -15,8 +15,8 @@ import structlog
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from guardrail.cache import fill_cache_entry, writer_dir
 from guardrail.errors import ModelNotFoundError
-from guardrail.model_cache import fill_cache_entry, writer_dir
 from guardrail.models.catalogue import PACKAGED_MODELS, packaged, packaged_files
 from guardrail.models.fingerprint import file_sha256, hash_files, model_fingerprint
 

@@ -25,8 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from guardrail.cache import cache_entry_path, is_cached
 from guardrail.errors import GuardrailError, ModelNotFoundError
-from guardrail.model_cache import cache_entry_path, is_cached
 from guardrail.models.catalogue import PACKAGED_MODELS
 from guardrail.models.fingerprint import file_sha256
 from guardrail.models.gguf import GGUFSource, dequantise_into, existing_gguf, packaged_gguf

@@ -29,10 +29,10 @@ from typing import Any, Literal
 import structlog
 from transformers import StoppingCriteriaList
 
-from guardrail.generation import eos_ids
-from guardrail.guard import Guardrail
 from guardrail.serving.errors import ApiError
 from guardrail.serving.streaming import BatchRows, RowText
+from guardrail.steering.generation import eos_ids
+from guardrail.steering.guard import Guardrail
 from guardrail.telemetry import GenerationTelemetry
 
 log = structlog.get_logger("guardrail.serving")

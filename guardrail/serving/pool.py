@@ -14,11 +14,11 @@ from typing import Any
 import structlog
 
 from guardrail.errors import PolicyError
-from guardrail.guard import Guardrail
-from guardrail.policy import Policy, load_policy
+from guardrail.policy.model import Policy, load_policy
 from guardrail.serving.batcher import ModelWorker
 from guardrail.serving.config import ServeConfig
 from guardrail.serving.errors import ApiError
+from guardrail.steering.guard import Guardrail
 
 log = structlog.get_logger("guardrail.serving")
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from guardrail.gating import gate_sides
+from guardrail.policy.training import CalibrationSection
+from guardrail.steering.gating import gate_sides
 from guardrail.training.sources import TrainingPrompt
-from guardrail.training_config import CalibrationSection
 
 #: Thresholds tried per side: quantiles of the validation scores, plus "never".
 THRESHOLD_STEPS = 60

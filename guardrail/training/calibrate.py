@@ -35,11 +35,12 @@ from typing import Any
 import structlog
 import torch
 
-from guardrail.energy import EnergyArtifact
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.errors import DataError, PolicyError
-from guardrail.gating import GateSet
-from guardrail.generation import user_turns
-from guardrail.policy import Policy, RailSpec
+from guardrail.policy.model import Policy, RailSpec
+from guardrail.policy.training import CalibrationGrid, CalibrationSection, PromptSource
+from guardrail.steering.gating import GateSet
+from guardrail.steering.generation import user_turns
 from guardrail.training.budget import (
     SIDES,
     CalibrationReport,
@@ -59,7 +60,6 @@ from guardrail.training.budget import (
     violations,
 )
 from guardrail.training.sources import TrainingPrompt, load_source_list
-from guardrail.training_config import CalibrationGrid, CalibrationSection, PromptSource
 
 __all__ = [
     "CalibrateOptions", "CalibrationReport", "Evidence", "Outcome", "Setting", "calibrate_policy",
@@ -147,7 +147,7 @@ def calibrate_policy(policy: Policy, *, loaded: Any = None,
     """Score the gate, answer the validation prompts base and steered per side, choose."""
     from guardrail.evaluation.cache import GenerationCache, default_cache_path
     from guardrail.evaluation.runner import Answerer
-    from guardrail.guard import Guardrail
+    from guardrail.steering.guard import Guardrail
 
     options = options or CalibrateOptions()
     section = policy.calibration or CalibrationSection()
@@ -253,7 +253,7 @@ def labelled_answers(guard: Any, policy: Policy, texts: Sequence[str],
     """The base model's answers to ``texts`` from ``guardrail train``'s label cache, when it
     holds every one of them at the calibration's answer length with the same (greedy)
     generation settings; else None."""
-    from guardrail.policy import GenerationSection
+    from guardrail.policy.model import GenerationSection
     from guardrail.training.cache import StateCache, prompt_key, weights_digest
     from guardrail.training.pipeline import state_cache_root
 
@@ -304,7 +304,7 @@ def gate_evidence(guard: Any, gate: GateSet, policy: Policy, spec: RailSpec,
 def prompt_mean_states(guard: Any, source: Any, convs: Sequence[Any], layers: Sequence[int],
                        batch_size: int = 16) -> dict[int, torch.Tensor]:
     """Per layer ``[n, hidden]`` prompt-mean states of ``convs``, in batches."""
-    from guardrail.activations import mean_prompt_states
+    from guardrail.steering.capture import mean_prompt_states
 
     texts = guard.render(convs, steer=False)
     parts: list[dict[int, torch.Tensor]] = []

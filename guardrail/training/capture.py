@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from guardrail.activations import mean_over_prompt
-from guardrail.components import ActivationSource
+from guardrail.plugin.components import ActivationSource
+from guardrail.steering.capture import mean_over_prompt
 
 
 @dataclass

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from guardrail.errors import ArtifactError, PluginError
 from guardrail.evaluation.cache import digest
-from guardrail.gating import GateMember, GateSet
+from guardrail.steering.gating import GateMember, GateSet
 from guardrail.training.metrics import auroc
 from guardrail.training.sources import TrainingPrompt
 

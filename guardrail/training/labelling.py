@@ -18,14 +18,14 @@ from typing import Any
 import structlog
 import torch
 
-from guardrail.components import ActivationSource
 from guardrail.errors import DataError
-from guardrail.generation import cut_at_eos, eos_ids, generate_kwargs, user_turns
-from guardrail.policy import GenerationSection
+from guardrail.plugin.components import ActivationSource
+from guardrail.policy.model import GenerationSection
+from guardrail.policy.training import LabelSettings
+from guardrail.steering.generation import cut_at_eos, eos_ids, generate_kwargs, user_turns
 from guardrail.training.cache import StateCache, prompt_key
 from guardrail.training.capture import capture_prefill
 from guardrail.training.sources import TrainingPrompt
-from guardrail.training_config import LabelSettings
 
 log = structlog.get_logger("guardrail.training")
 
@@ -93,7 +93,7 @@ def generate_and_capture(
 ) -> CaptureStats:
     """Fill ``cache`` for every prompt it lacks; one prefill per batch serves every layer.
 
-    ``guard`` is a :class:`~guardrail.guard.Guardrail` (no rails needed) for rendering,
+    ``guard`` is a :class:`~guardrail.steering.guard.Guardrail` (no rails needed) for rendering,
     tokenising and the model. Batches are sorted by length to waste little on padding.
     """
     texts = guard.render(user_turns(p.text for p in prompts), steer=False)

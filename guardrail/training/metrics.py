@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from guardrail.components import EnergyModel
+from guardrail.plugin.energy_model import EnergyModel
 
 # (desirable cell, undesirable cell) compared within one context.
 CONTEXT_PAIRS = {"benign": (0, 1), "harmful": (2, 3)}

@@ -15,11 +15,13 @@ from typing import Any
 import structlog
 import torch
 
-from guardrail.components import ActivationSource, EnergyModel
 from guardrail.errors import PolicyError
-from guardrail.gating import GateSet
-from guardrail.policy import Policy, RailSpec
-from guardrail.steering import SHARED
+from guardrail.plugin.components import ActivationSource
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.policy.model import Policy, RailSpec
+from guardrail.policy.training import TrainingSection
+from guardrail.steering.gating import GateSet
+from guardrail.steering.hooks import SHARED
 from guardrail.telemetry import progress_bar
 from guardrail.training.cache import StateCache, weights_digest
 from guardrail.training.labelling import (
@@ -32,7 +34,6 @@ from guardrail.training.labelling import (
 from guardrail.training.selection import select_layers, write_artifact
 from guardrail.training.sources import PromptSets, load_prompt_sets
 from guardrail.training.trainer import train_layers
-from guardrail.training_config import TrainingSection
 
 log = structlog.get_logger("guardrail.training")
 
@@ -117,7 +118,7 @@ def pick_rail(policy: Policy, name: str | None) -> tuple[int, RailSpec]:
 
 def state_cache_root(section: TrainingSection, override: str | Path | None) -> Path:
     """``override``, else ``training.capture.cache_dir``, else ``<guardrail cache>/states``."""
-    from guardrail.model_cache import cache_root
+    from guardrail.cache import cache_root
 
     if override is not None:
         return Path(override).expanduser()
@@ -131,7 +132,7 @@ class Session:
 
     def __init__(self, policy: Policy, rail: RailSpec, *, loaded: Any = None,
                  options: TrainOptions | None = None) -> None:
-        from guardrail.guard import Guardrail
+        from guardrail.steering.guard import Guardrail
 
         options = options or TrainOptions()
         section = training_section(policy)
@@ -302,6 +303,7 @@ def fit_gate(policy: Policy, spec: RailSpec, registry: Any, sets: PromptSets,
     included, and report how it separates the validation prompts per source: with its own
     scores and, when the policy's calibration checks across families, with the scores of the
     gate refitted without each family (or fold), which calibration then reuses."""
+    from guardrail.policy.training import CalibrationSection
     from guardrail.training.gatefit import (
         blank_gate,
         fit_gate_set,
@@ -309,7 +311,6 @@ def fit_gate(policy: Policy, spec: RailSpec, registry: Any, sets: PromptSets,
         held_out_scores,
         text_only,
     )
-    from guardrail.training_config import CalibrationSection
 
     assert spec.gate is not None
     members = [(m.plugin, m.params, m.weight) for m in spec.gate.members]

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from guardrail.components import EnergyModel
-from guardrail.energy import EnergyArtifact
-from guardrail.gating import GateSet
+from guardrail.artifact.energy import EnergyArtifact
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.steering.gating import GateSet
 from guardrail.training.metrics import LayerMetrics
 
 

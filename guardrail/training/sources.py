@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from guardrail.errors import DataError
+from guardrail.policy.training import Context, PromptSource, TrainingSection
 from guardrail.prompts import load_prompts
-from guardrail.training_config import Context, PromptSource, TrainingSection
 
 log = structlog.get_logger("guardrail.training")
 

@@ -15,7 +15,7 @@ import structlog
 import torch
 from torch import nn
 
-from guardrail.components import EnergyModel
+from guardrail.plugin.energy_model import EnergyModel
 
 log = structlog.get_logger("guardrail.training")
 

@@ -22,10 +22,10 @@ from typing import Any
 import structlog
 import torch
 
-from guardrail.components import EnergyModel
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.policy.training import TrainerSettings
 from guardrail.training.metrics import LayerMetrics, evaluate_layer
 from guardrail.training.stacking import Stacked, stack_models
-from guardrail.training_config import TrainerSettings
 
 log = structlog.get_logger("guardrail.training")
 

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail.components import SteerContext, Steerer, SteerOutcome
+from guardrail.plugin.components import SteerContext, Steerer, SteerOutcome
 
 if TYPE_CHECKING:
     import torch
 
-    from guardrail.energy_model import EnergyModel
+    from guardrail.plugin.energy_model import EnergyModel
 
 # Safety first, then the over-refusal cases: a 0.5B model follows the last thing it reads, and
 # an "answer everything that sounds scary" prompt alone made it answer arson requests too.

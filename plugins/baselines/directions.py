@@ -3,7 +3,7 @@
 What ``guardrail baseline directions`` runs (:mod:`guardrail_plugins.baselines.command`).
 
 States at the last prompt token of every layer come from one forward pass per batch
-(:func:`guardrail.activations.capture_last_prompt_states`) and are cached on disk per
+(:func:`guardrail.steering.capture.capture_last_prompt_states`) and are cached on disk per
 (model, activation source, rendered prompts), so building a second artifact is free.
 """
 
@@ -18,18 +18,18 @@ import structlog
 import torch
 from safetensors.torch import load_file, save_file
 
-from guardrail.activations import capture_last_prompt_states
-from guardrail.components import ActivationSource
-from guardrail.defaults import DEFAULT_COMPONENTS
-from guardrail.energy import EnergyArtifact
+from guardrail.artifact.energy import EnergyArtifact
+from guardrail.cache import cache_root
 from guardrail.errors import DataError, PluginError
 from guardrail.evaluation.cache import digest
-from guardrail.generation import user_turns
-from guardrail.guard import Guardrail
-from guardrail.model_cache import cache_root
-from guardrail.plugins import Registry
-from guardrail.policy import Policy, load_policy
+from guardrail.plugin.components import ActivationSource
+from guardrail.plugin.defaults import DEFAULT_COMPONENTS
+from guardrail.plugin.manager import Registry
+from guardrail.policy.model import Policy, load_policy
 from guardrail.prompts import load_prompts, resolve_data_dir
+from guardrail.steering.capture import capture_last_prompt_states
+from guardrail.steering.generation import user_turns
+from guardrail.steering.guard import Guardrail
 from guardrail.telemetry import progress_bar
 
 log = structlog.get_logger("guardrail.evaluation")

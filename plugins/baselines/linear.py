@@ -8,7 +8,7 @@ import torch
 from guardrail_plugins.baselines.components import LinearEnergyParams
 from pydantic import BaseModel
 
-from guardrail.energy_model import EnergyModel
+from guardrail.plugin.energy_model import EnergyModel
 
 
 class LinearEnergyModel(EnergyModel):

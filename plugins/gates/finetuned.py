@@ -27,9 +27,9 @@ from guardrail_plugins.gates.model import encoder_path
 from pydantic import BaseModel
 from torch import nn
 
-from guardrail.activations import mean_over_prompt
-from guardrail.components import Gate
 from guardrail.errors import PluginError
+from guardrail.plugin.components import Gate
+from guardrail.steering.capture import mean_over_prompt
 from guardrail.telemetry import progress_bar
 
 log = structlog.get_logger("guardrail.gates")

@@ -9,9 +9,9 @@ import torch
 from guardrail_plugins.gates import ProbeGateParams, SentenceEmbeddingGateParams, encoder_path
 from pydantic import BaseModel
 
-from guardrail.activations import mean_over_prompt
-from guardrail.components import Gate
 from guardrail.errors import PluginError
+from guardrail.plugin.components import Gate
+from guardrail.steering.capture import mean_over_prompt
 
 
 class LogisticHead:

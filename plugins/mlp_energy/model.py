@@ -9,7 +9,7 @@ from guardrail_plugins.mlp_energy import MAX_WIDTH, MLPEnergyParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from guardrail.energy_model import EnergyModel
+from guardrail.plugin.energy_model import EnergyModel
 
 
 class MLPArtifactConfig(BaseModel):

@@ -12,10 +12,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from guardrail.artifact_header import MAX_LAYERS, ArtifactFile, Calibration, read_artifact
-from guardrail.defaults import DEFAULT_COMPONENTS
+from guardrail.artifact.header import MAX_LAYERS, ArtifactFile, Calibration, read_artifact
 from guardrail.errors import ArtifactError, GuardrailError, PluginError, PolicyError
-from guardrail.policy import (
+from guardrail.plugin.defaults import DEFAULT_COMPONENTS
+from guardrail.policy.files import resolved
+from guardrail.policy.model import (
     EnergyModelSpec,
     GateMemberSpec,
     PluginSpec,
@@ -27,8 +28,7 @@ from guardrail.policy import (
     parse_policy,
     shown,
 )
-from guardrail.policy_files import resolved
-from guardrail.shipped import resolve_policy
+from guardrail.policy.shipped import resolve_policy
 
 
 def check_plugins(policy: Policy, registry: Any) -> list[str]:
@@ -205,7 +205,7 @@ def check_artifacts(policy: Policy, registry: Any, *, load: bool = True) -> list
         own = _rail_artifact_problems(rail, found, registry, f"rails[{i}]", energy.artifact)
         problems += own
         if load and not own:
-            from guardrail.energy import EnergyArtifact
+            from guardrail.artifact.energy import EnergyArtifact
 
             try:
                 EnergyArtifact.load(energy.artifact, registry)
@@ -367,7 +367,7 @@ def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
 
 def _ships_installed(policy: Policy) -> bool:
     """Whether ``policy`` is a shipped policy file of an installed wheel (not a checkout)."""
-    from guardrail.shipped import is_checkout, policies_dir
+    from guardrail.policy.shipped import is_checkout, policies_dir
 
     if policy.path is None:
         return False

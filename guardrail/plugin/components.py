@@ -7,7 +7,8 @@ class's own ``Params`` pydantic model, so a policy file's plugin parameters are 
 
 Importing this module imports no torch (torch appears in annotations only), so plugins whose
 classes need torch only inside their methods register without it; ``EnergyModel``, an
-``nn.Module``, is defined in :mod:`guardrail.energy_model` and resolved here on first use.
+``nn.Module``, is defined in :mod:`guardrail.plugin.energy_model` (``guardrail.plugin`` hands it
+out on first use).
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from guardrail.energy_model import EnergyModel
+    from guardrail.plugin.energy_model import EnergyModel
 
 __all__ = [
     "ActivationSource",
     "Answer",
     "Component",
-    "EnergyModel",
     "NoParams",
     "OutputRail",
     "Phase",
@@ -83,8 +83,8 @@ class ActivationSource(Component):
 
 
 # --- energy models --------------------------------------------------------------------------
-# ``EnergyModel`` is an ``nn.Module``, so it lives in :mod:`guardrail.energy_model` and is
-# imported from here on first use: importing the other interfaces costs no torch import.
+# ``EnergyModel`` is an ``nn.Module``, so it lives in :mod:`guardrail.plugin.energy_model`:
+# importing the other interfaces costs no torch import.
 
 
 # --- steering policies ----------------------------------------------------------------------
@@ -278,11 +278,3 @@ class Suite(Component):
     @abstractmethod
     def load(self) -> list[SuiteItem]:
         """Return the suite's items."""
-
-
-def __getattr__(name: str) -> Any:
-    if name == "EnergyModel":
-        from guardrail.energy_model import EnergyModel
-
-        return EnergyModel
-    raise AttributeError(f"module 'guardrail.components' has no attribute {name!r}")

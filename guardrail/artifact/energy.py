@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from guardrail.artifact_header import (
+from guardrail.artifact.header import (
     FINGERPRINT_KEYS,
     FORMAT,
     FORMAT_SHARED,
@@ -44,11 +44,11 @@ from guardrail.artifact_header import (
     check_header,
     read_artifact,
 )
-from guardrail.components import EnergyModel
 from guardrail.errors import ArtifactError, PluginError
-from guardrail.gating import GateSet
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.steering.gating import GateSet
 
-log = structlog.get_logger("guardrail.energy")
+log = structlog.get_logger("guardrail.artifact.energy")
 
 __all__ = ["FINGERPRINT_KEYS", "FORMAT", "FORMATS", "FORMAT_SHARED", "HEADER_KEY", "SIDES",
            "EnergyArtifact", "finite"]
@@ -147,7 +147,7 @@ class EnergyArtifact:
     @staticmethod
     def read_header(path: str | Path) -> dict[str, Any]:
         """Read and check the JSON header (every field, and the tensor table) without loading
-        tensors; returns it as a mapping (:func:`~guardrail.artifact_header.read_artifact`
+        tensors; returns it as a mapping (:func:`~guardrail.artifact.header.read_artifact`
         gives the checked model)."""
         return read_artifact(path).raw
 

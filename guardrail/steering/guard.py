@@ -17,12 +17,16 @@ from typing import Any
 import structlog
 import torch
 
-from guardrail.activations import mean_prompt_states
-from guardrail.components import OutputRail, RefusalClassifier, Verdict
-from guardrail.energy import EnergyArtifact
+from guardrail.artifact.energy import EnergyArtifact
 from guardrail.errors import GuardrailError, PluginError, PolicyError
-from guardrail.gating import gate_sides
-from guardrail.generation import (
+from guardrail.models.fingerprint import model_fingerprint
+from guardrail.plugin.components import OutputRail, RefusalClassifier, Verdict
+from guardrail.plugin.manager import Registry, get_plugin_manager
+from guardrail.policy.checks import check_plugins
+from guardrail.policy.model import GenerationSection, Policy, load_policy
+from guardrail.steering.capture import mean_prompt_states
+from guardrail.steering.gating import gate_sides
+from guardrail.steering.generation import (
     Conversation,
     UserMessageParser,
     cut_at_eos,
@@ -31,15 +35,11 @@ from guardrail.generation import (
     last_user,
     merge_settings,
 )
-from guardrail.models.fingerprint import model_fingerprint
-from guardrail.output_rails import review_answers
-from guardrail.plugins import Registry, get_plugin_manager
-from guardrail.policy import GenerationSection, Policy, load_policy
-from guardrail.policy_checks import check_plugins
-from guardrail.prerequisites import check_installed, fetch_command, resource_installed
-from guardrail.rails import build_rail, with_steerer
-from guardrail.steering import SHARED, Rail, SteeringSession, log_nonfinite
-from guardrail.streams import GenerationStream, refuse_right_padding
+from guardrail.steering.hooks import SHARED, Rail, SteeringSession, log_nonfinite
+from guardrail.steering.output_rails import review_answers
+from guardrail.steering.prerequisites import check_installed, fetch_command, resource_installed
+from guardrail.steering.rails import build_rail, with_steerer
+from guardrail.steering.streams import GenerationStream, refuse_right_padding
 from guardrail.telemetry import (
     GateTelemetry,
     GenerationTelemetry,
@@ -87,7 +87,7 @@ class Guardrail:
         self.plugin_manager = plugin_manager
         self.fingerprint = fingerprint
         self._strengths: dict[float, list[Rail]] = {}
-        #: The policy's output rails, in order (:mod:`guardrail.output_rails`).
+        #: The policy's output rails, in order (:mod:`guardrail.steering.output_rails`).
         self.output_rails = list(output_rails)
 
     # --- construction -------------------------------------------------------------------------
@@ -289,7 +289,7 @@ class Guardrail:
         calibrated step size, up to what its calibration allows (:meth:`rails_at`).
 
         A policy's ``output_rails`` review the answers of a steered call (with the gates
-        deciding) and may have some answered again (:mod:`guardrail.output_rails`); their
+        deciding) and may have some answered again (:mod:`guardrail.steering.output_rails`); their
         doings are in each answer's ``telemetry.output_rails``. :meth:`generate_batch`,
         :meth:`stream` and :meth:`attach` answer once and run no output rail.
         """

@@ -25,12 +25,13 @@ import structlog
 import torch
 from torch import nn
 
-from guardrail.components import ActivationSource, EnergyModel, Phase, SteerContext, Steerer
 from guardrail.errors import PluginError
-from guardrail.gating import GateSet
+from guardrail.plugin.components import ActivationSource, Phase, SteerContext, Steerer
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.steering.gating import GateSet
 from guardrail.telemetry import LayerTelemetry, StepEvent
 
-log = structlog.get_logger("guardrail.steering")
+log = structlog.get_logger("guardrail.steering.hooks")
 
 
 #: The side of an ungated rail (every row, the shared energy models).

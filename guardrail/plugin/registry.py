@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from guardrail import components
 from guardrail.errors import PluginError
+from guardrail.plugin import components
 
-# kind -> (registration hook name, name of the base class in guardrail.components); a new
+# kind -> (registration hook name, name of the base class in guardrail.plugin.components); a new
 # kind is one more row and one hookspec.
 KINDS: dict[str, tuple[str, str]] = {
     "activation_source": ("guardrail_register_activation_sources", "ActivationSource"),
@@ -47,6 +47,10 @@ _BASE_DEFAULTS: dict[str, Any] = {
 
 def base_class(kind: str) -> type[components.Component]:
     """The interface class of ``kind`` (``EnergyModel`` imports torch, so it is looked up late)."""
+    if kind == "energy_model":
+        from guardrail.plugin.energy_model import EnergyModel
+
+        return EnergyModel
     base: type[components.Component] = getattr(components, KINDS[kind][1])
     return base
 
@@ -154,7 +158,7 @@ class Registry:
     def from_plugin_manager(cls, pm: Any, *, warn: bool = True) -> Registry:
         """Call every registration hook, one implementation at a time, so errors name the plugin.
 
-        An installed plugin (``pm.installed``, see :class:`guardrail.plugins.PluginManager`)
+        An installed plugin (``pm.installed``, see :class:`guardrail.plugin.manager.PluginManager`)
         whose hook raises, or whose components are refused, is dropped with all its
         components and recorded as failed; any other plugin's error is raised. With ``warn``,
         each failed installed plugin is logged once per plugin manager.
@@ -305,7 +309,7 @@ class Registry:
         """Instantiate a component with validated parameters."""
         if kind == "energy_model":
             raise PluginError(
-                "energy models are built or loaded, not created; see guardrail.energy"
+                "energy models are built or loaded, not created; see guardrail.artifact.energy"
             )
         entry = self.get(kind, name)
         try:

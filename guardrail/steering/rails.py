@@ -4,7 +4,7 @@ gate) from its artifact, checked against the loaded model's fingerprint.
 Values ``guardrail calibrate`` stored in the artifact fill what the policy leaves open: steerer
 params the rail's ``steerer.params`` does not set (per gate side when calibrated per side), and
 gate thresholds set to ``auto``. An artifact with one energy-model set per gate side gives the
-rail a :class:`~guardrail.steering.Direction` per side.
+rail a :class:`~guardrail.steering.hooks.Direction` per side.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ from typing import Any
 
 import torch
 
-from guardrail.artifact_header import Calibration
-from guardrail.components import ActivationSource, EnergyModel, Steerer
-from guardrail.energy import SIDES, EnergyArtifact
+from guardrail.artifact.energy import SIDES, EnergyArtifact
+from guardrail.artifact.header import Calibration
 from guardrail.errors import ArtifactError, PolicyError
-from guardrail.gating import GateSet
-from guardrail.plugins import Registry
-from guardrail.policy import GateSpec, PluginSpec, RailSpec
-from guardrail.policy_checks import calibrated_for, calibrated_spec
-from guardrail.steering import SHARED, Direction, Rail
+from guardrail.plugin.components import ActivationSource, Steerer
+from guardrail.plugin.energy_model import EnergyModel
+from guardrail.plugin.manager import Registry
+from guardrail.policy.checks import calibrated_for, calibrated_spec
+from guardrail.policy.model import GateSpec, PluginSpec, RailSpec
+from guardrail.steering.gating import GateSet
+from guardrail.steering.hooks import SHARED, Direction, Rail
 
 
 def build_rail(

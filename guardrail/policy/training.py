@@ -1,6 +1,6 @@
 """The ``training:`` section of a policy file (pydantic v2, unknown keys rejected).
 
-Part of the policy schema, so it lives beside :mod:`guardrail.policy`: validating a policy
+Part of the policy schema, so it lives beside :mod:`guardrail.policy.model`: validating a policy
 file never imports the training subsystem, which reads these settings.
 """
 

@@ -20,7 +20,7 @@ class Register(Protocol):
     """What a registration hook receives: ``register(cls, name=None, aliases=())``.
 
     ``register("package.module:Class", name=..., params=Params, **attributes)`` registers a
-    class that is imported on first use (see :mod:`guardrail.registry`).
+    class that is imported on first use (see :mod:`guardrail.plugin.registry`).
     """
 
     def __call__(

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from guardrail.artifact_header import GATE_TENSOR_PREFIX, GateHeader, header_problems
-from guardrail.components import Gate
+from guardrail.artifact.header import GATE_TENSOR_PREFIX, GateHeader, header_problems
 from guardrail.errors import ArtifactError, PluginError
+from guardrail.plugin.components import Gate
 
 TENSOR_PREFIX = GATE_TENSOR_PREFIX
 
@@ -125,7 +125,7 @@ class GateSet:
                     registry: Any, where: str, num_layers: int | None = None) -> GateSet:
         """Rebuild a fitted gate set from an artifact's header and tensors.
 
-        The header is checked first (:class:`~guardrail.artifact_header.GateHeader`), each
+        The header is checked first (:class:`~guardrail.artifact.header.GateHeader`), each
         member's params against its plugin's ``Params``; each member is rebuilt (a plugin
         resolves and checks the files it names now), and with ``num_layers`` (the model's
         depth) the layers a member reads are checked to exist. A member that knows the mean

@@ -18,10 +18,11 @@ from typing import Any
 import pluggy
 import structlog
 
-from guardrail import __version__, hookspecs
-from guardrail.defaults import DEFAULT_PLUGINS
-from guardrail.markers import PROJECT_NAME
-from guardrail.registry import KINDS, Registration, Registry
+from guardrail import __version__
+from guardrail.plugin import hookspecs
+from guardrail.plugin.defaults import DEFAULT_PLUGINS
+from guardrail.plugin.markers import PROJECT_NAME
+from guardrail.plugin.registry import KINDS, Registration, Registry
 
 __all__ = [
     "DISABLE_ENV",
@@ -38,7 +39,7 @@ __all__ = [
     "set_plugin_manager",
 ]
 
-log = structlog.get_logger("guardrail.plugins")
+log = structlog.get_logger("guardrail.plugin.manager")
 
 ENTRYPOINT_GROUP = "guardrail"
 DISABLE_ENV = "GUARDRAIL_DISABLE_PLUGINS"
@@ -97,7 +98,7 @@ def disabled_plugins() -> set[str]:
 def build_plugin_manager(*, load_entrypoints: bool = True) -> PluginManager:
     """A new plugin manager with the built-ins and, optionally, installed entry points.
 
-    Built-ins come from :data:`~guardrail.defaults.DEFAULT_PLUGINS`; a hook name no spec
+    Built-ins come from :data:`~guardrail.plugin.defaults.DEFAULT_PLUGINS`; a hook name no spec
     knows fails here, loudly. Third-party plugins come from the ``guardrail`` entry-point
     group one at a time: one that fails to import or to register (a misspelled hook name
     included) is unregistered and recorded, and the rest load.

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from guardrail.components import Gate
+from guardrail.cache import CACHE_DTYPES, is_cached
 from guardrail.errors import ArtifactError, GuardrailError, MissingComponentError, PluginError
-from guardrail.model_cache import CACHE_DTYPES, is_cached
 from guardrail.models.catalogue import (
     PACKAGED_ENCODERS,
     PACKAGED_MODELS,
@@ -26,8 +25,9 @@ from guardrail.models.catalogue import (
     is_installed,
     packaged_cache_path,
 )
-from guardrail.policy import Policy
-from guardrail.shipped import shipped_policies
+from guardrail.plugin.components import Gate
+from guardrail.policy.model import Policy
+from guardrail.policy.shipped import shipped_policies
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def check_installed(policy: Policy, registry: Any, *, model: bool = True,
 
 def _stored_members(rail: Any) -> list[dict[str, Any]]:
     """The gate members the rail's artifact header lists ([] if it has none, or no file)."""
-    from guardrail.energy import EnergyArtifact
+    from guardrail.artifact.energy import EnergyArtifact
 
     artifact = rail.energy_model.artifact if rail.energy_model is not None else None
     if artifact is None or not Path(artifact).is_file():

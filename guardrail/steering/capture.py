@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from guardrail.components import ActivationSource
+from guardrail.plugin.components import ActivationSource
 
 
 class _StopForward(Exception):

@@ -18,7 +18,7 @@ pydantic model per part, so a value is either the type and range the runtime exp
   lists, and every listed layer has tensors.
 
 The rest of ``metadata`` (training data, metrics, evidence, curves) is informational and
-stays free-form. The safetensors container is read by :mod:`guardrail.safetensors_header`
+stays free-form. The safetensors container is read by :mod:`guardrail.artifact.safetensors`
 (no torch), so ``guardrail validate`` checks an artifact's header before importing torch.
 """
 
@@ -39,8 +39,8 @@ from pydantic import (
     model_validator,
 )
 
+from guardrail.artifact.safetensors import TensorEntry, read_safetensors_header
 from guardrail.errors import ArtifactError
-from guardrail.safetensors_header import TensorEntry, read_safetensors_header
 
 FORMAT_SHARED = "guardrail-energy/1"
 FORMAT = "guardrail-energy/2"

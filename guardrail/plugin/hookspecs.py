@@ -1,14 +1,14 @@
 """Hook specifications: the components a guardrail is built from, commands, then telemetry.
 
 Registration hooks receive a ``register`` callable instead of returning lists, so name
-collisions, aliases and parameter validation live in one core place (``guardrail.plugins``).
+collisions, aliases and parameter validation live in one core place (``guardrail.plugin.manager``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from guardrail.markers import Register, hookspec
+from guardrail.plugin.markers import Register, hookspec
 
 if TYPE_CHECKING:
     import argparse
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # --- activation sources ---------------------------------------------------------------------
 @hookspec
 def guardrail_register_activation_sources(register: Register) -> None:
-    """Register :class:`guardrail.components.ActivationSource` classes.
+    """Register :class:`guardrail.plugin.components.ActivationSource` classes.
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing. An activation source
     says where hidden states are read and written (which module, which positions).
@@ -29,7 +29,7 @@ def guardrail_register_activation_sources(register: Register) -> None:
 # --- energy models --------------------------------------------------------------------------
 @hookspec
 def guardrail_register_energy_models(register: Register) -> None:
-    """Register :class:`guardrail.components.EnergyModel` classes.
+    """Register :class:`guardrail.plugin.energy_model.EnergyModel` classes.
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing. An energy model can be
     built, saved to and loaded from an artifact, and scores a batch of hidden states. Being an
@@ -41,7 +41,7 @@ def guardrail_register_energy_models(register: Register) -> None:
 # --- steering policies ----------------------------------------------------------------------
 @hookspec
 def guardrail_register_steerers(register: Register) -> None:
-    """Register :class:`guardrail.components.Steerer` classes.
+    """Register :class:`guardrail.plugin.components.Steerer` classes.
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing. A steerer takes the
     states at one layer (and the rail's energy model, if any) and returns steered states.
@@ -51,7 +51,7 @@ def guardrail_register_steerers(register: Register) -> None:
 # --- gates --------------------------------------------------------------------------------
 @hookspec
 def guardrail_register_gates(register: Register) -> None:
-    """Register :class:`guardrail.components.Gate` classes.
+    """Register :class:`guardrail.plugin.components.Gate` classes.
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing. A gate scores prompts
     for harm before generation, so a rail steers only the rows its ``gate:`` lets through.
@@ -61,7 +61,7 @@ def guardrail_register_gates(register: Register) -> None:
 # --- output rails ---------------------------------------------------------------------------
 @hookspec
 def guardrail_register_output_rails(register: Register) -> None:
-    """Register :class:`guardrail.components.OutputRail` classes.
+    """Register :class:`guardrail.plugin.components.OutputRail` classes.
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing. An output rail
     reviews finished answers (with the refusal classifier's verdicts and the gates' sides)
@@ -72,7 +72,7 @@ def guardrail_register_output_rails(register: Register) -> None:
 # --- refusal classifiers --------------------------------------------------------------------
 @hookspec
 def guardrail_register_refusal_classifiers(register: Register) -> None:
-    """Register :class:`guardrail.components.RefusalClassifier` classes.
+    """Register :class:`guardrail.plugin.components.RefusalClassifier` classes.
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing. A refusal classifier
     is C(X, Y): it tells whether response Y to prompt X refuses, with a score.
@@ -82,7 +82,7 @@ def guardrail_register_refusal_classifiers(register: Register) -> None:
 # --- evaluation suites ----------------------------------------------------------------------
 @hookspec
 def guardrail_register_suites(register: Register) -> None:
-    """Register evaluation suites (:class:`guardrail.components.Suite` classes).
+    """Register evaluation suites (:class:`guardrail.plugin.components.Suite` classes).
 
     Receives ``register(cls, name=None, aliases=())``; returns nothing.
     """

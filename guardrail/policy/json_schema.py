@@ -1,6 +1,6 @@
 """The JSON Schema of a policy file, as editors and CI check it (``guardrail policy schema``).
 
-It is the pydantic schema of :class:`~guardrail.policy.Policy` with what validation adds:
+It is the pydantic schema of :class:`~guardrail.policy.model.Policy` with what validation adds:
 
 - ``extends``: a file that extends another may leave out anything its parent gives (each
   rail still needs its ``name``, which is how rails merge), so such a file is checked
@@ -16,8 +16,8 @@ import copy
 import json
 from typing import Any
 
-from guardrail.defaults import DEFAULT_COMPONENTS
-from guardrail.policy import Policy
+from guardrail.plugin.defaults import DEFAULT_COMPONENTS
+from guardrail.policy.model import Policy
 
 # Rail keys and the top-level classifier: their component kind.
 _SECTIONS = {"activation_source": "activation_source", "steerer": "steerer",

@@ -1,6 +1,6 @@
 """Conversations, generation settings and end of sequence: what every caller of ``generate`` shares.
 
-:class:`~guardrail.guard.Guardrail`, the training labeller and the server's stop criteria
+:class:`~guardrail.steering.guard.Guardrail`, the training labeller and the server's stop criteria
 all read answers the same way: the policy's generation defaults with the caller's overrides,
 the same ``model.generate`` arguments, and an answer that ends at the first end-of-sequence
 token of the generation config or the tokenizer.
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from guardrail.policy import GenerationSection
+    from guardrail.policy.model import GenerationSection
 
 Conversation = list[dict[str, str]]
 
@@ -54,7 +54,7 @@ def merge_settings(defaults: GenerationSection, overrides: Mapping[str, Any]) ->
     try:
         return type(defaults).model_validate({**defaults.model_dump(), **updates})
     except ValidationError as exc:
-        from guardrail.policy import format_validation_error
+        from guardrail.policy.model import format_validation_error
 
         raise GuardrailError(
             "generation settings: " + "; ".join(format_validation_error(exc))

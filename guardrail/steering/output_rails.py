@@ -1,6 +1,6 @@
 """Running a policy's output rails over finished answers (:meth:`Guardrail.generate`).
 
-Each rail (:class:`~guardrail.components.OutputRail`) sees every answer with the policy's
+Each rail (:class:`~guardrail.plugin.components.OutputRail`) sees every answer with the policy's
 refusal verdict on it and the side the gates chose for its prompt, and names the rows to
 answer again and the side to steer each towards; those rows are generated again, steered
 there, and judged again for the next rail. What each rail did is kept in the answer's
@@ -13,15 +13,15 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from guardrail.components import Answer
 from guardrail.errors import PluginError
-from guardrail.gating import side_of
-from guardrail.generation import Conversation, last_user
-from guardrail.steering import SHARED
+from guardrail.plugin.components import Answer
+from guardrail.steering.gating import side_of
+from guardrail.steering.generation import Conversation, last_user
+from guardrail.steering.hooks import SHARED
 from guardrail.telemetry import GateTelemetry, OutputRailTelemetry
 
 if TYPE_CHECKING:
-    from guardrail.guard import GenerationResult, Guardrail
+    from guardrail.steering.guard import GenerationResult, Guardrail
 
 SIDES = ("answer", "refuse")
 

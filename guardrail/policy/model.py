@@ -3,7 +3,7 @@
 A policy names the model, generation defaults, an ordered list of steering rails and the
 refusal classifier. Rails stack in order. Relative paths are resolved against the file that
 defines them, after ``${VAR}`` / ``${VAR:-default}`` environment expansion (an unset ``${VAR}``
-is an error; ``${VAR:-}`` allows empty). Files are read by :mod:`guardrail.policy_files`,
+is an error; ``${VAR:-}`` allows empty). Files are read by :mod:`guardrail.policy.files`,
 which bounds their size, nesting and alias expansion.
 
 ``extends: PARENT`` (a path, or a shipped policy's name) starts from the parent file:
@@ -23,11 +23,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from guardrail.console import remember_expansion
-from guardrail.defaults import DEFAULT_COMPONENTS
 from guardrail.errors import PolicyError
-from guardrail.policy_files import read_policy_file, resolved
-from guardrail.shipped import resolve_policy, shipped_policy
-from guardrail.training_config import CalibrationSection, TrainingSection
+from guardrail.plugin.defaults import DEFAULT_COMPONENTS
+from guardrail.policy.files import read_policy_file, resolved
+from guardrail.policy.shipped import resolve_policy, shipped_policy
+from guardrail.policy.training import CalibrationSection, TrainingSection
 
 
 class StrictModel(BaseModel):

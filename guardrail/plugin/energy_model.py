@@ -1,7 +1,7 @@
 """The energy-model interface: E(h), an ``nn.Module`` saved in and loaded from artifacts.
 
-Apart from :mod:`guardrail.components` because defining it imports torch; import it from
-either module (``from guardrail.components import EnergyModel`` resolves here on first use).
+Apart from :mod:`guardrail.plugin.components` because defining it imports torch (``from
+guardrail.plugin import EnergyModel`` resolves here on first use).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from guardrail.components import Component
+from guardrail.plugin.components import Component
 
 
 class EnergyModel(Component, nn.Module):

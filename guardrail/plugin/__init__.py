@@ -1,0 +1,47 @@
+"""The plugin API: what a plugin package imports to add components to guardrail.
+
+- :mod:`~guardrail.plugin.markers`: ``hookimpl``, ``hookspec`` and the ``Register`` callable's type;
+- :mod:`~guardrail.plugin.hookspecs`: the hooks a plugin may implement;
+- :mod:`~guardrail.plugin.components`: the interfaces its classes implement (``Steerer``, ``Gate``...);
+- :mod:`~guardrail.plugin.energy_model`: the ``EnergyModel`` interface (an ``nn.Module``; torch);
+- :mod:`~guardrail.plugin.manager` and :mod:`~guardrail.plugin.registry`: how plugins are found,
+  contained and their components looked up; :mod:`~guardrail.plugin.defaults`: the built-ins.
+
+``from guardrail.plugin import hookimpl, Register, Steerer`` imports no torch; ``EnergyModel`` is
+handed out on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guardrail.plugin.components import (
+    ActivationSource,
+    Answer,
+    Component,
+    Gate,
+    NoParams,
+    OutputRail,
+    RefusalClassifier,
+    SteerContext,
+    Steerer,
+    SteerOutcome,
+    Suite,
+    SuiteItem,
+    Verdict,
+)
+from guardrail.plugin.markers import Register, hookimpl, hookspec
+
+__all__ = [
+    "ActivationSource", "Answer", "Component", "EnergyModel", "Gate", "NoParams", "OutputRail",
+    "RefusalClassifier", "Register", "SteerContext", "SteerOutcome", "Steerer", "Suite",
+    "SuiteItem", "Verdict", "hookimpl", "hookspec",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EnergyModel":  # an nn.Module: importing it imports torch
+        from guardrail.plugin.energy_model import EnergyModel
+
+        return EnergyModel
+    raise AttributeError(f"module 'guardrail.plugin' has no attribute {name!r}")

@@ -1,0 +1,14 @@
+"""Policy files: what a guardrail is built from.
+
+- :mod:`~guardrail.policy.files`: reading a file safely (size, nesting, aliases, encoding);
+- :mod:`~guardrail.policy.model`: the schema (pydantic, unknown keys rejected), ``extends`` and
+  environment variables, :func:`load_policy`;
+- :mod:`~guardrail.policy.training`: the ``training:`` and ``calibration:`` sections;
+- :mod:`~guardrail.policy.checks`: plugin, reference and artifact checks beyond the schema;
+- :mod:`~guardrail.policy.json_schema`: the exported JSON Schema;
+- :mod:`~guardrail.policy.shipped`: the shipped policies and artifacts, by name.
+"""
+
+from guardrail.policy.model import Policy, RailSpec, load_policy, parse_policy
+
+__all__ = ["Policy", "RailSpec", "load_policy", "parse_policy"]
