@@ -27,9 +27,9 @@ from guardrail.models import load_model
 from guardrail.policy.model import parse_policy
 from guardrail.policy.training import LabelSettings
 from guardrail.prompts import load_prompts
+from guardrail.steering.capture import capture_states
 from guardrail.steering.generation import user_turns
 from guardrail.steering.guard import Guardrail
-from guardrail.training.capture import capture_states
 from guardrail.training.labelling import _label_batch
 
 HERE = Path(__file__).resolve().parent

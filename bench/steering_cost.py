@@ -34,8 +34,8 @@ from guardrail.plugin.energy_model import EnergyModel
 from guardrail.policy.model import PluginSpec
 from guardrail.steering.generation import user_turns
 from guardrail.steering.guard import Guardrail
-from guardrail.steering.hooks import Rail, SteeringSession
-from guardrail.steering.rails import create_steerer
+from guardrail.steering.hooks import SteeringSession
+from guardrail.steering.rails import Rail, create_steerer
 
 HERE = Path(__file__).resolve().parent
 

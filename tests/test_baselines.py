@@ -150,7 +150,7 @@ def test_prompt_states_are_cached_on_disk(tiny_loaded, tmp_path: Path, monkeypat
     def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the model ran although the states were cached")
 
-    monkeypatch.setattr("guardrail_plugins.baselines.directions.capture_last_prompt_states", boom)
+    monkeypatch.setattr(Guardrail, "prompt_states", boom)
     again = prompt_states(guard, source, prompts, [0, 2, 3], batch_size=2, cache_dir=tmp_path)
     assert torch.equal(first, again)
 

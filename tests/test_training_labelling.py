@@ -12,10 +12,9 @@ from guardrail_plugins.residual_stream import ResidualStreamSource
 from guardrail.errors import DataError
 from guardrail.policy.model import parse_policy
 from guardrail.policy.training import LabelSettings
-from guardrail.steering.capture import capture_last_prompt_states
+from guardrail.steering.capture import capture_last_prompt_states, capture_states
 from guardrail.steering.guard import Guardrail
 from guardrail.training.cache import StateCache
-from guardrail.training.capture import capture_states
 from guardrail.training.labelling import (
     CELLS,
     LabelledSet,

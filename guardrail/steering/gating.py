@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -25,6 +25,16 @@ from pydantic import ValidationError
 from guardrail.artifact.header import GATE_TENSOR_PREFIX, GateHeader, header_problems
 from guardrail.errors import ArtifactError, PluginError
 from guardrail.plugin.components import Gate
+from guardrail.steering.capture import mean_prompt_states
+from guardrail.telemetry import GateTelemetry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from guardrail.steering.rails import Rail
+
+#: Per gated rail: the batch's harm scores ``[n]`` and, per side, the rows it steers towards it.
+Decisions = dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 TENSOR_PREFIX = GATE_TENSOR_PREFIX
 
@@ -216,3 +226,48 @@ def side_of(scores: torch.Tensor, below: float | None, above: float | None) -> l
     sides = gate_sides(scores, below, above)
     return ["answer" if a else "refuse" if r else None
             for a, r in zip(sides["answer"].tolist(), sides["refuse"].tolist(), strict=True)]
+
+
+def decide(rails: Sequence[Rail], model: nn.Module, num_layers: int, prompts: Sequence[str],
+           enc: dict[str, torch.Tensor]) -> Decisions:
+    """Per gated rail: the batch's harm scores ``[n]`` and, per side, the rows the rail
+    steers towards it (``answer``: below the rail's ``below``; ``refuse``: above ``above``).
+
+    ``prompts`` are the user messages (what text gates read), ``enc`` the encoded batch
+    (what state gates read: mean-pooled in one forward pass of ``model`` that stops after the
+    deepest layer any gate needs). A gate shared by several rails is scored once.
+    """
+    gated = [rail for rail in rails if rail.gate is not None]
+    if not gated:
+        return {}
+    layers = sorted({layer for rail in gated
+                     for layer in rail.gate.state_layers(num_layers)})  # type: ignore[union-attr]
+    states = mean_prompt_states(model, gated[0].source, enc, layers) if layers else None
+    scores: dict[int, torch.Tensor] = {}
+    out = {}
+    device = enc["input_ids"].device
+    for rail in gated:
+        assert rail.gate is not None
+        if id(rail.gate) not in scores:
+            scores[id(rail.gate)] = rail.gate.score(prompts, states, num_layers)
+        score = scores[id(rail.gate)]
+        sides = gate_sides(score, rail.below, rail.above)
+        out[rail.name] = (score, {side: mask.to(device) for side, mask in sides.items()})
+    return out
+
+
+def rows_of(decisions: Decisions) -> dict[str, dict[str, torch.Tensor]]:
+    """Per rail and side, the rows its gate lets it steer (what a steering session takes)."""
+    return {name: sides for name, (_, sides) in decisions.items()}
+
+
+def gate_telemetry(rails: Sequence[Rail], decisions: Decisions, row: int) -> list[GateTelemetry]:
+    """What each rail's gate decided for ``row``: its score, thresholds and side."""
+    by_name = {rail.name: rail for rail in rails}
+    out = []
+    for name, (score, sides) in decisions.items():
+        side = next((s for s, mask in sides.items() if bool(mask[row])), None)
+        out.append(GateTelemetry(rail=name, score=round(float(score[row]), 4),
+                                 steered=side is not None, below=by_name[name].below,
+                                 above=by_name[name].above, side=side))
+    return out

@@ -9,7 +9,10 @@ token of the generation config or the tokenizer.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from guardrail.telemetry import GenerationTelemetry
 
 if TYPE_CHECKING:
     from guardrail.policy.model import GenerationSection
@@ -168,3 +171,13 @@ class UserMessageParser:
             if body[start : start + width] == self._opener_ids:
                 return str(self.tokenizer.decode(body[start + width :], skip_special_tokens=True))
         return None
+
+
+@dataclass
+class GenerationResult:
+    """One answer: its text, token ids, why it stopped, and what steering did."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    telemetry: GenerationTelemetry

@@ -8,56 +8,44 @@ The model is the policy's (``Guardrail.from_policy(policy)``) or one the caller 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
+from torch import nn
 
-from guardrail.artifact.energy import EnergyArtifact
 from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.models.fingerprint import model_fingerprint
-from guardrail.plugin.components import OutputRail, RefusalClassifier, Verdict
-from guardrail.plugin.manager import Registry, get_plugin_manager
+from guardrail.plugin.components import ActivationSource, OutputRail, RefusalClassifier, Verdict
+from guardrail.plugin.manager import PluginManager, Registry, get_plugin_manager
 from guardrail.policy.checks import check_plugins
-from guardrail.policy.model import GenerationSection, Policy, load_policy
-from guardrail.steering.capture import mean_prompt_states
-from guardrail.steering.gating import gate_sides
+from guardrail.policy.model import GenerationSection, PluginSpec, Policy, load_policy
+from guardrail.steering.attach import attached
+from guardrail.steering.batches import answer as answer_in_batches
+from guardrail.steering.batches import batches
+from guardrail.steering.capture import read_states
+from guardrail.steering.gating import Decisions, decide, gate_telemetry, rows_of
 from guardrail.steering.generation import (
     Conversation,
-    UserMessageParser,
-    cut_at_eos,
-    eos_ids,
-    generate_kwargs,
+    GenerationResult,
     last_user,
     merge_settings,
 )
-from guardrail.steering.hooks import SHARED, Rail, SteeringSession, log_nonfinite
+from guardrail.steering.hooks import SteeringSession, log_nonfinite
 from guardrail.steering.output_rails import review_answers
 from guardrail.steering.prerequisites import check_installed, fetch_command, resource_installed
-from guardrail.steering.rails import build_rail, with_steerer
-from guardrail.steering.streams import GenerationStream, refuse_right_padding
-from guardrail.telemetry import (
-    GateTelemetry,
-    GenerationTelemetry,
-    ensure_logging,
-    progress_bar,
-)
+from guardrail.steering.rails import Rail, build_rail, check_strength, with_steerer
+from guardrail.steering.streams import GenerationStream
+from guardrail.telemetry import GenerationTelemetry, StepEvent, ensure_logging, progress_bar
+
+if TYPE_CHECKING:
+    from guardrail.models.loading import LoadedModel
+
+__all__ = ["GenerationResult", "Guardrail"]
 
 log = structlog.get_logger("guardrail")
-
-
-@dataclass
-class GenerationResult:
-    """One answer: its text, token ids, why it stopped, and what steering did."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    telemetry: GenerationTelemetry
 
 
 class Guardrail:
@@ -69,11 +57,11 @@ class Guardrail:
     def __init__(
         self,
         policy: Policy,
-        loaded: Any,
+        loaded: LoadedModel,
         rails: list[Rail],
         classifier: RefusalClassifier,
         registry: Registry,
-        plugin_manager: Any,
+        plugin_manager: PluginManager,
         fingerprint: dict[str, Any],
         output_rails: Sequence[OutputRail] = (),
     ) -> None:
@@ -223,7 +211,7 @@ class Guardrail:
     # --- generation ---------------------------------------------------------------------------
     def session(self, *, steer: bool = True, measure_only: bool = False,
                 rows: dict[str, dict[str, torch.Tensor]] | None = None,
-                model: Any = None, strength: float | None = None) -> SteeringSession:
+                model: nn.Module | None = None, strength: float | None = None) -> SteeringSession:
         """A steering session over this guardrail's rails (no rails when ``steer`` is false) on
         ``model`` (default: the guardrail's); ``rows`` limits a rail to the batch rows its gate
         let through, per side; ``strength`` multiplies every rail's step size
@@ -231,7 +219,7 @@ class Guardrail:
         on_step = None
         if self.plugin_manager.hook.guardrail_on_step.get_hookimpls():
 
-            def on_step(event: Any) -> None:
+            def on_step(event: StepEvent) -> None:
                 self.plugin_manager.hook.guardrail_on_step(event=event)
 
         return SteeringSession(
@@ -255,7 +243,7 @@ class Guardrail:
         if strength == 1:
             return self.rails
         strength = float(strength)
-        rails = [rail.with_strength(strength) if _steers(rail) else rail
+        rails = [rail.with_strength(strength) if rail.moves_states else rail
                  for rail in self.rails]
         if len(self._strengths) >= 32:  # a few strengths in use; never an unbounded cache
             self._strengths.pop(next(iter(self._strengths)))
@@ -265,7 +253,17 @@ class Guardrail:
     @property
     def strength_limit(self) -> float:
         """The largest strength every rail allows (:meth:`rails_at`)."""
-        return min((rail.strength_limit for rail in self.rails if _steers(rail)), default=1.0)
+        return min((rail.strength_limit for rail in self.rails if rail.moves_states),
+                   default=1.0)
+
+    def settings(self, overrides: dict[str, Any], *, steer: bool = True,
+                 strength: float | None = None) -> GenerationSection:
+        """The policy's generation settings with a call's ``overrides``; a bad override or
+        strength fails here, before anything runs."""
+        settings = merge_settings(self.policy.generation, overrides)
+        if steer:
+            self.rails_at(strength)
+        return settings
 
     def generate(
         self,
@@ -289,13 +287,11 @@ class Guardrail:
         calibrated step size, up to what its calibration allows (:meth:`rails_at`).
 
         A policy's ``output_rails`` review the answers of a steered call (with the gates
-        deciding) and may have some answered again (:mod:`guardrail.steering.output_rails`); their
-        doings are in each answer's ``telemetry.output_rails``. :meth:`generate_batch`,
+        deciding) and may have some answered again (:mod:`guardrail.steering.output_rails`);
+        their doings are in each answer's ``telemetry.output_rails``. :meth:`generate_batch`,
         :meth:`stream` and :meth:`attach` answer once and run no output rail.
         """
-        settings = merge_settings(self.policy.generation, overrides)
-        if steer:
-            self.rails_at(strength)  # a bad strength fails before anything runs
+        settings = self.settings(overrides, steer=steer, strength=strength)
         reviewed = steer and gates is True and bool(self.output_rails)
         first = steer and not (reviewed and any(r.first_pass == "base" for r in self.output_rails))
         final = self.answer(conversations, steer=first, settings=settings, streamer=streamer,
@@ -311,40 +307,7 @@ class Guardrail:
                     "score": verdict.score,
                     "reason": verdict.reason,
                 }
-        for result in final:
-            self.plugin_manager.hook.guardrail_on_generation(
-                telemetry=result.telemetry, extra={"policy": self.policy.name}
-            )
-            log.debug("generation", policy=self.policy.name, **result.telemetry.summary())
-        return final
-
-    def answer(self, conversations: Sequence[Conversation], *, steer: bool,
-               settings: GenerationSection, streamer: Any = None, gates: bool | str = True,
-               strength: float | None = None, progress: bool = False
-               ) -> list[GenerationResult]:
-        """One answer per conversation, batched longest first (what :meth:`generate` runs
-        before its output rails, classifier and hooks)."""
-        texts = self.render(conversations, steer=steer)
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        results: list[GenerationResult | None] = [None] * len(texts)
-        batches = [
-            order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
-        ]
-        desc = "generate (steered)" if steer else "generate (base)"
-        bar = progress_bar(len(texts), progress, desc)
-        for batch in batches:
-            started = time.perf_counter()
-            outs = self._generate_batch([texts[i] for i in batch], steer, settings, streamer,
-                                        prompts=[last_user(conversations[i]) for i in batch],
-                                        gates=gates, strength=strength)
-            seconds = time.perf_counter() - started
-            for i, out in zip(batch, outs, strict=True):
-                out.telemetry.seconds = seconds / len(batch)
-                results[i] = out
-            bar.update(len(batch))
-        bar.close()
-        return [r for r in results if r is not None]
+        return self._announce(final)
 
     def generate_batch(
         self,
@@ -363,167 +326,94 @@ class Guardrail:
         classified. ``stopping_criteria`` (a transformers ``StoppingCriteriaList``) may end rows
         early; their results then still read as the tokens up to the first end-of-sequence.
         """
-        settings = merge_settings(self.policy.generation, overrides)
-        texts = self.render(conversations, steer=steer)
-        started = time.perf_counter()
-        results = self._generate_batch(texts, steer, settings, streamer, stopping_criteria,
-                                       prompts=[last_user(c) for c in conversations], gates=gates,
-                                       strength=strength)
-        seconds = time.perf_counter() - started
+        settings = self.settings(overrides, steer=steer, strength=strength)
+        return self._announce(self.answer(
+            conversations, steer=steer, settings=settings, streamer=streamer, gates=gates,
+            strength=strength, stopping_criteria=stopping_criteria, one_batch=True))
+
+    def _announce(self, results: list[GenerationResult]) -> list[GenerationResult]:
+        """Hand each finished answer to the ``guardrail_on_generation`` hook, and log it."""
         for result in results:
-            result.telemetry.seconds = seconds / max(len(results), 1)
             self.plugin_manager.hook.guardrail_on_generation(
                 telemetry=result.telemetry, extra={"policy": self.policy.name}
             )
+            log.debug("generation", policy=self.policy.name, **result.telemetry.summary())
         return results
 
-    def _generate_batch(
-        self,
-        texts: list[str],
-        steer: bool,
-        settings: GenerationSection,
-        streamer: Any,
-        stopping_criteria: Any = None,
-        *,
-        prompts: Sequence[str],
-        gates: bool | str = True,
-        strength: float | None = None,
-    ) -> list[GenerationResult]:
-        enc = self.encode(texts)
-        decisions = self.gate(prompts, enc) if steer and gates is True else {}
-        rows = self.forced_rows(gates, len(texts)) if steer and gates is not True else {
-            name: sides for name, (_, sides) in decisions.items()}
-        prompt_len = enc["input_ids"].shape[1]
-        kwargs = generate_kwargs(settings, self.tokenizer.pad_token_id)
-        if settings.do_sample and settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        if streamer is not None:
-            kwargs["streamer"] = streamer
-        if stopping_criteria is not None:
-            kwargs["stopping_criteria"] = stopping_criteria
-        with self.session(steer=steer, rows=rows, strength=strength) as session, \
-                torch.no_grad():
-            output = self.model.generate(**enc, **kwargs)
-        eos = eos_ids(self.model, self.tokenizer)
-        answers = [cut_at_eos(row, eos) for row in output[:, prompt_len:].tolist()]
-        # A row that stopped fed its end-of-sequence token back like any other.
-        per_row = session.telemetry([len(ids) + (finish == "stop") for ids, finish in answers])
-        log_nonfinite(per_row, policy=self.policy.name)
-        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
-        sides = {rail.name: session.sides_of(rail.name, len(answers)) for rail in session.rails}
-        return [
-            GenerationResult(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                token_ids=ids,
-                finish_reason=finish,
-                telemetry=GenerationTelemetry(
-                    steered=any(per_rail[row] is not None for per_rail in sides.values()),
-                    policy=self.policy.name,
-                    prompt_tokens=int(prompt_tokens[row]),
-                    completion_tokens=len(ids),
-                    layers=per_row[row],
-                    gates=self._gate_telemetry(decisions, row),
-                    strength=strength if steer and strength is not None else None,
-                ),
-            )
-            for row, (ids, finish) in enumerate(answers)
-        ]
+    def answer(self, conversations: Sequence[Conversation], *, steer: bool,
+               settings: GenerationSection, streamer: Any = None, gates: bool | str = True,
+               strength: float | None = None, progress: bool = False,
+               stopping_criteria: Any = None, one_batch: bool = False
+               ) -> list[GenerationResult]:
+        """One answer per conversation, batched longest first (what :meth:`generate` runs
+        before its output rails, classifier and hooks), or as one batch in the order given:
+        :func:`guardrail.steering.batches.answer`."""
+        return answer_in_batches(
+            self, conversations, steer=steer, settings=settings, streamer=streamer,
+            gates=gates, strength=strength, progress=progress,
+            stopping_criteria=stopping_criteria, one_batch=one_batch)
 
-    # --- gates --------------------------------------------------------------------------------
-    def gate(self, prompts: Sequence[str], enc: dict[str, torch.Tensor], *, model: Any = None
-             ) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """Per gated rail: the batch's harm scores ``[n]`` and, per side, the rows the rail
-        steers towards it (``answer``: below the rail's ``below``; ``refuse``: above ``above``).
-
-        ``prompts`` are the user messages (what text gates read), ``enc`` the encoded batch
-        (what state gates read, mean-pooled in one forward pass that stops after the deepest
-        layer any gate needs; of ``model``, default the guardrail's). A gate shared by several
-        rails is scored once.
-        """
-        gated = [rail for rail in self.rails if rail.gate is not None]
-        if not gated:
-            return {}
-        num_layers = int(self.fingerprint.get("num_layers") or 0)
-        layers = sorted({layer for rail in gated
-                         for layer in rail.gate.state_layers(num_layers)})  # type: ignore[union-attr]
-        states = (mean_prompt_states(self.model if model is None else model, gated[0].source,
-                                     enc, layers) if layers else None)
-        scores: dict[int, torch.Tensor] = {}
-        out = {}
-        device = enc["input_ids"].device
-        for rail in gated:
-            assert rail.gate is not None
-            if id(rail.gate) not in scores:
-                scores[id(rail.gate)] = rail.gate.score(prompts, states, num_layers)
-            score = scores[id(rail.gate)]
-            sides = gate_sides(score, rail.below, rail.above)
-            out[rail.name] = (score, {side: mask.to(device) for side, mask in sides.items()})
-        return out
-
-    def forced_rows(self, gates: bool | str, batch: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Every row of every rail on one side, whatever the gates say: ``gates=False`` the
-        rail's default side, ``"answer"`` / ``"refuse"`` that side."""
-        if gates is True:
-            raise GuardrailError("forced_rows: gates=True lets the gates decide")
-        if gates is not False and gates not in ("answer", "refuse"):
-            raise GuardrailError(f"gates: got {gates!r}; expected True, False, 'answer' or "
-                                 "'refuse'")
-        every = torch.ones(batch, dtype=torch.bool, device=self.loaded.device)
-        out = {}
-        for rail in self.rails:
-            side = gates if isinstance(gates, str) else (
-                SHARED if rail.energies or not rail.directions else next(iter(rail.directions)))
-            out[rail.name] = {side: every}
-        return out
+    # --- gates and states, without generating -------------------------------------------------
+    def gate(self, prompts: Sequence[str], enc: dict[str, torch.Tensor], *,
+             model: nn.Module | None = None) -> Decisions:
+        """Per gated rail: the batch's harm scores and, per side, the rows the rail steers
+        towards it (:func:`guardrail.steering.gating.decide`, on ``model``, default the
+        guardrail's)."""
+        return decide(self.rails, self.model if model is None else model,
+                      int(self.fingerprint.get("num_layers") or 0), prompts, enc)
 
     def gate_scores(self, conversations: Sequence[Conversation], *,
                     batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """Per gated rail, the harm score ``[n]`` of each conversation (nothing generated)."""
-        texts = self.render(conversations, steer=True)
-        prompts = [last_user(c) for c in conversations]
-        size = batch_size or self.policy.generation.batch_size
         parts: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(texts), size):
-            enc = self.encode(texts[start : start + size])
-            for name, (score, _) in self.gate(prompts[start : start + size], enc).items():
+        for batch in batches(self, conversations,
+                             size=batch_size or self.policy.generation.batch_size):
+            for name, (score, _) in self.gate(batch.prompts, batch.enc).items():
                 parts.setdefault(name, []).append(score.cpu())
         return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
-    def _gate_telemetry(self, decisions: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]],
-                        row: int) -> list[GateTelemetry]:
-        by_name = {rail.name: rail for rail in self.rails}
-        out = []
-        for name, (score, sides) in decisions.items():
-            side = next((s for s, mask in sides.items() if bool(mask[row])), None)
-            out.append(GateTelemetry(rail=name, score=round(float(score[row]), 4),
-                                     steered=side is not None, below=by_name[name].below,
-                                     above=by_name[name].above, side=side))
-        return out
-
-    # --- scoring ------------------------------------------------------------------------------
     def energies(
         self, conversations: Sequence[Conversation], *, batch_size: int | None = None
     ) -> list[GenerationTelemetry]:
         """Energies at the last prompt token per rail and layer, without generating or steering."""
-        texts = self.render(conversations, steer=True)
-        prompts = [last_user(c) for c in conversations]
-        size = batch_size or self.policy.generation.batch_size
         out: list[GenerationTelemetry] = []
-        for start in range(0, len(texts), size):
-            enc = self.encode(texts[start : start + size])
+        for batch in batches(self, conversations,
+                             size=batch_size or self.policy.generation.batch_size):
             # Each row is measured with the energy models of the side its gate puts it on.
-            decisions = self.gate(prompts[start : start + size], enc)
-            rows = {name: sides for name, (_, sides) in decisions.items()}
-            with self.session(measure_only=True, rows=rows) as session, torch.no_grad():
-                self.model(**enc, use_cache=False)
-            per_row = session.telemetry([0] * enc["input_ids"].shape[0])
+            decisions = self.gate(batch.prompts, batch.enc)
+            with self.session(measure_only=True, rows=rows_of(decisions)) as session, \
+                    torch.no_grad():
+                self.model(**batch.enc, use_cache=False)
+            per_row = session.telemetry([0] * len(batch))
             log_nonfinite(per_row, policy=self.policy.name)
             for row, layers in enumerate(per_row):
                 out.append(
                     GenerationTelemetry(steered=False, policy=self.policy.name, layers=layers,
-                                        gates=self._gate_telemetry(decisions, row))
+                                        gates=gate_telemetry(self.rails, decisions, row))
                 )
         return out
+
+    def prompt_states(self, conversations: Sequence[Conversation], source: ActivationSource,
+                      layers: Sequence[int], *, positions: str = "last",
+                      batch_size: int | None = None, progress: bool = False
+                      ) -> dict[int, torch.Tensor]:
+        """Per layer, ``[n, hidden]`` unsteered prompt states of ``conversations`` read through
+        ``source`` (``positions``: the last prompt token, or the mean over the prompt), in the
+        order given; batched longest first."""
+        parts: list[tuple[list[int], dict[int, torch.Tensor]]] = []
+        bar = progress_bar(len(conversations), progress, "capture states")
+        for batch in batches(self, conversations, steer=False,
+                             size=batch_size or self.policy.generation.batch_size,
+                             longest_first=True):
+            parts.append((batch.rows, read_states(self.model, source, batch.enc, layers,
+                                                  positions)))
+            bar.update(len(batch))
+        bar.close()
+        order = torch.tensor([i for rows, _ in parts for i in rows], dtype=torch.long)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return {layer: torch.cat([found[layer] for _, found in parts])[inverse]
+                for layer in layers}
 
     def classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """The policy's refusal classifier C(X, Y)."""
@@ -535,6 +425,7 @@ class Guardrail:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
+    # --- other ways in ------------------------------------------------------------------------
     def stream(
         self, conversation: Conversation, *, steer: bool = True,
         strength: float | None = None, **overrides: Any
@@ -547,9 +438,7 @@ class Guardrail:
         """
         from transformers import TextIteratorStreamer
 
-        merge_settings(self.policy.generation, overrides)
-        if steer:
-            self.rails_at(strength)
+        self.settings(overrides, steer=steer, strength=strength)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True)
         return GenerationStream(
@@ -558,133 +447,11 @@ class Guardrail:
                                         strength=strength, **overrides)[0],
         )
 
-    @contextlib.contextmanager
-    def attach(self, model: Any = None, *, strength: float | None = None
-               ) -> Iterator[SteeringSession]:
-        """Steer ``model.generate(...)`` / forward calls on a model object of your own.
-
-        The model must be the one the artifacts were trained for (checked by fingerprint).
-        Prompts must be left-padded, as Hugging Face generation wants them: a row's last
-        prompt token is then the last position, which the rails steer. A right-padded batch
-        (an attention mask ending in 0) is refused with :class:`PaddingError`, since its
-        last position would be padding.
-
-        Gated rails apply their gates exactly as :meth:`generate` does: on each new prompt
-        (a forward pass that starts a sequence) the user's last message is read back from the
-        token ids through the chat template, scored, and each row is steered towards the side
-        its gate chooses, or not at all. A row whose user message cannot be found (a prompt
-        not rendered with this tokenizer's chat template, or ``inputs_embeds``) is not steered.
-
-        ``strength`` multiplies each rail's calibrated step size while attached, up to what
-        its calibration allows (:meth:`rails_at`).
-        """
-        target = model if model is not None else self.model
-        if target is not self.model:
-            fingerprint = model_fingerprint(target, self.loaded.name)
-            for rail in self.rails:
-                if rail.energies or rail.directions:
-                    EnergyArtifact.compare(rail.fingerprint, fingerprint, f"rail {rail.name!r}")
-        check = target.register_forward_pre_hook(refuse_right_padding, with_kwargs=True)
-        handles = [check]
-        try:
-            with self.session(model=target, strength=strength) as session:
-                if any(rail.gate is not None for rail in self.rails):
-                    handles.append(target.register_forward_pre_hook(
-                        _AttachGate(self, session, target), with_kwargs=True))
-                yield session
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-class _AttachGate:
-    """A forward pre-hook that runs the rails' gates on each new prompt under ``attach()``."""
-
-    def __init__(self, guard: Guardrail, session: SteeringSession, model: Any) -> None:
-        self.guard = guard
-        self.session = session
-        self.model = model
-        self.parse = UserMessageParser(guard.tokenizer)
-
-    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self.session.paused:
-            return  # the gate's own forward pass
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            # No token ids (inputs_embeds): nothing to read the prompt from. Fail closed.
-            if _starts_sequence(kwargs, None):
-                self.session.set_rows(self._nothing())
-                log.warning("attach.gate_unreadable", reason="no input_ids",
-                            action="gated rails steer no row")
-            return
-        if not _starts_sequence(kwargs, input_ids):
-            return
-        mask = kwargs.get("attention_mask")
-        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
-            mask = torch.ones_like(input_ids)
-        prompts = [self.parse.from_ids(row[m.bool()].tolist())
-                   for row, m in zip(input_ids, mask, strict=True)]
-        readable = torch.tensor([p is not None for p in prompts], device=input_ids.device)
-        if not bool(readable.all()):
-            log.warning("attach.gate_unreadable", rows=(~readable).nonzero().flatten().tolist(),
-                        reason="no user message found through the chat template",
-                        action="those rows are not steered")
-        self.session.paused = True
-        try:
-            decisions = self.guard.gate([p or "" for p in prompts],
-                                        {"input_ids": input_ids, "attention_mask": mask},
-                                        model=self.model)
-        finally:
-            self.session.paused = False
-        rows = {name: {side: rows & readable for side, rows in sides.items()}
-                for name, (_, sides) in decisions.items()}
-        self.session.set_rows(rows)
-        self.session.gate_decisions = decisions
-
-    def _nothing(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {rail.name: {} for rail in self.guard.rails if rail.gate is not None}
-
-
-def _starts_sequence(kwargs: dict[str, Any], input_ids: torch.Tensor | None) -> bool:
-    """Whether a forward call starts a new sequence (a prompt) rather than continuing one."""
-    position = kwargs.get("cache_position")
-    if isinstance(position, torch.Tensor) and position.numel():
-        return int(position.reshape(-1)[0]) == 0
-    # transformers 5 passes the cache as ``cache``, 4.x as ``past_key_values``.
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is None:
-        return True
-    length = getattr(cache, "get_seq_length", None)
-    if callable(length):
-        return int(length()) == 0
-    return input_ids is not None and input_ids.shape[1] > 1
-
-
-def _steers(rail: Rail) -> bool:
-    """Whether a rail moves hidden states (a strength applies to it)."""
-    return bool(rail.energies or rail.directions) or rail.steerer.strength_param is not None
-
-
-def check_strength(strength: Any, rails: Sequence[Rail]) -> None:
-    """Raise :class:`GuardrailError` unless ``strength`` is a number in ``(0, limit]`` for
-    every rail that moves states, and each such rail's steerers have a strength to scale."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
-            strength > 0 and strength != float("inf")):
-        raise GuardrailError(f"strength: got {strength!r}; expected a number > 0 (a "
-                             "multiplier on the calibrated step size; 1 is as calibrated)")
-    for rail in rails:
-        if not _steers(rail):
-            continue
-        fixed = [s.name for s in rail.steerers if s.strength_param is None]
-        if fixed:
-            raise GuardrailError(f"strength: got {strength!r}; rail {rail.name!r} steers with "
-                                 f"{fixed}, which have no strength to scale")
-        if strength > rail.strength_limit + 1e-9:
-            raise GuardrailError(
-                f"strength: got {strength!r}; rail {rail.name!r} allows at most "
-                f"{rail.strength_limit:g} (the largest step size its artifact's calibration "
-                "found within the safety budget, over the calibrated one; run `guardrail "
-                "calibrate` with a wider grid to allow more)")
+    def attach(self, model: nn.Module | None = None, *, strength: float | None = None
+               ) -> contextlib.AbstractContextManager[SteeringSession]:
+        """Steer ``model.generate(...)`` / forward calls on a model object of your own (default:
+        this guardrail's), gates included: see :func:`guardrail.steering.attach.attached`."""
+        return attached(self, model, strength=strength)
 
 
 def _but_steerer_params(policy: Policy) -> dict[str, Any]:
@@ -692,7 +459,7 @@ def _but_steerer_params(policy: Policy) -> dict[str, Any]:
     return policy.model_dump(exclude={"name": True, "rails": {"__all__": {"steerer": {"params"}}}})
 
 
-def _output_rail(spec: Any, registry: Registry) -> OutputRail:
+def _output_rail(spec: PluginSpec, registry: Registry) -> OutputRail:
     rail = registry.create("output_rail", spec.plugin, spec.params)
     assert isinstance(rail, OutputRail)
     return rail

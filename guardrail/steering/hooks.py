@@ -16,9 +16,8 @@ in the row's ``nonfinite_positions`` and logged once per row and layer by
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,86 +25,12 @@ import torch
 from torch import nn
 
 from guardrail.errors import PluginError
-from guardrail.plugin.components import ActivationSource, Phase, SteerContext, Steerer
+from guardrail.plugin.components import Phase, SteerContext, Steerer
 from guardrail.plugin.energy_model import EnergyModel
-from guardrail.steering.gating import GateSet
+from guardrail.steering.rails import SHARED, Rail
 from guardrail.telemetry import LayerTelemetry, StepEvent
 
 log = structlog.get_logger("guardrail.steering.hooks")
-
-
-#: The side of an ungated rail (every row, the shared energy models).
-SHARED = "shared"
-
-
-@dataclass
-class Direction:
-    """How a rail steers the rows on one side of its gate: energy models and a steerer."""
-
-    energies: dict[int, EnergyModel]
-    steerer: Steerer
-
-
-@dataclass
-class Rail:
-    """A steering rail ready to run: its components and, per layer, its energy model.
-
-    ``energies`` and ``steerer`` steer every row of an ungated rail (the shared side);
-    ``directions`` override them per gate side (``answer``, ``refuse``).
-    """
-
-    name: str
-    layers: list[int]
-    source: ActivationSource
-    steerer: Steerer
-    energies: dict[int, EnergyModel] = field(default_factory=dict)
-    plugins: dict[str, str] = field(default_factory=dict)
-    fingerprint: dict[str, Any] = field(default_factory=dict)
-    #: Which prompts the rail steers, and its thresholds (None: every row).
-    gate: GateSet | None = None
-    below: float | None = None
-    above: float | None = None
-    #: The safety budget the artifact was calibrated to (``guardrail calibrate``), if any.
-    budget: dict[str, Any] = field(default_factory=dict)
-    #: Layers the policy names that are not steered, and why (non-finite artifact weights).
-    disabled: dict[int, str] = field(default_factory=dict)
-    #: Per gate side, its own energy models and steerer (an artifact with one set per side,
-    #: or steerer values calibrated per side).
-    directions: dict[str, Direction] = field(default_factory=dict)
-    #: The largest strength (a multiplier on the calibrated step size) the artifact's
-    #: calibration found within the safety budget; 1 without that evidence.
-    strength_limit: float = 1.0
-
-    def with_strength(self, strength: float) -> Rail:
-        """This rail with every steerer steering ``strength`` times as hard (itself at 1);
-        energy models, source and gate are shared."""
-        if strength == 1:
-            return self
-        scaled: dict[int, Steerer] = {}
-
-        def scale(steerer: Steerer) -> Steerer:
-            if id(steerer) not in scaled:
-                scaled[id(steerer)] = steerer.with_strength(strength)
-            return scaled[id(steerer)]
-
-        return dataclasses.replace(
-            self, steerer=scale(self.steerer),
-            directions={side: Direction(d.energies, scale(d.steerer))
-                        for side, d in self.directions.items()})
-
-    def direction(self, side: str) -> Direction:
-        """The energy models and steerer that steer rows on ``side``."""
-        found = self.directions.get(side)
-        return found if found is not None else Direction(self.energies, self.steerer)
-
-    @property
-    def steerers(self) -> list[Steerer]:
-        """Every steerer of the rail, the shared one first (each object once)."""
-        out = [self.steerer]
-        for d in self.directions.values():
-            if all(d.steerer is not s for s in out):
-                out.append(d.steerer)
-        return out
 
 
 @dataclass

@@ -11,23 +11,44 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from guardrail.errors import PluginError
 from guardrail.plugin.components import Answer
 from guardrail.steering.gating import side_of
-from guardrail.steering.generation import Conversation, last_user
-from guardrail.steering.hooks import SHARED
+from guardrail.steering.generation import Conversation, GenerationResult, last_user
+from guardrail.steering.rails import SHARED
 from guardrail.telemetry import GateTelemetry, OutputRailTelemetry
 
 if TYPE_CHECKING:
-    from guardrail.steering.guard import GenerationResult, Guardrail
+    import torch
+
+    from guardrail.plugin.components import OutputRail, Verdict
+    from guardrail.policy.model import GenerationSection, Policy
+    from guardrail.steering.rails import Rail
 
 SIDES = ("answer", "refuse")
 
 
-def review_answers(guard: Guardrail, conversations: Sequence[Conversation],
-                   results: list[GenerationResult], *, settings: Any,
+class Reviewing(Protocol):
+    """What output rails need of the guardrail whose answers they review."""
+
+    policy: Policy
+    rails: list[Rail]
+    output_rails: list[OutputRail]
+
+    def classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]: ...
+
+    def answer(self, conversations: Sequence[Conversation], *, steer: bool,
+               settings: GenerationSection, gates: bool | str = True,
+               strength: float | None = None) -> list[GenerationResult]: ...
+
+    def gate_scores(self, conversations: Sequence[Conversation], *,
+                    batch_size: int | None = None) -> dict[str, torch.Tensor]: ...
+
+
+def review_answers(guard: Reviewing, conversations: Sequence[Conversation],
+                   results: list[GenerationResult], *, settings: GenerationSection,
                    strength: float | None, first_steered: bool) -> list[GenerationResult]:
     """``results`` after every output rail of ``guard``'s policy has reviewed them."""
     prompts = [last_user(c) for c in conversations]
@@ -62,7 +83,7 @@ def review_answers(guard: Guardrail, conversations: Sequence[Conversation],
     return results
 
 
-def _review(rail: Any, plugin: str, answers: list[Answer]) -> list[str | None]:
+def _review(rail: OutputRail, plugin: str, answers: list[Answer]) -> list[str | None]:
     try:
         decisions = list(rail.review(answers))
     except Exception as exc:
@@ -75,8 +96,8 @@ def _review(rail: Any, plugin: str, answers: list[Answer]) -> list[str | None]:
     return decisions
 
 
-def _sides(guard: Guardrail, conversations: Sequence[Conversation],
-           results: list[GenerationResult], settings: Any, first_steered: bool
+def _sides(guard: Reviewing, conversations: Sequence[Conversation],
+           results: list[GenerationResult], settings: GenerationSection, first_steered: bool
            ) -> list[str | None]:
     """Per row, the side the gates chose: ``shared`` when no rail is gated; otherwise the
     side of the first gated rail that chose one (None: every gate left the row alone).

@@ -287,8 +287,8 @@ def gate_evidence(guard: Any, gate: GateSet, policy: Policy, spec: RailSpec,
     num_layers = int(guard.fingerprint.get("num_layers") or 0)
     layers = gate.state_layers(num_layers)
     rail = next(r for r in guard.rails if r.name == spec.name)
-    val_states = (prompt_mean_states(guard, rail.source, conversations(prompts), layers)
-                  if layers else None)
+    val_states = (guard.prompt_states(conversations(prompts), rail.source, layers,
+                                      positions="mean", batch_size=16) if layers else None)
     texts = [p.text for p in prompts]
     scores = gate.score(texts, val_states, num_layers)
     if not section.cross_family:
@@ -299,19 +299,6 @@ def gate_evidence(guard: Any, gate: GateSet, policy: Policy, spec: RailSpec,
                            cache_dir=gate_cache_root(training_section(policy),
                                                      options.cache_dir))
     return scores, held
-
-
-def prompt_mean_states(guard: Any, source: Any, convs: Sequence[Any], layers: Sequence[int],
-                       batch_size: int = 16) -> dict[int, torch.Tensor]:
-    """Per layer ``[n, hidden]`` prompt-mean states of ``convs``, in batches."""
-    from guardrail.steering.capture import mean_prompt_states
-
-    texts = guard.render(convs, steer=False)
-    parts: list[dict[int, torch.Tensor]] = []
-    for start in range(0, len(texts), batch_size):
-        parts.append(mean_prompt_states(guard.model, source,
-                                        guard.encode(texts[start : start + batch_size]), layers))
-    return {layer: torch.cat([p[layer] for p in parts]) for layer in layers}
 
 
 def training_states(guard: Any, policy: Policy, spec: RailSpec, layers: Sequence[int],

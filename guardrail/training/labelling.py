@@ -22,9 +22,9 @@ from guardrail.errors import DataError
 from guardrail.plugin.components import ActivationSource
 from guardrail.policy.model import GenerationSection
 from guardrail.policy.training import LabelSettings
+from guardrail.steering.capture import capture_prefill
 from guardrail.steering.generation import cut_at_eos, eos_ids, generate_kwargs, user_turns
 from guardrail.training.cache import StateCache, prompt_key
-from guardrail.training.capture import capture_prefill
 from guardrail.training.sources import TrainingPrompt
 
 log = structlog.get_logger("guardrail.training")

@@ -21,7 +21,7 @@ from guardrail.plugin.energy_model import EnergyModel
 from guardrail.policy.model import Policy, RailSpec
 from guardrail.policy.training import TrainingSection
 from guardrail.steering.gating import GateSet
-from guardrail.steering.hooks import SHARED
+from guardrail.steering.rails import SHARED
 from guardrail.telemetry import progress_bar
 from guardrail.training.cache import StateCache, weights_digest
 from guardrail.training.labelling import (

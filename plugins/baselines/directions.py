@@ -27,10 +27,8 @@ from guardrail.plugin.defaults import DEFAULT_COMPONENTS
 from guardrail.plugin.manager import Registry
 from guardrail.policy.model import Policy, load_policy
 from guardrail.prompts import load_prompts, resolve_data_dir
-from guardrail.steering.capture import capture_last_prompt_states
 from guardrail.steering.generation import user_turns
 from guardrail.steering.guard import Guardrail
-from guardrail.telemetry import progress_bar
 
 log = structlog.get_logger("guardrail.evaluation")
 
@@ -59,19 +57,9 @@ def prompt_states(
         log.info("directions.cache_hit", path=str(path), prompts=len(texts))
         return load_file(str(path))["states"]
     started = time.perf_counter()
-    # Longest first, so each batch pads little; the original order is restored below.
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    chunks: list[torch.Tensor] = []
-    bar = progress_bar(len(texts), progress, "capture states")
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        inputs = guard.encode([texts[i] for i in batch])
-        chunks.append(capture_last_prompt_states(guard.model, source, inputs, layers))
-        bar.update(len(batch))
-    bar.close()
-    stacked = torch.cat(chunks)
-    states = torch.empty_like(stacked)
-    states[torch.tensor(order)] = stacked
+    found = guard.prompt_states(user_turns(prompts), source, layers, batch_size=batch_size,
+                                progress=progress)
+    states = torch.stack([found[layer] for layer in layers], dim=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"states": states.contiguous()}, str(path))
     log.info("directions.states", prompts=len(texts), layers=len(layers),

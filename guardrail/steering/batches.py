@@ -1,0 +1,136 @@
+"""One batching path: conversations rendered, split into batches, encoded with left padding,
+and (:func:`answer`) gated and generated.
+
+``Guardrail.generate``, ``generate_batch``, ``energies``, ``gate_scores`` and ``prompt_states``
+all walk their conversations through :func:`batches`, so every entry point renders, gates and
+encodes a prompt the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from guardrail.steering.gating import gate_telemetry, rows_of
+from guardrail.steering.generation import (
+    Conversation,
+    GenerationResult,
+    cut_at_eos,
+    eos_ids,
+    generate_kwargs,
+    last_user,
+)
+from guardrail.steering.hooks import log_nonfinite
+from guardrail.steering.rails import forced_rows
+from guardrail.telemetry import GenerationTelemetry, progress_bar
+
+if TYPE_CHECKING:
+    from guardrail.policy.model import GenerationSection
+    from guardrail.steering.guard import Guardrail
+
+
+@dataclass
+class Batch:
+    """Some of the caller's conversations, ready for the model."""
+
+    #: Their positions in the caller's sequence.
+    rows: list[int]
+    #: Their last user messages (what text gates read).
+    prompts: list[str]
+    #: The rendered prompts, tokenised with left padding on the model's device.
+    enc: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def batches(guard: Guardrail, conversations: Sequence[Conversation], *, steer: bool = True,
+            size: int | None = None, longest_first: bool = False) -> Iterator[Batch]:
+    """``conversations`` rendered as ``guard``'s policy has them (with prompt-level steerers
+    when ``steer``), in batches of ``size`` (default: all in one), in the order given or,
+    with ``longest_first``, longest prompt first so each batch pads little."""
+    texts = guard.render(conversations, steer=steer)
+    prompts = [last_user(c) for c in conversations]
+    order = list(range(len(texts)))
+    if longest_first:
+        lengths = [len(guard.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        order.sort(key=lambda i: -lengths[i])
+    size = size or max(len(order), 1)
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        yield Batch(rows, [prompts[i] for i in rows], guard.encode([texts[i] for i in rows]))
+
+
+def answer(guard: Guardrail, conversations: Sequence[Conversation], *, steer: bool,
+           settings: GenerationSection, streamer: Any = None, gates: bool | str = True,
+           strength: float | None = None, progress: bool = False,
+           stopping_criteria: Any = None, one_batch: bool = False) -> list[GenerationResult]:
+    """One answer per conversation from ``guard``: batched longest first (what
+    :meth:`Guardrail.generate` runs before its output rails, classifier and hooks), or as one
+    batch in the order given (:meth:`Guardrail.generate_batch`). Each batch is gated, then
+    generated with the rails steering the rows their gates let through."""
+    results: list[GenerationResult | None] = [None] * len(conversations)
+    bar = progress_bar(len(conversations), progress,
+                       "generate (steered)" if steer else "generate (base)")
+    started = time.perf_counter()
+    for batch in batches(guard, conversations, steer=steer,
+                         size=None if one_batch else settings.batch_size,
+                         longest_first=not one_batch):
+        outs = _generate(guard, batch, steer, settings, streamer, stopping_criteria,
+                         gates=gates, strength=strength)
+        seconds = time.perf_counter() - started
+        for i, out in zip(batch.rows, outs, strict=True):
+            out.telemetry.seconds = seconds / len(batch)
+            results[i] = out
+        bar.update(len(batch))
+        started = time.perf_counter()
+    bar.close()
+    return [r for r in results if r is not None]
+
+
+def _generate(guard: Guardrail, batch: Batch, steer: bool, settings: GenerationSection,
+              streamer: Any, stopping_criteria: Any = None, *, gates: bool | str = True,
+              strength: float | None = None) -> list[GenerationResult]:
+    enc = batch.enc
+    decisions = guard.gate(batch.prompts, enc) if steer and gates is True else {}
+    rows = forced_rows(guard.rails, gates, len(batch), guard.loaded.device) \
+        if steer and gates is not True else rows_of(decisions)
+    prompt_len = enc["input_ids"].shape[1]
+    kwargs = generate_kwargs(settings, guard.tokenizer.pad_token_id)
+    if settings.do_sample and settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    if streamer is not None:
+        kwargs["streamer"] = streamer
+    if stopping_criteria is not None:
+        kwargs["stopping_criteria"] = stopping_criteria
+    with guard.session(steer=steer, rows=rows, strength=strength) as session, \
+            torch.no_grad():
+        output = guard.model.generate(**enc, **kwargs)
+    eos = eos_ids(guard.model, guard.tokenizer)
+    answers = [cut_at_eos(row, eos) for row in output[:, prompt_len:].tolist()]
+    # A row that stopped fed its end-of-sequence token back like any other.
+    per_row = session.telemetry([len(ids) + (finish == "stop") for ids, finish in answers])
+    log_nonfinite(per_row, policy=guard.policy.name)
+    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+    sides = {rail.name: session.sides_of(rail.name, len(answers)) for rail in session.rails}
+    return [
+        GenerationResult(
+            text=guard.tokenizer.decode(ids, skip_special_tokens=True),
+            token_ids=ids,
+            finish_reason=finish,
+            telemetry=GenerationTelemetry(
+                steered=any(per_rail[row] is not None for per_rail in sides.values()),
+                policy=guard.policy.name,
+                prompt_tokens=int(prompt_tokens[row]),
+                completion_tokens=len(ids),
+                layers=per_row[row],
+                gates=gate_telemetry(guard.rails, decisions, row),
+                strength=strength if steer and strength is not None else None,
+            ),
+        )
+        for row, (ids, finish) in enumerate(answers)
+    ]
