@@ -13,9 +13,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from guardrail import hookimpl
+from guardrail.artifact.gate import GateMember, GateSet
 from guardrail.plugin.components import Gate
 from guardrail.policy.model import parse_policy
-from guardrail.steering.gating import GateMember, GateSet
 from guardrail.steering.guard import Guardrail
 
 from .conftest import random_artifact

@@ -33,15 +33,9 @@ from safetensors.torch import load_file, save_file
 
 from guardrail.artifact import energy
 from guardrail.artifact.energy import EnergyArtifact
-from guardrail.artifact.header import (
-    HEADER_KEY,
-    ArtifactFile,
-    ArtifactHeader,
-    TensorEntry,
-    check_header,
-    check_tensor_table,
-    read_artifact,
-)
+from guardrail.artifact.file import ArtifactFile, check_header, check_tensor_table, read_artifact
+from guardrail.artifact.header import HEADER_KEY, ArtifactHeader
+from guardrail.artifact.safetensors import TensorEntry
 from guardrail.errors import ArtifactError, GuardrailError
 from guardrail.plugin.manager import Registry
 from guardrail.policy.model import RailSpec, load_policy

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
+from guardrail.artifact.gate import GateSet
 from guardrail.errors import ArtifactError, PluginError
-from guardrail.steering.gating import GateSet
 from guardrail.training.gatefit import family_folds, fit_gate_set, held_out_scores
 from guardrail.training.sources import TrainingPrompt
 

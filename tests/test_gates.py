@@ -12,12 +12,13 @@ import torch
 
 from guardrail import hookimpl
 from guardrail.artifact.energy import EnergyArtifact
+from guardrail.artifact.gate import GateMember, GateSet
 from guardrail.cli import main
 from guardrail.errors import PolicyError
 from guardrail.plugin.components import Gate
 from guardrail.policy.model import load_policy
 from guardrail.policy.training import CalibrationSection
-from guardrail.steering.gating import GateMember, GateSet, steered_rows
+from guardrail.steering.gating import steered_rows
 from guardrail.steering.guard import Guardrail
 from guardrail.training.calibrate import Evidence, choose
 from guardrail.training.sources import TrainingPrompt

@@ -31,6 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from guardrail.artifact.file import ArtifactFile, check_header, read_artifact
+from guardrail.artifact.gate import GateSet
 from guardrail.artifact.header import (
     FINGERPRINT_KEYS,
     FORMAT,
@@ -38,15 +40,11 @@ from guardrail.artifact.header import (
     FORMATS,
     HEADER_KEY,
     SIDES,
-    ArtifactFile,
     ArtifactHeader,
     Calibration,
-    check_header,
-    read_artifact,
 )
 from guardrail.errors import ArtifactError, PluginError
 from guardrail.plugin.energy_model import EnergyModel
-from guardrail.steering.gating import GateSet
 
 log = structlog.get_logger("guardrail.artifact.energy")
 
@@ -147,7 +145,7 @@ class EnergyArtifact:
     @staticmethod
     def read_header(path: str | Path) -> dict[str, Any]:
         """Read and check the JSON header (every field, and the tensor table) without loading
-        tensors; returns it as a mapping (:func:`~guardrail.artifact.header.read_artifact`
+        tensors; returns it as a mapping (:func:`~guardrail.artifact.file.read_artifact`
         gives the checked model)."""
         return read_artifact(path).raw
 

@@ -14,8 +14,8 @@ pydantic model per part, so a value is either the type and range the runtime exp
 - ``metadata.calibration``, what ``guardrail calibrate`` chose: finite gate thresholds in
   order and in range, steerer values that are plain finite values (checked against the rail's
   steerer ``Params`` when a rail uses them), a budget of rates in [0, 1];
-- the safetensors tensor table: every tensor belongs to a layer or gate member the header
-  lists, and every listed layer has tensors.
+- and (:mod:`guardrail.artifact.file`) the safetensors tensor table: every tensor belongs to
+  a layer or gate member the header lists, and every listed layer has tensors.
 
 The rest of ``metadata`` (training data, metrics, evidence, curves) is informational and
 stays free-form. The safetensors container is read by :mod:`guardrail.artifact.safetensors`
@@ -26,21 +26,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
-
-from guardrail.artifact.safetensors import TensorEntry, read_safetensors_header
-from guardrail.errors import ArtifactError
 
 FORMAT_SHARED = "guardrail-energy/1"
 FORMAT = "guardrail-energy/2"
@@ -87,7 +81,7 @@ def _finite_values(value: Any) -> Any:
     if found is not None:
         path, number = found
         message = f"got {number!r}; expected a finite number"
-        raise _FieldProblem(path, message) if path else ValueError(message)
+        raise FieldProblem(path, message) if path else ValueError(message)
     return value
 
 
@@ -118,10 +112,10 @@ def _config_per_layer(layers: list[int], configs: dict[str, Any], where: str) ->
     missing = sorted(int(key) for key in wanted - set(configs))
     extra = sorted(set(configs) - wanted)
     if missing:
-        raise _FieldProblem(f"{where}configs", f"has no config for layers {missing}; expected "
+        raise FieldProblem(f"{where}configs", f"has no config for layers {missing}; expected "
                             f"one config per layer in '{where}layers'")
     if extra:
-        raise _FieldProblem(f"{where}configs", f"has configs for {_shown(extra)}, which are "
+        raise FieldProblem(f"{where}configs", f"has configs for {shown(extra)}, which are "
                             f"not in '{where}layers'; expected one config per listed layer")
 
 
@@ -176,14 +170,14 @@ class GateHeader(_Part):
         total = sum(m.weight for m in self.members)
         largest = max(m.weight for m in self.members)
         if abs(self.mean) > _MEAN_TOLERANCE * total:
-            raise _FieldProblem("mean", f"got {self.mean!r}; expected 0, the combined mean of "
+            raise FieldProblem("mean", f"got {self.mean!r}; expected 0, the combined mean of "
                                 f"a fitted gate (at most {_MEAN_TOLERANCE * total:g} off by "
                                 "rounding)")
         if self.std > total * (1 + 1e-3):
-            raise _FieldProblem("std", f"got {self.std!r}; expected at most the sum of the "
+            raise FieldProblem("std", f"got {self.std!r}; expected at most the sum of the "
                                 f"members' weights ({total:g}), as for any fitted gate")
         if self.std < largest / 4:
-            raise _FieldProblem("std", f"got {self.std!r}; expected at least a quarter of the "
+            raise FieldProblem("std", f"got {self.std!r}; expected at least a quarter of the "
                                 f"largest member weight ({largest:g}), as for any fitted gate "
                                 "whose members do not score against each other")
         return self
@@ -200,10 +194,10 @@ class SteererValues(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 if not isinstance(value, (str, int, float, bool, type(None))):
-                    raise _FieldProblem(key, f"got a {type(value).__name__}; expected a "
+                    raise FieldProblem(key, f"got a {type(value).__name__}; expected a "
                                         "number, string or boolean")
                 if isinstance(value, float) and not math.isfinite(value):
-                    raise _FieldProblem(key, f"got {value!r}; expected a finite number")
+                    raise FieldProblem(key, f"got {value!r}; expected a finite number")
         return data
 
     def values(self) -> dict[str, Any]:
@@ -226,15 +220,15 @@ class CalibratedGate(_Part):
     @model_validator(mode="after")
     def _in_range(self) -> CalibratedGate:
         if self.below is not None and self.below > MAX_GATE_THRESHOLD:
-            raise _FieldProblem("below", f"got {self.below!r}; expected at most "
+            raise FieldProblem("below", f"got {self.below!r}; expected at most "
                                 f"{MAX_GATE_THRESHOLD:g} (a higher threshold steers nearly "
                                 "every prompt towards answering)")
         if self.above is not None and self.above < -MAX_GATE_THRESHOLD:
-            raise _FieldProblem("above", f"got {self.above!r}; expected at least "
+            raise FieldProblem("above", f"got {self.above!r}; expected at least "
                                 f"{-MAX_GATE_THRESHOLD:g} (a lower threshold steers nearly "
                                 "every prompt towards refusing)")
         if self.below is not None and self.above is not None and not self.below < self.above:
-            raise _FieldProblem("below", f"got {self.below!r}; expected a threshold under "
+            raise FieldProblem("below", f"got {self.below!r}; expected a threshold under "
                                 f"'above' ({self.above!r})")
         return self
 
@@ -303,17 +297,17 @@ class ArtifactHeader(_Part):
         if data.get("format") == FORMAT_SHARED:
             for key in ("layers", "configs"):
                 if key not in data:
-                    raise _FieldProblem(key, "missing")
+                    raise FieldProblem(key, "missing")
             if "sides" in data:
-                raise _FieldProblem("sides", "belongs to format guardrail-energy/2; this "
+                raise FieldProblem("sides", "belongs to format guardrail-energy/2; this "
                                     "artifact is guardrail-energy/1 (one shared set: 'layers' "
                                     "and 'configs')")
         elif data.get("format") == FORMAT:
             if "sides" not in data:
-                raise _FieldProblem("sides", "missing")
+                raise FieldProblem("sides", "missing")
             for key in ("layers", "configs"):
                 if key in data:
-                    raise _FieldProblem(key, "belongs to format guardrail-energy/1; this "
+                    raise FieldProblem(key, "belongs to format guardrail-energy/1; this "
                                         "artifact is guardrail-energy/2 (one set per side "
                                         "under 'sides')")
         return data
@@ -330,13 +324,13 @@ class ArtifactHeader(_Part):
         if self.format == FORMAT_SHARED:
             assert self.layers is not None and self.configs is not None
             if not self.layers:
-                raise _FieldProblem("layers", "got []; expected at least one layer index")
+                raise FieldProblem("layers", "got []; expected at least one layer index")
         depth = self.model.num_layers
         for side, entry in self.sets().items():
             beyond = [layer for layer in entry.layers if layer >= depth]
             if beyond:
                 field = "layers" if side == "shared" else f"sides.{side}.layers"
-                raise _FieldProblem(field, f"lists {beyond}, which do not exist in the "
+                raise FieldProblem(field, f"lists {beyond}, which do not exist in the "
                                     f"fingerprint's {depth}-layer model (model.num_layers)")
         if self.format == FORMAT_SHARED:
             assert self.layers is not None and self.configs is not None
@@ -356,7 +350,7 @@ class ArtifactHeader(_Part):
         return self.metadata.calibration
 
 
-class _FieldProblem(ValueError):
+class FieldProblem(ValueError):
     """A problem a validator found with one field below the part it checks."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -366,117 +360,7 @@ class _FieldProblem(ValueError):
 
 
 # --- checking ---------------------------------------------------------------------------------
-def check_header(header: Any, where: str) -> ArtifactHeader:
-    """The header mapping as an :class:`ArtifactHeader`, or one :class:`ArtifactError` listing
-    every problem, each as ``header field 'PATH': got VALUE; expected WHAT``."""
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{where}: header is a JSON {type(header).__name__}; expected an "
-                            "object")
-    if header.get("format") not in FORMATS:
-        raise ArtifactError(f"{where}: header key 'format' is {_shown(header.get('format'))}; "
-                            f"expected one of {list(FORMATS)}")
-    try:
-        return ArtifactHeader.model_validate(header)
-    except ValidationError as exc:
-        raise ArtifactError(f"{where}: " + "; ".join(header_problems(exc))) from None
-    except RecursionError:
-        raise ArtifactError(f"{where}: header is nested too deeply") from None
-
-
-def header_problems(exc: ValidationError) -> list[str]:
-    """One line per problem of a header's validation error."""
-    problems = []
-    for err in exc.errors():
-        context = err.get("ctx") or {}
-        inner = context.get("error")
-        base = _key_path(tuple(err["loc"]))
-        if isinstance(inner, _FieldProblem):
-            field = f"{base}.{inner.field}" if base else inner.field
-            problems.append(f"header field '{field}': {inner.message}")
-            continue
-        field = base or "(top level)"
-        if err["type"] == "missing":
-            problems.append(f"header field '{field}': missing")
-        elif err["type"] == "extra_forbidden":
-            problems.append(f"header field '{field}': unknown key (value "
-                            f"{_shown(err['input'])}); not part of this artifact format")
-        else:
-            expected = err["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
-            expected = expected.split(" or instance of ")[0]
-            problems.append(f"header field '{field}': got {_shown(err['input'])}; expected "
-                            f"{expected[:1].lower()}{expected[1:]}")
-    return problems
-
-
-def check_tensor_table(header: ArtifactHeader, tensors: dict[str, TensorEntry],
-                       where: str) -> None:
-    """Every tensor belongs to a listed layer or gate member; every listed layer has some."""
-    sets = header.sets()
-    claimed = {(side, str(layer)) for side, entry in sets.items() for layer in entry.layers}
-    if header.gate is not None:
-        claimed |= {("gate", str(i)) for i in range(len(header.gate.members))}
-    owners = {name: _owner(name) for name in tensors}
-    strays = sorted(name for name, owner in owners.items() if owner not in claimed)
-    if strays:
-        listed = (f"'layers' {sets['shared'].layers}" if "shared" in sets else
-                  "'sides' (" + "; ".join(f"{side}: {entry.layers}"
-                                          for side, entry in sets.items()) + ")")
-        gate = (f" nor to a member of its {len(header.gate.members)}-member gate"
-                if header.gate is not None else " and there is no gate")
-        raise ArtifactError(f"{where}: tensors {_shown(strays)} belong to no layer in the "
-                            f"header's {listed}{gate}")
-    found = set(owners.values())
-    for side, entry in sets.items():
-        for layer in entry.layers:
-            if (side, str(layer)) not in found:
-                label = "" if side == "shared" else f"side {side!r} "
-                raise ArtifactError(f"{where}: {label}layer {layer}: the header lists it but "
-                                    f"the file has no tensors named {_prefix(side)}{layer}.*")
-
-
-def _owner(name: str) -> tuple[str, str] | None:
-    """Which set's layer (``("answer", "3")``) or gate member (``("gate", "0")``) a tensor
-    name belongs to."""
-    if name.startswith(GATE_TENSOR_PREFIX):
-        index, dot, _ = name[len(GATE_TENSOR_PREFIX):].partition(".")
-        return ("gate", index) if dot else None
-    side, rest = ("shared", name) if name.startswith("layers.") else name.partition(".")[::2]
-    if not rest.startswith("layers."):
-        return None
-    layer, dot, _ = rest[len("layers."):].partition(".")
-    return (side, layer) if dot else None
-
-
-@dataclass(frozen=True)
-class ArtifactFile:
-    """An artifact's checked header, the raw header mapping, and its tensor table."""
-
-    header: ArtifactHeader
-    raw: dict[str, Any]
-    tensors: dict[str, TensorEntry]
-
-
-def read_artifact(path: str | Path) -> ArtifactFile:
-    """Read and check an artifact's header and tensor table (no tensor data; no torch)."""
-    path = Path(path)
-    container = read_safetensors_header(path)
-    if HEADER_KEY not in container.metadata:
-        raise ArtifactError(f"{path}: no '{HEADER_KEY}' header; not a guardrail artifact")
-    try:
-        raw = json.loads(container.metadata[HEADER_KEY])
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: header is not valid JSON ({_first_line(exc)})") from None
-    header = check_header(raw, str(path))
-    check_tensor_table(header, container.tensors, str(path))
-    return ArtifactFile(header, raw, container.tensors)
-
-
 # --- small pieces ----------------------------------------------------------------------------
-def _prefix(side: str) -> str:
-    """Tensor-name prefix of a set's layers: ``layers.`` (shared) or ``{side}.layers.``."""
-    return "layers." if side == "shared" else f"{side}.layers."
-
-
 def _nonfinite(value: Any, path: str = "") -> tuple[str, float] | None:
     """The key path and value of the first NaN or infinity inside ``value`` (None: none)."""
     if not path:
@@ -500,20 +384,13 @@ def _nonfinite(value: Any, path: str = "") -> tuple[str, float] | None:
     return None
 
 
-def _key_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def _shown(value: Any, limit: int = 80) -> str:
+def shown(value: Any, limit: int = 80) -> str:
     try:
         text = repr(value)
     except ValueError:  # an int too large to print

@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from guardrail.artifact.header import MAX_LAYERS, ArtifactFile, Calibration, read_artifact
+from guardrail.artifact.file import ArtifactFile, read_artifact
+from guardrail.artifact.header import MAX_LAYERS, Calibration
 from guardrail.errors import ArtifactError, GuardrailError, PluginError, PolicyError
 from guardrail.plugin.defaults import DEFAULT_COMPONENTS
 from guardrail.policy.files import resolved

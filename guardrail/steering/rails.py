@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from guardrail.artifact.energy import SIDES, EnergyArtifact
+from guardrail.artifact.gate import GateSet
 from guardrail.artifact.header import Calibration
 from guardrail.errors import ArtifactError, GuardrailError, PolicyError
 from guardrail.plugin.components import ActivationSource, Steerer
@@ -24,7 +25,6 @@ from guardrail.plugin.energy_model import EnergyModel
 from guardrail.plugin.manager import Registry
 from guardrail.policy.checks import calibrated_for, calibrated_spec
 from guardrail.policy.model import GateSpec, PluginSpec, RailSpec
-from guardrail.steering.gating import GateSet
 
 #: The side of an ungated rail (every row, the shared energy models).
 SHARED = "shared"

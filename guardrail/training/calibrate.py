@@ -36,10 +36,10 @@ import structlog
 import torch
 
 from guardrail.artifact.energy import EnergyArtifact
+from guardrail.artifact.gate import GateSet
 from guardrail.errors import DataError, PolicyError
 from guardrail.policy.model import Policy, RailSpec
 from guardrail.policy.training import CalibrationGrid, CalibrationSection, PromptSource
-from guardrail.steering.gating import GateSet
 from guardrail.steering.generation import user_turns
 from guardrail.training.budget import (
     SIDES,

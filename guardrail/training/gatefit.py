@@ -23,9 +23,9 @@ import structlog
 import torch
 from safetensors.torch import load_file, save_file
 
+from guardrail.artifact.gate import GateMember, GateSet
 from guardrail.errors import ArtifactError, PluginError
 from guardrail.evaluation.cache import digest
-from guardrail.steering.gating import GateMember, GateSet
 from guardrail.training.metrics import auroc
 from guardrail.training.sources import TrainingPrompt
 

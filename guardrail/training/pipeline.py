@@ -15,12 +15,12 @@ from typing import Any
 import structlog
 import torch
 
+from guardrail.artifact.gate import GateSet
 from guardrail.errors import PolicyError
 from guardrail.plugin.components import ActivationSource
 from guardrail.plugin.energy_model import EnergyModel
 from guardrail.policy.model import Policy, RailSpec
 from guardrail.policy.training import TrainingSection
-from guardrail.steering.gating import GateSet
 from guardrail.steering.rails import SHARED
 from guardrail.telemetry import progress_bar
 from guardrail.training.cache import StateCache, weights_digest

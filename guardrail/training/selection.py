@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from guardrail.artifact.energy import EnergyArtifact
+from guardrail.artifact.gate import GateSet
 from guardrail.plugin.energy_model import EnergyModel
-from guardrail.steering.gating import GateSet
 from guardrail.training.metrics import LayerMetrics
 
 
