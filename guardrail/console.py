@@ -1,4 +1,5 @@
-"""Text for a terminal: control characters escaped, expanded secrets hidden.
+"""Text for a terminal: control characters escaped, expanded secrets hidden; log
+configuration and progress bars.
 
 Request paths, model names, policy strings and file names reach the console from untrusted
 sources (a client, a downloaded policy, a file name). Written raw, an ESC or OSC sequence
@@ -14,8 +15,13 @@ a path is never echoed to a terminal or a log.
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
+import threading
 from typing import Any
+
+import structlog
 
 # C0 controls but tab and newline, DEL, C1 controls, the bidi embeddings, overrides and
 # isolates, the bidi marks, and the Unicode line and paragraph separators.
@@ -92,3 +98,107 @@ class EscapingWriter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
+
+
+# --- logs and progress bars ----------------------------------------------------------------
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at write time (it may be swapped after configuring)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
+    """Console logs by default, one JSON object per line with ``json=True`` (both to stderr).
+
+    Every string a log line shows is escaped for the terminal (control characters, C1 and
+    bidi controls; :mod:`guardrail.console`), and environment values a policy expanded are
+    shown as ``${VAR}``. Warnings and errors of other libraries (uvicorn's, say) and
+    uncaught exceptions of any thread go through the same renderer, so with ``json=True``
+    each is one JSON line, its traceback a field, never lines of its own.
+    """
+    escape: Any = redact_event if json else escape_event
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            escape,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
+        cache_logger_on_first_use=False,
+    )
+    _route_stdlib_logging(json=json, level=level, escape=escape, renderer=renderer)
+    _route_uncaught(json=json)
+
+
+class _GuardrailHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
+    """The root handler :func:`configure_logging` installs (replaced, never added twice)."""
+
+
+def _route_stdlib_logging(*, json: bool, level: str, escape: Any, renderer: Any) -> None:
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, escape,
+                    renderer],
+    )
+    handler = _GuardrailHandler(_CurrentStderr())
+    handler.setFormatter(formatter)
+    # Other libraries' warnings and errors only: their INFO lines (a request log per HTTP
+    # call, say) are not ours to print.
+    handler.setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _GuardrailHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    if root.level > handler.level or root.level == logging.NOTSET:
+        root.setLevel(handler.level)
+    logging.captureWarnings(json)
+
+
+def _route_uncaught(*, json: bool) -> None:
+    """In JSON mode, an exception nothing caught (in any thread) is one ``uncaught`` event."""
+    if not json:
+        sys.excepthook = sys.__excepthook__
+        threading.excepthook = threading.__excepthook__
+        return
+
+    def log_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        structlog.get_logger("guardrail").error("uncaught", exc_info=(kind, exc, tb))
+
+    def log_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        structlog.get_logger("guardrail").error(
+            "uncaught", thread=getattr(args.thread, "name", None),
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = log_uncaught
+    threading.excepthook = log_thread
+
+
+def ensure_logging() -> None:
+    """Configure console logging to stderr unless the application configured structlog itself."""
+    if not structlog.is_configured():
+        configure_logging()
+
+
+def progress_bar(total: int, enabled: bool, desc: str, unit: str = "prompt") -> Any:
+    """A tqdm bar on stderr; a disabled one counts silently (it still has ``update``/``close``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)

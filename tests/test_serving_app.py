@@ -471,7 +471,7 @@ def test_nonfinite_skips_and_disabled_layers_show_in_telemetry_and_metrics(tiny_
 
 def test_the_console_log_escapes_what_a_client_sends(pool: PolicyPool,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from guardrail.telemetry import configure_logging
+    from guardrail.console import configure_logging
 
     configure_logging(json=False)
     capsys.readouterr()

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from guardrail import __version__
-from guardrail.console import EscapingWriter, printable
+from guardrail.console import EscapingWriter, configure_logging, printable
 from guardrail.errors import GuardrailError, PluginError
 from guardrail.prompts import DATA_ENV
-from guardrail.telemetry import configure_logging
 
 # Each module has ``add_parser(subparsers)``; a sub-parser sets ``func(args) -> int``.
 COMMAND_MODULES: tuple[str, ...] = (

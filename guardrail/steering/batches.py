@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from guardrail.console import progress_bar
 from guardrail.steering.gating import gate_telemetry, rows_of
 from guardrail.steering.generation import (
     Conversation,
@@ -26,7 +27,7 @@ from guardrail.steering.generation import (
 )
 from guardrail.steering.hooks import log_nonfinite
 from guardrail.steering.rails import forced_rows
-from guardrail.telemetry import GenerationTelemetry, progress_bar
+from guardrail.telemetry import GenerationTelemetry
 
 if TYPE_CHECKING:
     from guardrail.policy.model import GenerationSection

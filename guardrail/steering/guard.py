@@ -16,6 +16,7 @@ import structlog
 import torch
 from torch import nn
 
+from guardrail.console import ensure_logging, progress_bar
 from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugin.components import ActivationSource, OutputRail, RefusalClassifier, Verdict
@@ -38,7 +39,7 @@ from guardrail.steering.output_rails import review_answers
 from guardrail.steering.prerequisites import check_installed, fetch_command, resource_installed
 from guardrail.steering.rails import Rail, build_rail, check_strength, with_steerer
 from guardrail.steering.streams import GenerationStream
-from guardrail.telemetry import GenerationTelemetry, StepEvent, ensure_logging, progress_bar
+from guardrail.telemetry import GenerationTelemetry, StepEvent
 
 if TYPE_CHECKING:
     from guardrail.models.loading import LoadedModel

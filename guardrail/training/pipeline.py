@@ -16,13 +16,13 @@ import structlog
 import torch
 
 from guardrail.artifact.gate import GateSet
+from guardrail.console import progress_bar
 from guardrail.errors import PolicyError
 from guardrail.plugin.components import ActivationSource
 from guardrail.plugin.energy_model import EnergyModel
 from guardrail.policy.model import Policy, RailSpec
 from guardrail.policy.training import TrainingSection
 from guardrail.steering.rails import SHARED
-from guardrail.telemetry import progress_bar
 from guardrail.training.cache import StateCache, weights_digest
 from guardrail.training.labelling import (
     CaptureStats,

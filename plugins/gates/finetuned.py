@@ -27,10 +27,10 @@ from guardrail_plugins.gates.model import encoder_path
 from pydantic import BaseModel
 from torch import nn
 
+from guardrail.console import progress_bar
 from guardrail.errors import PluginError
 from guardrail.plugin.components import Gate
 from guardrail.steering.capture import mean_over_prompt
-from guardrail.telemetry import progress_bar
 
 log = structlog.get_logger("guardrail.gates")
 
