@@ -102,11 +102,15 @@ def test_attach_steers_a_left_padded_generate(own: _Own, tmp_path: Path) -> None
         own.model.generate(**inputs, max_new_tokens=3, do_sample=False,
                            pad_token_id=own.tokenizer.pad_token_id)
     [row_a, row_b] = session.telemetry([3, 3])
-    # Each row was steered at its own last prompt token: the same energies generate() reports.
+    # Each row was steered at its own last prompt token: the same energies generate() reports,
+    # before and after the step (a measure-only attach() would leave them equal).
     results = guard.generate(CONVERSATIONS[:2], max_new_tokens=3, batch_size=2)
     for row, result in zip((row_a, row_b), results, strict=True):
         assert [i.energy_before for i in row] == pytest.approx(
             [i.energy_before for i in result.telemetry.layers], abs=1e-4)
+        assert [i.energy_after for i in row] == pytest.approx(
+            [i.energy_after for i in result.telemetry.layers], abs=1e-4)
+        assert any(i.steps > 0 and i.energy_after < i.energy_before for i in row), row
 
 
 def test_attach_refuses_a_right_padded_batch(own: _Own, tmp_path: Path) -> None:

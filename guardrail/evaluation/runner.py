@@ -213,8 +213,9 @@ def evaluate(
             judge = classifier.classify if classifier is not None else contender.guard.classify
             verdicts = judge(prompts, texts)
             tokenizer = contender.guard.tokenizer
-            heads = judge(prompts, [tokenizer.decode(a.token_ids[:head_tokens],
-                                                     skip_special_tokens=True) for a in answers])
+            heads = judge(prompts, [str(tokenizer.decode(a.token_ids[:head_tokens],
+                                                         skip_special_tokens=True))
+                                    for a in answers])
             qualities = [assess(a.text, a.finish_reason) for a in answers]
             rows.append(Row(
                 label=contender.label, policy=contender.policy, steered=contender.steer,

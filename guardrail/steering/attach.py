@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
-from torch import nn
 
 from guardrail.artifact.energy import EnergyArtifact
 from guardrail.models.fingerprint import model_fingerprint
@@ -22,13 +21,15 @@ from guardrail.steering.hooks import SteeringSession
 from guardrail.steering.streams import refuse_right_padding
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from guardrail.steering.guard import Guardrail
 
 log = structlog.get_logger("guardrail")
 
 
 @contextlib.contextmanager
-def attached(guard: Guardrail, model: nn.Module | None = None, *,
+def attached(guard: Guardrail, model: PreTrainedModel | None = None, *,
              strength: float | None = None) -> Iterator[SteeringSession]:
     """Steer ``model.generate(...)`` / forward calls on a model object of your own.
 
@@ -69,7 +70,8 @@ def attached(guard: Guardrail, model: nn.Module | None = None, *,
 class _AttachGate:
     """A forward pre-hook that runs the rails' gates on each new prompt under ``attach()``."""
 
-    def __init__(self, guard: Guardrail, session: SteeringSession, model: Any) -> None:
+    def __init__(self, guard: Guardrail, session: SteeringSession, model: PreTrainedModel
+                 ) -> None:
         self.guard = guard
         self.session = session
         self.model = model

@@ -110,7 +110,8 @@ def _generate(guard: Guardrail, batch: Batch, steer: bool, settings: GenerationS
         kwargs["stopping_criteria"] = stopping_criteria
     with guard.session(steer=steer, rows=rows, strength=strength) as session, \
             torch.no_grad():
-        output = guard.model.generate(**enc, **kwargs)
+        # (transformers types PreTrainedModel without its causal LMs' GenerationMixin)
+        output = guard.model.generate(**enc, **kwargs)  # type: ignore[operator]
     eos = eos_ids(guard.model, guard.tokenizer)
     answers = [cut_at_eos(row, eos) for row in output[:, prompt_len:].tolist()]
     # A row that stopped fed its end-of-sequence token back like any other.
@@ -120,7 +121,7 @@ def _generate(guard: Guardrail, batch: Batch, steer: bool, settings: GenerationS
     sides = {rail.name: session.sides_of(rail.name, len(answers)) for rail in session.rails}
     return [
         GenerationResult(
-            text=guard.tokenizer.decode(ids, skip_special_tokens=True),
+            text=str(guard.tokenizer.decode(ids, skip_special_tokens=True)),
             token_ids=ids,
             finish_reason=finish,
             telemetry=GenerationTelemetry(

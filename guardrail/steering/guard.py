@@ -12,15 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pluggy
 import structlog
 import torch
-from torch import nn
 
 from guardrail.console import ensure_logging, progress_bar
 from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugin.components import ActivationSource, OutputRail, RefusalClassifier, Verdict
-from guardrail.plugin.manager import PluginManager, Registry, get_plugin_manager
+from guardrail.plugin.manager import Registry, get_plugin_manager
 from guardrail.policy.checks import check_plugins
 from guardrail.policy.model import GenerationSection, PluginSpec, Policy, load_policy
 from guardrail.steering.attach import attached
@@ -42,6 +42,8 @@ from guardrail.steering.streams import GenerationStream
 from guardrail.telemetry import GenerationTelemetry, StepEvent
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from guardrail.models.loading import LoadedModel
 
 __all__ = ["GenerationResult", "Guardrail"]
@@ -62,7 +64,7 @@ class Guardrail:
         rails: list[Rail],
         classifier: RefusalClassifier,
         registry: Registry,
-        plugin_manager: PluginManager,
+        plugin_manager: pluggy.PluginManager,
         fingerprint: dict[str, Any],
         output_rails: Sequence[OutputRail] = (),
     ) -> None:
@@ -89,7 +91,7 @@ class Guardrail:
         tokenizer: Any = None,
         loaded: Any = None,
         device: str | None = None,
-        plugin_manager: Any = None,
+        plugin_manager: pluggy.PluginManager | None = None,
     ) -> Guardrail:
         """Load a policy (a file, a shipped policy's name, or a :class:`Policy`), its rails'
         artifacts and, unless given, its model.
@@ -110,7 +112,7 @@ class Guardrail:
             from guardrail.models.loading import adopt_model
 
             loaded = adopt_model(model, tokenizer)
-        pm = plugin_manager or get_plugin_manager()
+        pm: pluggy.PluginManager = plugin_manager or get_plugin_manager()
         registry = Registry.from_plugin_manager(pm)
         where = str(policy.path or policy.name)
         problems = check_plugins(policy, registry)
@@ -193,9 +195,9 @@ class Guardrail:
     def render(self, conversations: Sequence[Conversation], *, steer: bool = True) -> list[str]:
         """Chat-template each conversation into the prompt text the model sees."""
         return [
-            self.tokenizer.apply_chat_template(
+            str(self.tokenizer.apply_chat_template(
                 self.prepare(c, steer=steer), tokenize=False, add_generation_prompt=True
-            )
+            ))
             for c in conversations
         ]
 
@@ -212,7 +214,8 @@ class Guardrail:
     # --- generation ---------------------------------------------------------------------------
     def session(self, *, steer: bool = True, measure_only: bool = False,
                 rows: dict[str, dict[str, torch.Tensor]] | None = None,
-                model: nn.Module | None = None, strength: float | None = None) -> SteeringSession:
+                model: PreTrainedModel | None = None, strength: float | None = None
+                ) -> SteeringSession:
         """A steering session over this guardrail's rails (no rails when ``steer`` is false) on
         ``model`` (default: the guardrail's); ``rows`` limits a rail to the batch rows its gate
         let through, per side; ``strength`` multiplies every rail's step size
@@ -356,7 +359,7 @@ class Guardrail:
 
     # --- gates and states, without generating -------------------------------------------------
     def gate(self, prompts: Sequence[str], enc: dict[str, torch.Tensor], *,
-             model: nn.Module | None = None) -> Decisions:
+             model: PreTrainedModel | None = None) -> Decisions:
         """Per gated rail: the batch's harm scores and, per side, the rows the rail steers
         towards it (:func:`guardrail.steering.gating.decide`, on ``model``, default the
         guardrail's)."""
@@ -448,7 +451,7 @@ class Guardrail:
                                         strength=strength, **overrides)[0],
         )
 
-    def attach(self, model: nn.Module | None = None, *, strength: float | None = None
+    def attach(self, model: PreTrainedModel | None = None, *, strength: float | None = None
                ) -> contextlib.AbstractContextManager[SteeringSession]:
         """Steer ``model.generate(...)`` / forward calls on a model object of your own (default:
         this guardrail's), gates included: see :func:`guardrail.steering.attach.attached`."""
