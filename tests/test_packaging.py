@@ -32,8 +32,8 @@ def test_wheel_ships_every_policy_and_artifact_beside_each_other(wheel: zipfile.
         assert f"guardrail/artifacts/{artifact.name}" in names, artifact.name
     assert "guardrail/artifacts/__init__.py" in names and "guardrail/policies/__init__.py" in names
     assert "guardrail_plugins/mlp_energy/model.py" in names
-    # Every source module of the checkout is in the wheel (a sub-package missing from
-    # pyproject's list would install a guardrail that cannot import its built-ins).
+    # Every source module of the checkout is in the wheel (a sub-package setup.py did not
+    # find would install a guardrail that cannot import its built-ins).
     for folder, package in ((ROOT / "guardrail", "guardrail"), (ROOT / "plugins", "guardrail_plugins")):
         for module in folder.rglob("*.py"):
             assert f"{package}/{module.relative_to(folder).as_posix()}" in names, module

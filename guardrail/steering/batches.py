@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from guardrail.console import progress_bar
+from guardrail.plugin.components import ActivationSource
+from guardrail.steering.capture import read_states
 from guardrail.steering.gating import gate_telemetry, rows_of
 from guardrail.steering.generation import (
     Conversation,
@@ -136,3 +138,43 @@ def _generate(guard: Guardrail, batch: Batch, steer: bool, settings: GenerationS
         )
         for row, (ids, finish) in enumerate(answers)
     ]
+
+
+def energies(guard: Guardrail, conversations: Sequence[Conversation], *, batch_size: int
+             ) -> list[GenerationTelemetry]:
+    """Energies at the last prompt token per rail and layer, without generating or steering:
+    :meth:`Guardrail.energies`."""
+    out: list[GenerationTelemetry] = []
+    for batch in batches(guard, conversations, size=batch_size):
+        # Each row is measured with the energy models of the side its gate puts it on.
+        decisions = guard.gate(batch.prompts, batch.enc)
+        with guard.session(measure_only=True, rows=rows_of(decisions)) as session, \
+                torch.no_grad():
+            guard.model(**batch.enc, use_cache=False)
+        per_row = session.telemetry([0] * len(batch))
+        log_nonfinite(per_row, policy=guard.policy.name)
+        for row, layers in enumerate(per_row):
+            out.append(
+                GenerationTelemetry(steered=False, policy=guard.policy.name, layers=layers,
+                                    gates=gate_telemetry(guard.rails, decisions, row))
+            )
+    return out
+
+
+def prompt_states(guard: Guardrail, conversations: Sequence[Conversation],
+                  source: ActivationSource, layers: Sequence[int], *, positions: str,
+                  batch_size: int, progress: bool = False) -> dict[int, torch.Tensor]:
+    """Per layer, ``[n, hidden]`` unsteered prompt states in the order given, batched
+    longest first: :meth:`Guardrail.prompt_states`."""
+    parts: list[tuple[list[int], dict[int, torch.Tensor]]] = []
+    bar = progress_bar(len(conversations), progress, "capture states")
+    for batch in batches(guard, conversations, steer=False, size=batch_size,
+                         longest_first=True):
+        parts.append((batch.rows, read_states(guard.model, source, batch.enc, layers,
+                                              positions)))
+        bar.update(len(batch))
+    bar.close()
+    order = torch.tensor([i for rows, _ in parts for i in rows], dtype=torch.long)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return {layer: torch.cat([found[layer] for _, found in parts])[inverse] for layer in layers}

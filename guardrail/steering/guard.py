@@ -16,28 +16,34 @@ import pluggy
 import structlog
 import torch
 
-from guardrail.console import ensure_logging, progress_bar
+from guardrail.console import ensure_logging
 from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugin.components import ActivationSource, OutputRail, RefusalClassifier, Verdict
 from guardrail.plugin.manager import Registry, get_plugin_manager
 from guardrail.policy.checks import check_plugins
-from guardrail.policy.model import GenerationSection, PluginSpec, Policy, load_policy
+from guardrail.policy.model import GenerationSection, Policy, load_policy
 from guardrail.steering.attach import attached
 from guardrail.steering.batches import answer as answer_in_batches
-from guardrail.steering.batches import batches
-from guardrail.steering.capture import read_states
-from guardrail.steering.gating import Decisions, decide, gate_telemetry, rows_of
+from guardrail.steering.batches import batches, energies, prompt_states
+from guardrail.steering.gating import Decisions, decide
 from guardrail.steering.generation import (
     Conversation,
     GenerationResult,
     last_user,
     merge_settings,
 )
-from guardrail.steering.hooks import SteeringSession, log_nonfinite
+from guardrail.steering.hooks import SteeringSession
 from guardrail.steering.output_rails import review_answers
-from guardrail.steering.prerequisites import check_installed, fetch_command, resource_installed
-from guardrail.steering.rails import Rail, build_rail, check_strength, with_steerer
+from guardrail.steering.prerequisites import check_installed, missing_resources
+from guardrail.steering.rails import (
+    Rail,
+    build_rail,
+    check_strength,
+    create_classifier,
+    create_output_rails,
+    with_steerer,
+)
 from guardrail.steering.streams import GenerationStream
 from guardrail.telemetry import GenerationTelemetry, StepEvent
 
@@ -122,8 +128,8 @@ class Guardrail:
         # naming each missing piece and the command that fetches them all.
         check_installed(policy, registry, model=loaded is None,
                         dtype=None if policy.model.dtype == "auto" else policy.model.dtype)
-        classifier = _classifier(policy, registry)  # its configuration errors, before loading
-        output_rails = [_output_rail(spec, registry) for spec in policy.output_rails]
+        classifier = create_classifier(policy, registry)  # its configuration errors, before loading
+        output_rails = create_output_rails(policy, registry)
         if loaded is None:
             from guardrail.models import load_model
 
@@ -150,15 +156,7 @@ class Guardrail:
         """What a loaded rail's gate needs but cannot find now (an encoder package removed
         since load, say), one line each; empty when everything is there. The server's
         ``/readyz`` reports these."""
-        out = []
-        for rail in self.rails:
-            for i, member in enumerate(rail.gate.members if rail.gate is not None else []):
-                for name in member.gate.resources():
-                    if not resource_installed(name):
-                        out.append(f"rail {rail.name!r} gate member {i} ({member.plugin}): "
-                                   f"{name!r} is not installed; install it with "
-                                   f"{fetch_command(self.policy)}")
-        return out
+        return missing_resources(self.policy, self.rails)
 
     def with_policy(self, policy: Policy) -> Guardrail:
         """This guardrail under a variant of its policy that changes steerer params only.
@@ -379,23 +377,10 @@ class Guardrail:
     def energies(
         self, conversations: Sequence[Conversation], *, batch_size: int | None = None
     ) -> list[GenerationTelemetry]:
-        """Energies at the last prompt token per rail and layer, without generating or steering."""
-        out: list[GenerationTelemetry] = []
-        for batch in batches(self, conversations,
-                             size=batch_size or self.policy.generation.batch_size):
-            # Each row is measured with the energy models of the side its gate puts it on.
-            decisions = self.gate(batch.prompts, batch.enc)
-            with self.session(measure_only=True, rows=rows_of(decisions)) as session, \
-                    torch.no_grad():
-                self.model(**batch.enc, use_cache=False)
-            per_row = session.telemetry([0] * len(batch))
-            log_nonfinite(per_row, policy=self.policy.name)
-            for row, layers in enumerate(per_row):
-                out.append(
-                    GenerationTelemetry(steered=False, policy=self.policy.name, layers=layers,
-                                        gates=gate_telemetry(self.rails, decisions, row))
-                )
-        return out
+        """Energies at the last prompt token per rail and layer, without generating or steering
+        (each row measured with the energy models of the side its gate puts it on)."""
+        return energies(self, conversations,
+                        batch_size=batch_size or self.policy.generation.batch_size)
 
     def prompt_states(self, conversations: Sequence[Conversation], source: ActivationSource,
                       layers: Sequence[int], *, positions: str = "last",
@@ -403,21 +388,10 @@ class Guardrail:
                       ) -> dict[int, torch.Tensor]:
         """Per layer, ``[n, hidden]`` unsteered prompt states of ``conversations`` read through
         ``source`` (``positions``: the last prompt token, or the mean over the prompt), in the
-        order given; batched longest first."""
-        parts: list[tuple[list[int], dict[int, torch.Tensor]]] = []
-        bar = progress_bar(len(conversations), progress, "capture states")
-        for batch in batches(self, conversations, steer=False,
-                             size=batch_size or self.policy.generation.batch_size,
-                             longest_first=True):
-            parts.append((batch.rows, read_states(self.model, source, batch.enc, layers,
-                                                  positions)))
-            bar.update(len(batch))
-        bar.close()
-        order = torch.tensor([i for rows, _ in parts for i in rows], dtype=torch.long)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order))
-        return {layer: torch.cat([found[layer] for _, found in parts])[inverse]
-                for layer in layers}
+        order given."""
+        return prompt_states(self, conversations, source, layers, positions=positions,
+                             batch_size=batch_size or self.policy.generation.batch_size,
+                             progress=progress)
 
     def classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """The policy's refusal classifier C(X, Y)."""
@@ -461,17 +435,3 @@ class Guardrail:
 def _but_steerer_params(policy: Policy) -> dict[str, Any]:
     """The policy as data, less its name and its rails' steerer params."""
     return policy.model_dump(exclude={"name": True, "rails": {"__all__": {"steerer": {"params"}}}})
-
-
-def _output_rail(spec: PluginSpec, registry: Registry) -> OutputRail:
-    rail = registry.create("output_rail", spec.plugin, spec.params)
-    assert isinstance(rail, OutputRail)
-    return rail
-
-
-def _classifier(policy: Policy, registry: Registry) -> RefusalClassifier:
-    classifier = registry.create(
-        "refusal_classifier", policy.classifier.plugin, policy.classifier.params
-    )
-    assert isinstance(classifier, RefusalClassifier)
-    return classifier

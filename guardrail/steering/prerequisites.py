@@ -12,9 +12,10 @@ request.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from guardrail.cache import CACHE_DTYPES, is_cached
 from guardrail.errors import ArtifactError, GuardrailError, MissingComponentError, PluginError
@@ -28,6 +29,9 @@ from guardrail.models.catalogue import (
 from guardrail.plugin.components import Gate
 from guardrail.policy.model import Policy
 from guardrail.policy.shipped import shipped_policies
+
+if TYPE_CHECKING:
+    from guardrail.steering.rails import Rail
 
 
 @dataclass(frozen=True)
@@ -167,3 +171,17 @@ def _resources(registry: Any, plugin: str, params: dict[str, Any]) -> list[str]:
     except (PluginError, GuardrailError):
         return []  # check_plugins reports an unknown plugin or bad params
     return [str(name) for name in gate.resources()] if isinstance(gate, Gate) else []
+
+
+def missing_resources(policy: Policy, rails: Sequence[Rail]) -> list[str]:
+    """What a loaded rail's gate needs but cannot find now (an encoder package removed since
+    load, say), one line each, naming the command that fetches it; empty when all is there."""
+    out = []
+    for rail in rails:
+        for i, member in enumerate(rail.gate.members if rail.gate is not None else []):
+            for name in member.gate.resources():
+                if not resource_installed(name):
+                    out.append(f"rail {rail.name!r} gate member {i} ({member.plugin}): "
+                               f"{name!r} is not installed; install it with "
+                               f"{fetch_command(policy)}")
+    return out

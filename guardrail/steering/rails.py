@@ -20,11 +20,11 @@ from guardrail.artifact.energy import SIDES, EnergyArtifact
 from guardrail.artifact.gate import GateSet
 from guardrail.artifact.header import Calibration
 from guardrail.errors import ArtifactError, GuardrailError, PolicyError
-from guardrail.plugin.components import ActivationSource, Steerer
+from guardrail.plugin.components import ActivationSource, OutputRail, RefusalClassifier, Steerer
 from guardrail.plugin.energy_model import EnergyModel
 from guardrail.plugin.manager import Registry
 from guardrail.policy.checks import calibrated_for, calibrated_spec
-from guardrail.policy.model import GateSpec, PluginSpec, RailSpec
+from guardrail.policy.model import GateSpec, PluginSpec, Policy, RailSpec
 
 #: The side of an ungated rail (every row, the shared energy models).
 SHARED = "shared"
@@ -353,3 +353,22 @@ def check_strength(strength: Any, rails: Sequence[Rail]) -> None:
                 f"{rail.strength_limit:g} (the largest step size its artifact's calibration "
                 "found within the safety budget, over the calibrated one; run `guardrail "
                 "calibrate` with a wider grid to allow more)")
+
+
+def create_output_rails(policy: Policy, registry: Registry) -> list[OutputRail]:
+    """The policy's output rails, created with their validated params, in order."""
+    out = []
+    for spec in policy.output_rails:
+        rail = registry.create("output_rail", spec.plugin, spec.params)
+        assert isinstance(rail, OutputRail)
+        out.append(rail)
+    return out
+
+
+def create_classifier(policy: Policy, registry: Registry) -> RefusalClassifier:
+    """The policy's refusal classifier, created with its validated params."""
+    classifier = registry.create(
+        "refusal_classifier", policy.classifier.plugin, policy.classifier.params
+    )
+    assert isinstance(classifier, RefusalClassifier)
+    return classifier
