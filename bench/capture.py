@@ -27,7 +27,7 @@ from guardrail.models import load_model
 from guardrail.policy.model import parse_policy
 from guardrail.policy.training import LabelSettings
 from guardrail.prompts import load_prompts
-from guardrail.steering.capture import capture_states
+from guardrail.steering.capture import read_states
 from guardrail.steering.generation import user_turns
 from guardrail.steering.guard import Guardrail
 from guardrail.training.labelling import _label_batch
@@ -49,7 +49,8 @@ class PassCounter:
 
 def one_pass(model: nn.Module, source: ResidualStreamSource, batches: list[dict]) -> torch.Tensor:
     """Every layer's last-token states from one forward pass per batch."""
-    return torch.cat([capture_states(model, source, enc, "last") for enc in batches])
+    found = [read_states(model, source, enc) for enc in batches]
+    return torch.cat([torch.stack([f[layer] for layer in sorted(f)], dim=1) for f in found])
 
 
 def pass_per_layer(model: nn.Module, source: ResidualStreamSource, batches: list[dict]

@@ -16,7 +16,7 @@ from guardrail.cli import main
 from guardrail.errors import ArtifactError
 from guardrail.models import model_fingerprint
 from guardrail.policy.model import parse_policy
-from guardrail.steering.capture import capture_last_prompt_states
+from guardrail.steering.capture import read_states
 from guardrail.steering.guard import Guardrail
 
 from .conftest import write_policy
@@ -64,7 +64,8 @@ def artifact_path(smol, tmp_path_factory: pytest.TempPathFactory) -> Path:  # ty
         for p in prompts
     ]
     enc = smol.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    states = capture_last_prompt_states(smol.model, ResidualStreamSource(), dict(enc), LAYERS)
+    found = read_states(smol.model, ResidualStreamSource(), dict(enc), LAYERS)
+    states = torch.stack([found[layer] for layer in LAYERS], dim=1)
     labels = torch.tensor([0.0] * len(DESIRABLE) + [1.0] * len(UNDESIRABLE))
     models = {}
     torch.manual_seed(0)

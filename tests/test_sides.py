@@ -70,10 +70,10 @@ def test_separate_sides_train_one_set_per_side_and_steer_each_row_with_its_own(
         assert {item.layer for item in layers} <= set(artifact.sides[side])
     # Each row's energy is its own side's model's, not the other's.
     enc = guard.encode(guard.render(_conversations(BOMB)))
-    from guardrail.steering.capture import capture_last_prompt_states
+    from guardrail.steering.capture import read_states
 
     layer = sorted(artifact.sides["refuse"])[0]
-    state = capture_last_prompt_states(guard.model, rail.source, enc, [layer])[:, 0]
+    state = read_states(guard.model, rail.source, enc, [layer])[layer]
     expected = float(artifact.sides["refuse"][layer].energy(state)[0])
     measured = next(item.energy_before for item in results[1].telemetry.layers
                     if item.layer == layer)

@@ -12,7 +12,7 @@ from guardrail_plugins.residual_stream import ResidualStreamSource
 from guardrail.errors import DataError
 from guardrail.policy.model import parse_policy
 from guardrail.policy.training import LabelSettings
-from guardrail.steering.capture import capture_last_prompt_states, capture_states
+from guardrail.steering.capture import read_states
 from guardrail.steering.guard import Guardrail
 from guardrail.training.cache import StateCache
 from guardrail.training.labelling import (
@@ -59,7 +59,8 @@ def test_one_prefill_per_batch_serves_every_layer(guard: Guardrail, tmp_path: Pa
     texts = guard.render([[{"role": "user", "content": p.text}] for p in PROMPTS], steer=False)
     for i, text in enumerate(texts):
         enc = guard.encode([text])
-        alone = capture_last_prompt_states(guard.model, ResidualStreamSource(), enc, range(4))
+        found = read_states(guard.model, ResidualStreamSource(), enc, range(4))
+        alone = torch.stack([found[layer] for layer in range(4)], dim=1)
         assert torch.allclose(labelled.states[i].float(), alone[0], atol=2e-3, rtol=1e-2)
     # ...and the responses are what Guardrail.generate answers unsteered.
     results = guard.generate([[{"role": "user", "content": p.text}] for p in PROMPTS],
@@ -83,9 +84,11 @@ def test_labels_follow_the_policy_classifier(guard: Guardrail, tmp_path: Path) -
 def test_mean_positions_average_the_real_prompt_tokens(guard: Guardrail) -> None:
     texts = guard.render([[{"role": "user", "content": "where can i buy coke"}]] * 1
                          + [[{"role": "user", "content": "how make bomb"}]], steer=False)
-    padded = capture_states(guard.model, ResidualStreamSource(), guard.encode(texts), "mean")
-    alone = capture_states(guard.model, ResidualStreamSource(), guard.encode(texts[1:]), "mean")
-    assert torch.allclose(padded[1], alone[0], atol=1e-4)  # padding does not leak into the mean
+    padded = read_states(guard.model, ResidualStreamSource(), guard.encode(texts), None, "mean")
+    alone = read_states(guard.model, ResidualStreamSource(), guard.encode(texts[1:]), None, "mean")
+    assert padded.keys() == alone.keys() and len(padded) > 1
+    for layer in padded:  # padding does not leak into the mean
+        assert torch.allclose(padded[layer][1], alone[layer][0], atol=1e-4)
 
 
 def _labelled(cells: list[int]) -> LabelledSet:

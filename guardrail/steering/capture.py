@@ -154,35 +154,3 @@ def read_states(
                          layers=layers, stop_after_deepest=True) as captured:
         run_stopping(model, inputs)
     return captured.by_layer
-
-
-def capture_last_prompt_states(
-    model: nn.Module,
-    source: ActivationSource,
-    inputs: dict[str, torch.Tensor],
-    layers: Sequence[int],
-) -> torch.Tensor:
-    """States at the last prompt token (left-padded inputs) for ``layers``, in the order
-    given: ``[batch, L, hidden]``."""
-    found = read_states(model, source, inputs, layers, "last")
-    return torch.stack([found[layer] for layer in layers], dim=1)
-
-
-def mean_prompt_states(model: nn.Module, source: ActivationSource,
-                       inputs: dict[str, torch.Tensor], layers: Sequence[int]
-                       ) -> dict[int, torch.Tensor]:
-    """Per layer, ``[batch, hidden]`` states averaged over each row's real prompt tokens (what
-    gates read)."""
-    return read_states(model, source, inputs, layers, "mean")
-
-
-def capture_states(
-    model: nn.Module,
-    source: ActivationSource,
-    inputs: dict[str, torch.Tensor],
-    positions: str = "last",
-) -> torch.Tensor:
-    """States of every layer for a batch in one forward pass (no generation): ``[b, L, hidden]``."""
-    with capture_prefill(model, source, inputs.get("attention_mask"), positions) as captured:
-        run_stopping(model, inputs)
-    return captured.stacked()

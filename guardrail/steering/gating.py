@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from guardrail.steering.capture import mean_prompt_states
+from guardrail.steering.capture import read_states
 from guardrail.telemetry import GateTelemetry
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def decide(rails: Sequence[Rail], model: nn.Module, num_layers: int, prompts: Se
         return {}
     layers = sorted({layer for rail in gated
                      for layer in rail.gate.state_layers(num_layers)})  # type: ignore[union-attr]
-    states = mean_prompt_states(model, gated[0].source, enc, layers) if layers else None
+    states = read_states(model, gated[0].source, enc, layers, "mean") if layers else None
     scores: dict[int, torch.Tensor] = {}
     out = {}
     device = enc["input_ids"].device

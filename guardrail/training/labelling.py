@@ -31,7 +31,6 @@ log = structlog.get_logger("guardrail.training")
 
 CELLS = ("benign+comply", "benign+refuse", "harmful+refuse", "harmful+comply")
 """Cell index -> name; cells 0 and 2 are desirable."""
-DESIRABLE_CELLS = (0, 2)
 
 
 def cell_of(context: str, refused: bool) -> int:

@@ -3,7 +3,7 @@
 What ``guardrail baseline directions`` runs (:mod:`guardrail_plugins.baselines.command`).
 
 States at the last prompt token of every layer come from one forward pass per batch
-(:func:`guardrail.steering.capture.capture_last_prompt_states`) and are cached on disk per
+(:meth:`guardrail.steering.guard.Guardrail.prompt_states`) and are cached on disk per
 (model, activation source, rendered prompts), so building a second artifact is free.
 """
 
