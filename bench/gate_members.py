@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
+from guardrail.evaluation.metrics import auroc
 from guardrail.plugin.manager import Registry, get_plugin_manager
 from guardrail.policy.model import load_policy
 from guardrail.prompts import load_prompts, resolve_data_dir
 from guardrail.training.gatefit import fit_gate_set, held_out_scores
-from guardrail.training.metrics import auroc
 from guardrail.training.pipeline import gate_cache_root
 from guardrail.training.sources import load_prompt_sets
 

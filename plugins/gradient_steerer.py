@@ -11,12 +11,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import hookimpl
-from guardrail.plugin.components import SteerContext, Steerer, SteerOutcome
+from guardrail.plugin.components import Energy, SteerContext, Steerer, SteerOutcome
 
 if TYPE_CHECKING:
     import torch
-
-    from guardrail.plugin.energy_model import EnergyModel
 
 
 class GradientSteererParams(BaseModel):
@@ -45,7 +43,7 @@ class GradientSteerer(Steerer):
     strength_param = "eta"
 
     def steer(
-        self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
+        self, states: torch.Tensor, energy: Energy | None, ctx: SteerContext
     ) -> SteerOutcome:
         import torch
 

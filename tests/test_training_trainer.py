@@ -6,9 +6,10 @@ import pytest
 import torch
 from guardrail_plugins.mlp_energy import MLPEnergyModel, MLPEnergyParams
 
+from guardrail.evaluation.metrics import auroc
 from guardrail.plugin.energy_model import EnergyModel
 from guardrail.policy.training import TrainerSettings
-from guardrail.training.metrics import auroc, youden_threshold
+from guardrail.training.metrics import youden_threshold
 from guardrail.training.trainer import CellSampler, energy_loss, train_layers
 
 HIDDEN = 8

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.evaluation.quality import AnswerQuality
 from guardrail.plugin.components import SuiteItem, Verdict
+
+if TYPE_CHECKING:
+    import torch
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -105,3 +108,11 @@ def _by_category(items: Sequence[SuiteItem], verdicts: Sequence[Verdict]
         row[0] += int(good)
         row[1] += 1
     return {key: {"correct": k, "n": n, "rate": k / n} for key, (k, n) in sorted(table.items())}
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:
+    """P(positive > negative) + P(tie)/2; ``None`` when a side is empty."""
+    if positive.numel() == 0 or negative.numel() == 0:
+        return None
+    diff = positive[:, None] - negative[None, :]
+    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())

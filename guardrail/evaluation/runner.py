@@ -243,8 +243,8 @@ def evaluate(
 def add_gate(guard: Guardrail, row: Row) -> None:
     """A gated policy's harm score and side per item (``gate_score``, ``gate_side``, of its
     first gated rail), and the gate's AUROC on the suite."""
+    from guardrail.evaluation.metrics import auroc
     from guardrail.steering.gating import side_of
-    from guardrail.training.metrics import auroc
 
     rail = next((r for r in guard.rails if r.gate is not None), None)
     if rail is None or not row.records:

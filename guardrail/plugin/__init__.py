@@ -19,6 +19,7 @@ from guardrail.plugin.components import (
     ActivationSource,
     Answer,
     Component,
+    Energy,
     Gate,
     NoParams,
     OutputRail,
@@ -33,9 +34,9 @@ from guardrail.plugin.components import (
 from guardrail.plugin.markers import Register, hookimpl, hookspec
 
 __all__ = [
-    "ActivationSource", "Answer", "Component", "EnergyModel", "Gate", "NoParams", "OutputRail",
-    "RefusalClassifier", "Register", "SteerContext", "SteerOutcome", "Steerer", "Suite",
-    "SuiteItem", "Verdict", "hookimpl", "hookspec",
+    "ActivationSource", "Answer", "Component", "Energy", "EnergyModel", "Gate", "NoParams",
+    "OutputRail", "RefusalClassifier", "Register", "SteerContext", "SteerOutcome", "Steerer",
+    "Suite", "SuiteItem", "Verdict", "hookimpl", "hookspec",
 ]
 
 

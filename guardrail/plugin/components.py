@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,12 +24,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from guardrail.plugin.energy_model import EnergyModel
-
 __all__ = [
     "ActivationSource",
     "Answer",
     "Component",
+    "Energy",
     "NoParams",
     "OutputRail",
     "Phase",
@@ -84,7 +83,20 @@ class ActivationSource(Component):
 
 # --- energy models --------------------------------------------------------------------------
 # ``EnergyModel`` is an ``nn.Module``, so it lives in :mod:`guardrail.plugin.energy_model`:
-# importing the other interfaces costs no torch import.
+# importing the other interfaces costs no torch import. A steerer sees it as an ``Energy``.
+class Energy(Protocol):
+    """What a steerer may ask of an energy model: E(h) and its gradient, and the decision
+    energy (:class:`~guardrail.plugin.energy_model.EnergyModel` is one)."""
+
+    threshold: float
+
+    def energy(self, states: torch.Tensor) -> torch.Tensor:
+        """``[n, hidden]`` states to ``[n]`` energies."""
+        ...
+
+    def energy_and_grad(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n]`` energies and their ``[n, hidden]`` gradients in ``states``."""
+        ...
 
 
 # --- steering policies ----------------------------------------------------------------------
@@ -122,7 +134,7 @@ class Steerer(Component):
 
     @abstractmethod
     def steer(
-        self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
+        self, states: torch.Tensor, energy: Energy | None, ctx: SteerContext
     ) -> SteerOutcome:
         """Steer ``[n, hidden]`` states; must never return non-finite values.
 

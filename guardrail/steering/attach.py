@@ -16,6 +16,7 @@ import torch
 
 from guardrail.artifact.energy import EnergyArtifact
 from guardrail.models.fingerprint import model_fingerprint
+from guardrail.steering.batches import Runtime
 from guardrail.steering.generation import UserMessageParser
 from guardrail.steering.hooks import SteeringSession
 from guardrail.steering.streams import refuse_right_padding
@@ -23,13 +24,12 @@ from guardrail.steering.streams import refuse_right_padding
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from guardrail.steering.guard import Guardrail
 
 log = structlog.get_logger("guardrail")
 
 
 @contextlib.contextmanager
-def attached(guard: Guardrail, model: PreTrainedModel | None = None, *,
+def attached(guard: Runtime, model: PreTrainedModel | None = None, *,
              strength: float | None = None) -> Iterator[SteeringSession]:
     """Steer ``model.generate(...)`` / forward calls on a model object of your own.
 
@@ -70,7 +70,7 @@ def attached(guard: Guardrail, model: PreTrainedModel | None = None, *,
 class _AttachGate:
     """A forward pre-hook that runs the rails' gates on each new prompt under ``attach()``."""
 
-    def __init__(self, guard: Guardrail, session: SteeringSession, model: PreTrainedModel
+    def __init__(self, guard: Runtime, session: SteeringSession, model: PreTrainedModel
                  ) -> None:
         self.guard = guard
         self.session = session

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -32,8 +32,37 @@ from guardrail.steering.rails import forced_rows
 from guardrail.telemetry import GenerationTelemetry
 
 if TYPE_CHECKING:
-    from guardrail.policy.model import GenerationSection
-    from guardrail.steering.guard import Guardrail
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from guardrail.models.loading import LoadedModel
+    from guardrail.policy.model import GenerationSection, Policy
+    from guardrail.steering.gating import Decisions
+    from guardrail.steering.hooks import SteeringSession
+    from guardrail.steering.rails import Rail
+
+
+class Runtime(Protocol):
+    """What the batching path and ``attach()`` use of a loaded guardrail
+    (:class:`~guardrail.steering.guard.Guardrail` is one)."""
+
+    policy: Policy
+    loaded: LoadedModel
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    rails: list[Rail]
+
+    def render(self, conversations: Sequence[Conversation], *, steer: bool = True
+               ) -> list[str]: ...
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]: ...
+
+    def gate(self, prompts: Sequence[str], enc: dict[str, torch.Tensor], *,
+             model: PreTrainedModel | None = None) -> Decisions: ...
+
+    def session(self, *, steer: bool = True, measure_only: bool = False,
+                rows: dict[str, dict[str, torch.Tensor]] | None = None,
+                model: PreTrainedModel | None = None, strength: float | None = None
+                ) -> SteeringSession: ...
 
 
 @dataclass
@@ -51,7 +80,7 @@ class Batch:
         return len(self.rows)
 
 
-def batches(guard: Guardrail, conversations: Sequence[Conversation], *, steer: bool = True,
+def batches(guard: Runtime, conversations: Sequence[Conversation], *, steer: bool = True,
             size: int | None = None, longest_first: bool = False) -> Iterator[Batch]:
     """``conversations`` rendered as ``guard``'s policy has them (with prompt-level steerers
     when ``steer``), in batches of ``size`` (default: all in one), in the order given or,
@@ -68,7 +97,7 @@ def batches(guard: Guardrail, conversations: Sequence[Conversation], *, steer: b
         yield Batch(rows, [prompts[i] for i in rows], guard.encode([texts[i] for i in rows]))
 
 
-def answer(guard: Guardrail, conversations: Sequence[Conversation], *, steer: bool,
+def answer(guard: Runtime, conversations: Sequence[Conversation], *, steer: bool,
            settings: GenerationSection, streamer: Any = None, gates: bool | str = True,
            strength: float | None = None, progress: bool = False,
            stopping_criteria: Any = None, one_batch: bool = False) -> list[GenerationResult]:
@@ -95,7 +124,7 @@ def answer(guard: Guardrail, conversations: Sequence[Conversation], *, steer: bo
     return [r for r in results if r is not None]
 
 
-def _generate(guard: Guardrail, batch: Batch, steer: bool, settings: GenerationSection,
+def _generate(guard: Runtime, batch: Batch, steer: bool, settings: GenerationSection,
               streamer: Any, stopping_criteria: Any = None, *, gates: bool | str = True,
               strength: float | None = None) -> list[GenerationResult]:
     enc = batch.enc
@@ -140,7 +169,7 @@ def _generate(guard: Guardrail, batch: Batch, steer: bool, settings: GenerationS
     ]
 
 
-def energies(guard: Guardrail, conversations: Sequence[Conversation], *, batch_size: int
+def energies(guard: Runtime, conversations: Sequence[Conversation], *, batch_size: int
              ) -> list[GenerationTelemetry]:
     """Energies at the last prompt token per rail and layer, without generating or steering:
     :meth:`Guardrail.energies`."""
@@ -161,7 +190,7 @@ def energies(guard: Guardrail, conversations: Sequence[Conversation], *, batch_s
     return out
 
 
-def prompt_states(guard: Guardrail, conversations: Sequence[Conversation],
+def prompt_states(guard: Runtime, conversations: Sequence[Conversation],
                   source: ActivationSource, layers: Sequence[int], *, positions: str,
                   batch_size: int, progress: bool = False) -> dict[int, torch.Tensor]:
     """Per layer, ``[n, hidden]`` unsteered prompt states in the order given, batched

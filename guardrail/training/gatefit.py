@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from guardrail.artifact.gate import GateMember, GateSet
 from guardrail.errors import ArtifactError, PluginError
 from guardrail.evaluation.cache import digest
-from guardrail.training.metrics import auroc
+from guardrail.evaluation.metrics import auroc
 from guardrail.training.sources import TrainingPrompt
 
 log = structlog.get_logger("guardrail.training")

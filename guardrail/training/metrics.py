@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from guardrail.evaluation.metrics import auroc
 from guardrail.plugin.energy_model import EnergyModel
 
 # (desirable cell, undesirable cell) compared within one context.
@@ -37,14 +38,6 @@ class LayerMetrics:
         """The named selection metric."""
         return {"balanced_auroc": self.balanced_auroc, "auroc": self.val_auroc,
                 "accuracy": self.val_accuracy}[metric]
-
-
-def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:
-    """P(positive > negative) + P(tie)/2; ``None`` when a side is empty."""
-    if positive.numel() == 0 or negative.numel() == 0:
-        return None
-    diff = positive[:, None] - negative[None, :]
-    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
 
 
 def youden_threshold(desirable: torch.Tensor, undesirable: torch.Tensor) -> float:

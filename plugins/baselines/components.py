@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail.plugin.components import SteerContext, Steerer, SteerOutcome
+from guardrail.plugin.components import Energy, SteerContext, Steerer, SteerOutcome
 
 if TYPE_CHECKING:
     import torch
-
-    from guardrail.plugin.energy_model import EnergyModel
 
 # Safety first, then the over-refusal cases: a 0.5B model follows the last thing it reads, and
 # an "answer everything that sounds scary" prompt alone made it answer arson requests too.
@@ -57,7 +55,7 @@ class AblateSteerer(Steerer):
     params: AblateParams
     sweep_params = ("strength",)
 
-    def steer(self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
+    def steer(self, states: torch.Tensor, energy: Energy | None, ctx: SteerContext
               ) -> SteerOutcome:
         import torch
 
@@ -107,7 +105,7 @@ class SystemPromptSteerer(Steerer):
     params: SystemPromptParams
     requires_energy_model: ClassVar[bool] = False
 
-    def steer(self, states: torch.Tensor, energy: EnergyModel | None, ctx: SteerContext
+    def steer(self, states: torch.Tensor, energy: Energy | None, ctx: SteerContext
               ) -> SteerOutcome:
         return SteerOutcome(states=states)
 
