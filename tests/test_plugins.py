@@ -110,6 +110,26 @@ def test_plugin_raising_in_hook_is_named(plugin_manager) -> None:  # type: ignor
         Registry.from_plugin_manager(plugin_manager)
 
 
+def test_registration_and_command_hooks_are_called_through_pluggy(plugin_manager) -> None:  # type: ignore[no-untyped-def]
+    from guardrail.cli import build_parser
+
+    calls: list[tuple[str, list[str]]] = []
+    undo = plugin_manager.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: calls.append((hook, [i.plugin_name for i in impls])),
+        lambda outcome, hook, impls, kwargs: None,
+    )
+    try:
+        Registry.from_plugin_manager(plugin_manager)
+        build_parser()
+    finally:
+        undo()
+    # pluggy's own calling (what tracing, tryfirst/trylast and wrappers go through), one
+    # plugin at a time so that an error names it.
+    assert ("guardrail_register_steerers", ["gradient_steerer"]) in calls
+    assert ("guardrail_register_steerers", ["baselines"]) in calls
+    assert ("guardrail_register_commands", ["baselines"]) in calls
+
+
 class FakeEntryPoint:
     """An entry point of the ``guardrail`` group whose ``load()`` returns ``plugin``."""
 

@@ -2,7 +2,8 @@
 
 - :mod:`~guardrail.plugin.markers`: ``hookimpl``, ``hookspec`` and the ``Register`` callable's type;
 - :mod:`~guardrail.plugin.hookspecs`: the hooks a plugin may implement;
-- :mod:`~guardrail.plugin.components`: the interfaces its classes implement (``Steerer``, ``Gate``...);
+- :mod:`~guardrail.plugin.components`: the interfaces its classes implement (``Steerer``,
+  ``Gate``...);
 - :mod:`~guardrail.plugin.energy_model`: the ``EnergyModel`` interface (an ``nn.Module``; torch);
 - :mod:`~guardrail.plugin.manager` and :mod:`~guardrail.plugin.registry`: how plugins are found,
   contained and their components looked up; :mod:`~guardrail.plugin.defaults`: the built-ins.
