@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.cli import main
 from guardrail.errors import PolicyError
 from guardrail.plugin.manager import (
@@ -52,11 +52,11 @@ class HalfRegistered:
     """Registers a steerer, then raises while registering a classifier."""
 
     @hookimpl
-    def guardrail_register_steerers(self, register: Any) -> None:
+    def guardrail_register_steerers(self, register: Register) -> None:
         register(EchoSteerer)
 
     @hookimpl
-    def guardrail_register_refusal_classifiers(self, register: Any) -> None:
+    def guardrail_register_refusal_classifiers(self, register: Register) -> None:
         raise RuntimeError("no API key")
 
 
@@ -64,7 +64,7 @@ class Squatter:
     """Claims a built-in's name."""
 
     @hookimpl
-    def guardrail_register_steerers(self, register: Any) -> None:
+    def guardrail_register_steerers(self, register: Register) -> None:
         register(EchoSteerer, name="gradient-descent")
 
 
@@ -99,7 +99,7 @@ def test_a_plugin_that_fails_to_import_is_listed_with_its_error(distributions) -
 
 class _Echo:
     @hookimpl
-    def guardrail_register_steerers(self, register: Any) -> None:
+    def guardrail_register_steerers(self, register: Register) -> None:
         register(EchoSteerer)
 
 

@@ -39,7 +39,7 @@ HARMFUL = (
 )
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``demo``."""
     demo = subparsers.add_parser(
         "demo", help="show base vs steered answers with the shipped artifact",

@@ -24,6 +24,7 @@ from guardrail.plugin import components
 
 if TYPE_CHECKING:
     from guardrail.plugin.manager import PluginManager
+    from guardrail.plugin.markers import Register
 
 # kind -> (registration hook name, name of the base class in guardrail.plugin.components); a new
 # kind is one more row and one hookspec.
@@ -189,7 +190,8 @@ class Registry:
                      aliases: Iterable[str] = (), **declared: Any) -> None:
             staged.append((component, name, aliases, declared))
 
-        hook(register=register)
+        checked: Register = register  # the implementation matches what plugins are promised
+        hook(register=checked)
         for component, name, aliases, declared in staged:
             self.add(kind, component, plugin=plugin, name=name, aliases=aliases, **declared)
 
