@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from guardrail.errors import PluginError
-from guardrail.plugin.components import Answer
+from guardrail.plugin.components import Answer, OutputRail
 from guardrail.steering.gating import side_of
 from guardrail.steering.generation import Conversation, last_user
 from guardrail.steering.hooks import SHARED
 from guardrail.telemetry import GateTelemetry, OutputRailTelemetry
 
 if TYPE_CHECKING:
+    from guardrail.policy.model import GenerationSection
     from guardrail.steering.guard import GenerationResult, Guardrail
 
 SIDES = ("answer", "refuse")
 
 
 def review_answers(guard: Guardrail, conversations: Sequence[Conversation],
-                   results: list[GenerationResult], *, settings: Any,
+                   results: list[GenerationResult], *, settings: GenerationSection,
                    strength: float | None, first_steered: bool) -> list[GenerationResult]:
     """``results`` after every output rail of ``guard``'s policy has reviewed them."""
     prompts = [last_user(c) for c in conversations]
@@ -62,7 +63,7 @@ def review_answers(guard: Guardrail, conversations: Sequence[Conversation],
     return results
 
 
-def _review(rail: Any, plugin: str, answers: list[Answer]) -> list[str | None]:
+def _review(rail: OutputRail, plugin: str, answers: list[Answer]) -> list[str | None]:
     try:
         decisions = list(rail.review(answers))
     except Exception as exc:
@@ -76,7 +77,7 @@ def _review(rail: Any, plugin: str, answers: list[Answer]) -> list[str | None]:
 
 
 def _sides(guard: Guardrail, conversations: Sequence[Conversation],
-           results: list[GenerationResult], settings: Any, first_steered: bool
+           results: list[GenerationResult], settings: GenerationSection, first_steered: bool
            ) -> list[str | None]:
     """Per row, the side the gates chose: ``shared`` when no rail is gated; otherwise the
     side of the first gated rail that chose one (None: every gate left the row alone).
