@@ -168,8 +168,8 @@ class Registry:
         one that raises adds none. An installed plugin whose hook raises, or whose components
         are refused, is dropped with all its components and recorded as failed (see
         :meth:`guardrail.plugin.manager.PluginManager.call_contained`); any other plugin's
-        error is raised. With ``warn``, each failed installed plugin is
-        logged once per plugin manager.
+        error is raised. With ``warn``, each failed installed plugin is logged once per
+        plugin manager.
         """
         registry = cls()
         for kind, (hook_name, _base) in KINDS.items():
