@@ -1,9 +1,9 @@
 """guardrail: energy-driven steering of a local chat model's hidden states, built from plugins."""
 
-from guardrail.plugin.markers import hookimpl
+from guardrail.plugin.markers import Register, hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["Guardrail", "hookimpl", "__version__"]
+__all__ = ["Guardrail", "Register", "hookimpl", "__version__"]
 
 
 def __getattr__(name: str) -> object:

@@ -6,11 +6,11 @@ pay for importing it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.plugin.components import Energy, SteerContext, Steerer, SteerOutcome
 
 if TYPE_CHECKING:
@@ -95,5 +95,5 @@ class GradientSteerer(Steerer):
 
 
 @hookimpl
-def guardrail_register_steerers(register: Any) -> None:
+def guardrail_register_steerers(register: Register) -> None:
     register(GradientSteerer, aliases=("gradient_descent", "eds"))

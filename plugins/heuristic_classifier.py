@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.plugin.components import RefusalClassifier, Verdict
 
 DEFAULT_PHRASES: tuple[str, ...] = (
@@ -86,5 +85,5 @@ class HeuristicRefusalClassifier(RefusalClassifier):
 
 
 @hookimpl
-def guardrail_register_refusal_classifiers(register: Any) -> None:
+def guardrail_register_refusal_classifiers(register: Register) -> None:
     register(HeuristicRefusalClassifier, aliases=("refusal-phrases",))

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.errors import GuardrailError
 from guardrail.plugin.components import RefusalClassifier, Verdict
 
@@ -264,5 +264,5 @@ def _error_message(exc: Any) -> str:
 
 
 @hookimpl
-def guardrail_register_refusal_classifiers(register: Any) -> None:
+def guardrail_register_refusal_classifiers(register: Register) -> None:
     register(JudgeRefusalClassifier, aliases=("http-judge",))

@@ -18,11 +18,11 @@ shared energy models steer every row). What it did is in each answer's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.plugin.components import Answer, OutputRail
 
 
@@ -59,5 +59,5 @@ class RefusalAwareRail(OutputRail):
 
 
 @hookimpl
-def guardrail_register_output_rails(register: Any) -> None:
+def guardrail_register_output_rails(register: Register) -> None:
     register(RefusalAwareRail, aliases=("answer-again",))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.plugin.components import ActivationSource, Phase
 
 if TYPE_CHECKING:
@@ -76,5 +76,5 @@ class ResidualStreamSource(ActivationSource):
 
 
 @hookimpl
-def guardrail_register_activation_sources(register: Any) -> None:
+def guardrail_register_activation_sources(register: Register) -> None:
     register(ResidualStreamSource, aliases=("residual_stream",))

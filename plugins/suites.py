@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.errors import DataError
 from guardrail.plugin.components import Suite, SuiteItem
 from guardrail.prompts import Filter, load_prompts, read_rows, resolve_data_dir
@@ -170,7 +170,7 @@ def _prompt_field(path: Path) -> str:
 
 
 @hookimpl
-def guardrail_register_suites(register: Any) -> None:
+def guardrail_register_suites(register: Register) -> None:
     register(XSTest, aliases=("xstest-v2",))
     register(OrBenchHardVal, aliases=("orbench-hard-val",))
     register(HarmfulVal)

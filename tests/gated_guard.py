@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.artifact.gate import GateMember, GateSet
 from guardrail.plugin.components import Gate
 from guardrail.policy.model import parse_policy
@@ -61,7 +61,7 @@ class WordGate(Gate):
 
 class _WordGatePlugin:
     @hookimpl
-    def guardrail_register_gates(self, register: Any) -> None:
+    def guardrail_register_gates(self, register: Register) -> None:
         register(WordGate)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.evaluation.cache import GenerationCache
 from guardrail.evaluation.report import (
     build_report,
@@ -40,7 +39,7 @@ class KeywordClassifier(RefusalClassifier):
 
 class KeywordPlugin:
     @hookimpl
-    def guardrail_register_refusal_classifiers(self, register: Any) -> None:
+    def guardrail_register_refusal_classifiers(self, register: Register) -> None:
         register(KeywordClassifier)
 
 

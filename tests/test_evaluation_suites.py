@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.errors import DataError, PluginError
 from guardrail.evaluation.suites import SuiteSpec, load_suite, stratified_sample
 from guardrail.plugin.components import Suite, SuiteItem
@@ -141,7 +140,7 @@ class Broken(Suite):
 
 class TeamPlugin:
     @hookimpl
-    def guardrail_register_suites(self, register: Any) -> None:
+    def guardrail_register_suites(self, register: Register) -> None:
         register(TeamSuite)
         register(Broken)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.artifact.energy import EnergyArtifact
 from guardrail.artifact.gate import GateMember, GateSet
 from guardrail.cli import main
@@ -54,7 +54,7 @@ class BombGate(Gate):
 
 class _GatePlugin:
     @hookimpl
-    def guardrail_register_gates(self, register: Any) -> None:
+    def guardrail_register_gates(self, register: Register) -> None:
         register(BombGate)
 
 

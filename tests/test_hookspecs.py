@@ -31,6 +31,9 @@ def test_hookspecs_follow_conventions() -> None:
         fn = getattr(hookspecs, name)
         assert fn.__doc__ and len(fn.__doc__) > 40, f"{name} needs a docstring"
         assert "return" in fn.__doc__.lower(), f"{name}'s docstring must say what it returns"
+        firstresult = bool(fn.guardrail_spec["firstresult"])
+        said = "firstresult" in fn.__doc__ and ("not firstresult" in fn.__doc__) != firstresult
+        assert said, f"{name}'s docstring must say whether it is firstresult ({firstresult})"
         assert all(
             p.annotation is not inspect.Parameter.empty
             for p in inspect.signature(fn).parameters.values()

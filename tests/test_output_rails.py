@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.errors import PluginError, PolicyError
 from guardrail.plugin.components import Answer, OutputRail, RefusalClassifier, Verdict
 from guardrail.policy.model import parse_policy
@@ -45,11 +45,11 @@ class EveryOther(OutputRail):
 
 class _Plugin:
     @hookimpl
-    def guardrail_register_refusal_classifiers(self, register: Any) -> None:
+    def guardrail_register_refusal_classifiers(self, register: Register) -> None:
         register(CokeRefusals)
 
     @hookimpl
-    def guardrail_register_output_rails(self, register: Any) -> None:
+    def guardrail_register_output_rails(self, register: Register) -> None:
         register(EveryOther)
 
     @hookimpl

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.cli import main
 from guardrail.errors import PolicyError
 from guardrail.plugin.manager import (
@@ -52,11 +52,11 @@ class HalfRegistered:
     """Registers a steerer, then raises while registering a classifier."""
 
     @hookimpl
-    def guardrail_register_steerers(self, register: Any) -> None:
+    def guardrail_register_steerers(self, register: Register) -> None:
         register(EchoSteerer)
 
     @hookimpl
-    def guardrail_register_refusal_classifiers(self, register: Any) -> None:
+    def guardrail_register_refusal_classifiers(self, register: Register) -> None:
         raise RuntimeError("no API key")
 
 
@@ -64,7 +64,7 @@ class Squatter:
     """Claims a built-in's name."""
 
     @hookimpl
-    def guardrail_register_steerers(self, register: Any) -> None:
+    def guardrail_register_steerers(self, register: Register) -> None:
         register(EchoSteerer, name="gradient-descent")
 
 
@@ -99,7 +99,7 @@ def test_a_plugin_that_fails_to_import_is_listed_with_its_error(distributions) -
 
 class _Echo:
     @hookimpl
-    def guardrail_register_steerers(self, register: Any) -> None:
+    def guardrail_register_steerers(self, register: Register) -> None:
         register(EchoSteerer)
 
 
@@ -157,6 +157,31 @@ def test_a_plugin_raising_while_adding_commands_leaves_the_cli_working(
     assert row["name"] == "bad-commands"
     assert "raised in hook guardrail_register_commands: RuntimeError: no parser today" in row["error"]
     assert main(["validate", "base-qwen2.5-coder-0.5b"]) == 0
+
+
+class BaselineSquatter:
+    """Adds a command named like the built-in baselines plugin's."""
+
+    @hookimpl
+    def guardrail_register_commands(self, subparsers: Any) -> None:
+        subparsers.add_parser("baseline", help="mine")
+
+
+def test_a_plugin_squatting_a_builtin_command_is_the_one_refused(
+    distributions, capsys: pytest.CaptureFixture[str]  # type: ignore[no-untyped-def]
+) -> None:
+    # Built-ins add their commands first, so the installed plugin's clash is contained
+    # rather than failing the built-in (and with it the whole command line).
+    distributions(FakeDistribution("squatter", BaselineSquatter()))
+    set_plugin_manager(build_plugin_manager(load_entrypoints=True))
+    assert main(["plugins"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["name"] == "squatter"
+    assert "raised in hook guardrail_register_commands: ArgumentError" in row["error"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["baseline", "directions", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: guardrail baseline directions" in capsys.readouterr().out
 
 
 BROKEN_PACKAGE = {

@@ -14,7 +14,7 @@ from guardrail_plugins.residual_stream import ResidualStreamSource
 from pluggy import PluginValidationError
 from pydantic import BaseModel, ConfigDict
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.cli import main
 from guardrail.errors import PluginError
 from guardrail.plugin.components import RefusalClassifier, Steerer, SteerOutcome, Verdict
@@ -43,7 +43,7 @@ class EchoSteerer(Steerer):
 
 class EchoPlugin:
     @hookimpl
-    def guardrail_register_steerers(self, register: Any) -> None:
+    def guardrail_register_steerers(self, register: Register) -> None:
         register(EchoSteerer, aliases=("identity",))
 
 
@@ -74,7 +74,7 @@ def test_registered_plugin_and_alias_resolve(plugin_manager, echo_plugin) -> Non
 def test_name_collision_names_both_plugins(plugin_manager, echo_plugin) -> None:  # type: ignore[no-untyped-def]
     class Again:
         @hookimpl
-        def guardrail_register_steerers(self, register: Any) -> None:
+        def guardrail_register_steerers(self, register: Register) -> None:
             register(EchoSteerer)
 
     plugin_manager.register(Again(), name="again")
@@ -88,7 +88,7 @@ def test_name_collision_names_both_plugins(plugin_manager, echo_plugin) -> None:
 def test_registering_wrong_type_is_refused(plugin_manager) -> None:  # type: ignore[no-untyped-def]
     class Bad:
         @hookimpl
-        def guardrail_register_energy_models(self, register: Any) -> None:
+        def guardrail_register_energy_models(self, register: Register) -> None:
             register(EchoSteerer, name="oops")
 
     plugin_manager.register(Bad(), name="bad")
@@ -99,7 +99,7 @@ def test_registering_wrong_type_is_refused(plugin_manager) -> None:  # type: ign
 def test_plugin_raising_in_hook_is_named(plugin_manager) -> None:  # type: ignore[no-untyped-def]
     class Boom:
         @hookimpl
-        def guardrail_register_suites(self, register: Any) -> None:
+        def guardrail_register_suites(self, register: Register) -> None:
             raise RuntimeError("kaput")
 
     plugin_manager.register(Boom(), name="boom")
@@ -108,6 +108,37 @@ def test_plugin_raising_in_hook_is_named(plugin_manager) -> None:  # type: ignor
         match="plugin 'boom' raised in hook guardrail_register_suites: RuntimeError: kaput",
     ):
         Registry.from_plugin_manager(plugin_manager)
+
+
+def test_registration_and_command_hooks_are_called_through_pluggy(plugin_manager) -> None:  # type: ignore[no-untyped-def]
+    from guardrail.cli import build_parser
+
+    calls: list[tuple[str, list[str]]] = []
+    undo = plugin_manager.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: calls.append((hook, [i.plugin_name for i in impls])),
+        lambda outcome, hook, impls, kwargs: None,
+    )
+    try:
+        Registry.from_plugin_manager(plugin_manager)
+        build_parser()
+    finally:
+        undo()
+    # pluggy's own calling (what tracing, tryfirst/trylast and wrappers go through), one
+    # plugin at a time so that an error names it.
+    assert ("guardrail_register_steerers", ["gradient_steerer"]) in calls
+    assert ("guardrail_register_steerers", ["baselines"]) in calls
+    assert ("guardrail_register_commands", ["baselines"]) in calls
+
+
+def test_register_protocol_lists_every_keyword_the_registry_takes() -> None:
+    import inspect
+
+    from guardrail import Register
+    from guardrail.plugin.registry import DECLARABLE
+
+    parameters = inspect.signature(Register.__call__).parameters.values()
+    keywords = {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords == {"params", *(attr for attrs in DECLARABLE.values() for attr in attrs)}
 
 
 class FakeEntryPoint:
@@ -148,7 +179,7 @@ def installed(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 def test_misspelled_hook_in_an_installed_plugin_is_reported_and_left_out(installed) -> None:  # type: ignore[no-untyped-def]
     class Typo:
         @hookimpl
-        def guardrail_register_steerer(self, register: Any) -> None:  # missing "s"
+        def guardrail_register_steerer(self, register: Register) -> None:  # missing "s"
             pass
 
     installed("typo", Typo())
@@ -169,7 +200,7 @@ def test_misspelled_hook_in_a_builtin_fails_loudly(monkeypatch: pytest.MonkeyPat
     module = types.ModuleType("typo_builtin")
 
     @hookimpl
-    def guardrail_register_steerer(register: Any) -> None:  # missing "s"
+    def guardrail_register_steerer(register: Register) -> None:  # missing "s"
         pass
 
     module.guardrail_register_steerer = guardrail_register_steerer  # type: ignore[attr-defined]
@@ -206,7 +237,7 @@ def test_sweep_params_must_be_fields_of_params(plugin_manager) -> None:  # type:
 
     class Plugin:
         @hookimpl
-        def guardrail_register_steerers(self, register: Any) -> None:
+        def guardrail_register_steerers(self, register: Register) -> None:
             register(Sloppy)
 
     plugin_manager.register(Plugin(), name="sloppy-plugin")
@@ -346,11 +377,11 @@ class ShoutClassifier(RefusalClassifier):
 
 class ThirdParty:
     @hookimpl
-    def guardrail_register_activation_sources(self, register: Any) -> None:
+    def guardrail_register_activation_sources(self, register: Register) -> None:
         register(PromptOnlySource)
 
     @hookimpl
-    def guardrail_register_refusal_classifiers(self, register: Any) -> None:
+    def guardrail_register_refusal_classifiers(self, register: Register) -> None:
         register(ShoutClassifier)
 
 

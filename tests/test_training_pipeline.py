@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.artifact.energy import EnergyArtifact
 from guardrail.cli import main
 from guardrail.plugin.components import RefusalClassifier, Verdict
@@ -38,7 +38,7 @@ class KeywordClassifier(RefusalClassifier):
 
 class _Plugin:
     @hookimpl
-    def guardrail_register_refusal_classifiers(self, register: Any) -> None:
+    def guardrail_register_refusal_classifiers(self, register: Register) -> None:
         register(KeywordClassifier)
 
 

@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -45,6 +45,9 @@ from guardrail.artifact.header import (
 )
 from guardrail.errors import ArtifactError, PluginError
 from guardrail.plugin.energy_model import EnergyModel
+
+if TYPE_CHECKING:
+    from guardrail.plugin.registry import Registry
 
 log = structlog.get_logger("guardrail.artifact.energy")
 
@@ -151,7 +154,7 @@ class EnergyArtifact:
 
     @classmethod
     def load(
-        cls, path: str | Path, registry: Any, device: torch.device | str = "cpu"
+        cls, path: str | Path, registry: Registry, device: torch.device | str = "cpu"
     ) -> EnergyArtifact:
         """Load an artifact; the energy-model plugin named in its header must be registered.
 
@@ -169,7 +172,7 @@ class EnergyArtifact:
         return cls.assemble(checked, tensors, registry, path, device)
 
     @classmethod
-    def assemble(cls, checked: ArtifactFile, tensors: dict[str, torch.Tensor], registry: Any,
+    def assemble(cls, checked: ArtifactFile, tensors: dict[str, torch.Tensor], registry: Registry,
                  path: str | Path, device: torch.device | str = "cpu") -> EnergyArtifact:
         """The artifact a checked header and its tensors describe (:meth:`load`'s second
         half): energy models rebuilt and checked, the gate rebuilt."""

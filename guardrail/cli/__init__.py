@@ -13,7 +13,6 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from guardrail import __version__
 from guardrail.console import EscapingWriter, configure_logging, printable
@@ -70,25 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _plugin_commands(subparsers: Any) -> None:
-    """Let each plugin add its commands, one implementation at a time, so errors name it.
+def _plugin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Let each plugin add its commands; an installed plugin that raises is left out
+    (``guardrail plugins`` shows why), any other plugin's error stops the command line."""
+    from guardrail.plugin.manager import get_plugin_manager
 
-    An installed plugin that raises is left out (``guardrail plugins`` shows why); any
-    other plugin's error stops the command line.
-    """
-    from guardrail.plugin.manager import PluginManager, get_plugin_manager
-
-    pm = get_plugin_manager()
-    installed = pm.installed if isinstance(pm, PluginManager) else {}
-    for impl in reversed(pm.hook.guardrail_register_commands.get_hookimpls()):
-        try:
-            impl.function(subparsers=subparsers)
-        except Exception as exc:
-            message = (f"plugin {impl.plugin_name!r} raised in hook guardrail_register_commands: "
-                       f"{type(exc).__name__}: {exc}")
-            if impl.plugin_name not in installed or not isinstance(pm, PluginManager):
-                raise PluginError(message) from exc
-            pm.fail(impl.plugin_name, f"registration failed: {message}")
+    get_plugin_manager().call_contained(
+        "guardrail_register_commands", lambda plugin, hook: hook(subparsers=subparsers)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,9 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _warn_failed_plugins() -> None:
     from guardrail.plugin.manager import get_plugin_manager
 
-    pm = get_plugin_manager()
-    if hasattr(pm, "warn_failed"):
-        pm.warn_failed()
+    get_plugin_manager().warn_failed()
 
 
 if __name__ == "__main__":

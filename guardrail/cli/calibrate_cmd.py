@@ -7,13 +7,12 @@ import argparse
 import json
 import shlex
 from pathlib import Path
-from typing import Any
 
 from guardrail.cli.arg_types import device
 from guardrail.policy.model import load_policy
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``calibrate``."""
     cal = subparsers.add_parser(
         "calibrate", help="choose eta, steps and gate thresholds under the safety budget",

@@ -16,13 +16,18 @@ import re
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.cli.arg_types import device, non_negative_int, positive_int
 from guardrail.errors import DataError, GuardrailError, PolicyError
 from guardrail.plugin.defaults import DEFAULT_POLICY
 from guardrail.policy.model import Policy, load_policy
 from guardrail.steering.generation import user_turns
+
+if TYPE_CHECKING:
+    from guardrail.models.loading import LoadedModel
+    from guardrail.policy.training import TrainingSection
+    from guardrail.steering.guard import GenerationResult, Guardrail
 
 # Benign requests that sound risky (the packaged Qwen model refuses the first), then requests
 # that must be refused (the model writes the phishing email unsteered). None of them is in,
@@ -39,7 +44,7 @@ HARMFUL = (
 )
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``demo``."""
     demo = subparsers.add_parser(
         "demo", help="show base vs steered answers with the shipped artifact",
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tally(guard: Any, section: Any, args: argparse.Namespace) -> None:
+def _tally(guard: Guardrail, section: TrainingSection, args: argparse.Namespace) -> None:
     """Base vs steered refusals on a seeded sample of the validation prompts, per source."""
     import random
 
@@ -147,8 +152,8 @@ def _tally(guard: Any, section: Any, args: argparse.Namespace) -> None:
               f"{sum(refused[True][i] for i in rows):>3} of {len(rows):<3} ({goal})")
 
 
-def _answer(guard: Any, prompts: list[str], steer: bool, max_new_tokens: int,
-            args: argparse.Namespace) -> tuple[list[Any], list[bool]]:
+def _answer(guard: Guardrail, prompts: list[str], steer: bool, max_new_tokens: int,
+            args: argparse.Namespace) -> tuple[list[GenerationResult], list[bool]]:
     """Answers to single-turn ``prompts`` and whether the policy's classifier calls each a
     refusal."""
     answers = guard.generate(user_turns(prompts), steer=steer,
@@ -156,7 +161,8 @@ def _answer(guard: Any, prompts: list[str], steer: bool, max_new_tokens: int,
     return answers, [v.refused for v in guard.classify(prompts, [a.text for a in answers])]
 
 
-def _print_answers(prompts: list[str], n_benign: int, base: list[Any], steered: list[Any],
+def _print_answers(prompts: list[str], n_benign: int, base: list[GenerationResult],
+                   steered: list[GenerationResult],
                    base_refused: list[bool], steered_refused: list[bool]) -> None:
     from guardrail.cli.generate_cmd import energy_line, gate_lines
 
@@ -177,7 +183,7 @@ def _print_answers(prompts: list[str], n_benign: int, base: list[Any], steered: 
         print(f"ENERGY   {energy_line(steered[i].telemetry)}")
 
 
-def _train_demo(policy: Policy, loaded: Any, args: argparse.Namespace) -> Path:
+def _train_demo(policy: Policy, loaded: LoadedModel, args: argparse.Namespace) -> Path:
     from guardrail.training.pipeline import TrainOptions, pick_rail, train_policy
     from guardrail.training.report import cells_table
 
@@ -198,7 +204,7 @@ def _train_demo(policy: Policy, loaded: Any, args: argparse.Namespace) -> Path:
     return output
 
 
-def _calibrate_demo(policy: Policy, rail: str, artifact: Path, loaded: Any,
+def _calibrate_demo(policy: Policy, rail: str, artifact: Path, loaded: LoadedModel,
                     args: argparse.Namespace) -> None:
     """A quick calibration of the demo artifact: a few validation prompts per source, one
     strength, no cross-family refits (the demo trained on a subset only)."""

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # guardrail.steering.guard imports torch: only the commands t
     from guardrail.telemetry import GenerationTelemetry
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``generate`` and ``chat``."""
     gen = subparsers.add_parser("generate", help="answer prompts with a policy")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")

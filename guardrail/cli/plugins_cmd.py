@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from guardrail.plugin.manager import get_plugin_manager, plugin_report
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the ``plugins`` command."""
     parser = subparsers.add_parser("plugins", help="list installed plugins as JSON")
     parser.add_argument("--all", action="store_true", help="include the built-in plugins")

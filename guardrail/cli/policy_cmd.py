@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -23,7 +22,7 @@ from guardrail.policy.shipped import resolve_policy, shipped_policies
 POLICY_HELP = "a policy file, or a shipped policy's name (guardrail policy list)"
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``validate`` and ``policy``."""
     validate = subparsers.add_parser("validate", help="check policy files (schema and plugins)")
     validate.add_argument("policies", nargs="+", metavar="POLICY", help=POLICY_HELP)

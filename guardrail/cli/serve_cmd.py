@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
 import structlog
 
@@ -16,7 +15,7 @@ from guardrail.serving.trust import default_hosts
 log = structlog.get_logger("guardrail.serving")
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``serve``."""
     serve = subparsers.add_parser(
         "serve", help="serve policies over an OpenAI-compatible HTTP API",

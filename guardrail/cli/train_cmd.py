@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -16,7 +15,7 @@ from guardrail.errors import GuardrailError
 from guardrail.policy.model import Policy, load_policy
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``train``."""
     train = subparsers.add_parser(
         "train", help="train a policy's energy model from its training: section",

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -18,6 +18,9 @@ from guardrail.plugin.components import RefusalClassifier, Verdict
 from guardrail.policy.model import GenerationSection, Policy, load_policy
 from guardrail.steering.generation import user_turns
 from guardrail.steering.guard import Guardrail
+
+if TYPE_CHECKING:
+    from guardrail.plugin.manager import PluginManager
 
 log = structlog.get_logger("guardrail.evaluation")
 
@@ -44,7 +47,7 @@ class Contender:
 
 
 def load_guards(policies: Sequence[Policy | str | Path], *, device: str | None = None,
-                plugin_manager: Any = None) -> list[Guardrail]:
+                plugin_manager: PluginManager | None = None) -> list[Guardrail]:
     """Load each policy; policies naming the same model (source, device, dtype) share one load."""
     from guardrail.models import load_model
 

@@ -1,7 +1,11 @@
 """Hook specifications: the components a guardrail is built from, commands, then telemetry.
 
-Registration hooks receive a ``register`` callable instead of returning lists, so name
-collisions, aliases and parameter validation live in one core place (``guardrail.plugin.manager``).
+Registration hooks receive a ``register`` callable (:class:`~guardrail.plugin.markers.Register`)
+instead of returning lists, so name collisions, aliases and parameter validation live in one
+core place (:class:`~guardrail.plugin.registry.Registry`). The core calls the registration
+and command hooks one plugin at a time through pluggy
+(:meth:`~guardrail.plugin.manager.PluginManager.call_contained`), so an error names the
+plugin. None of these hooks is ``firstresult``: every implementation runs.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ if TYPE_CHECKING:
 def guardrail_register_activation_sources(register: Register) -> None:
     """Register :class:`guardrail.plugin.components.ActivationSource` classes.
 
-    Receives ``register(cls, name=None, aliases=())``; returns nothing. An activation source
-    says where hidden states are read and written (which module, which positions).
+    Receives ``register`` (a :class:`~guardrail.plugin.markers.Register`); returns nothing;
+    not firstresult. An activation source says where hidden states are read and written
+    (which module, which positions).
     """
 
 
@@ -31,10 +36,11 @@ def guardrail_register_activation_sources(register: Register) -> None:
 def guardrail_register_energy_models(register: Register) -> None:
     """Register :class:`guardrail.plugin.energy_model.EnergyModel` classes.
 
-    Receives ``register(cls, name=None, aliases=())``; returns nothing. An energy model can be
-    built, saved to and loaded from an artifact, and scores a batch of hidden states. Being an
-    ``nn.Module``, it is best registered by import path, ``register("pkg.mod:Class",
-    name=..., params=Params)``, so that registering it imports no torch.
+    Receives ``register`` (a :class:`~guardrail.plugin.markers.Register`); returns nothing;
+    not firstresult. An energy model can be built, saved to and loaded from an artifact, and
+    scores a batch of hidden states. Being an ``nn.Module``, it is best registered by import
+    path, ``register("pkg.mod:Class", name=..., params=Params)``, so that registering it
+    imports no torch.
     """
 
 
@@ -43,8 +49,9 @@ def guardrail_register_energy_models(register: Register) -> None:
 def guardrail_register_steerers(register: Register) -> None:
     """Register :class:`guardrail.plugin.components.Steerer` classes.
 
-    Receives ``register(cls, name=None, aliases=())``; returns nothing. A steerer takes the
-    states at one layer (and the rail's energy model, if any) and returns steered states.
+    Receives ``register`` (a :class:`~guardrail.plugin.markers.Register`); returns nothing;
+    not firstresult. A steerer takes the states at one layer (and the rail's energy model,
+    if any) and returns steered states.
     """
 
 
@@ -53,8 +60,9 @@ def guardrail_register_steerers(register: Register) -> None:
 def guardrail_register_gates(register: Register) -> None:
     """Register :class:`guardrail.plugin.components.Gate` classes.
 
-    Receives ``register(cls, name=None, aliases=())``; returns nothing. A gate scores prompts
-    for harm before generation, so a rail steers only the rows its ``gate:`` lets through.
+    Receives ``register`` (a :class:`~guardrail.plugin.markers.Register`); returns nothing;
+    not firstresult. A gate scores prompts for harm before generation, so a rail steers only
+    the rows its ``gate:`` lets through.
     """
 
 
@@ -63,9 +71,9 @@ def guardrail_register_gates(register: Register) -> None:
 def guardrail_register_output_rails(register: Register) -> None:
     """Register :class:`guardrail.plugin.components.OutputRail` classes.
 
-    Receives ``register(cls, name=None, aliases=())``; returns nothing. An output rail
-    reviews finished answers (with the refusal classifier's verdicts and the gates' sides)
-    and may have rows answered again, steered towards a side.
+    Receives ``register`` (a :class:`~guardrail.plugin.markers.Register`); returns nothing;
+    not firstresult. An output rail reviews finished answers (with the refusal classifier's
+    verdicts and the gates' sides) and may have rows answered again, steered towards a side.
     """
 
 
@@ -74,8 +82,9 @@ def guardrail_register_output_rails(register: Register) -> None:
 def guardrail_register_refusal_classifiers(register: Register) -> None:
     """Register :class:`guardrail.plugin.components.RefusalClassifier` classes.
 
-    Receives ``register(cls, name=None, aliases=())``; returns nothing. A refusal classifier
-    is C(X, Y): it tells whether response Y to prompt X refuses, with a score.
+    Receives ``register`` (a :class:`~guardrail.plugin.markers.Register`); returns nothing;
+    not firstresult. A refusal classifier is C(X, Y): it tells whether response Y to prompt
+    X refuses, with a score.
     """
 
 
@@ -84,7 +93,8 @@ def guardrail_register_refusal_classifiers(register: Register) -> None:
 def guardrail_register_suites(register: Register) -> None:
     """Register evaluation suites (:class:`guardrail.plugin.components.Suite` classes).
 
-    Receives ``register(cls, name=None, aliases=())``; returns nothing.
+    Receives ``register`` (a :class:`~guardrail.plugin.markers.Register`); returns nothing;
+    not firstresult.
     """
 
 

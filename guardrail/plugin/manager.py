@@ -5,6 +5,10 @@ recorded with its entry point, distribution and error, listed by ``guardrail plu
 logged once (``plugin.failed``) by other commands. A policy that names one of its components
 gets an error saying which plugin failed. Built-in plugins, and plugins an application
 registers itself, still fail loudly: those are bugs to see at once.
+
+Hooks a plugin's failure must not spread from (component registration, commands) are called
+through :meth:`PluginManager.call_contained`: pluggy calls each plugin's implementations on
+their own, so an error names the plugin and the hook, and the rest keep working.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +24,7 @@ import pluggy
 import structlog
 
 from guardrail import __version__
+from guardrail.errors import PluginError
 from guardrail.plugin import hookspecs
 from guardrail.plugin.defaults import DEFAULT_PLUGINS
 from guardrail.plugin.markers import PROJECT_NAME
@@ -70,6 +76,48 @@ class PluginManager(pluggy.PluginManager):
         if self.get_plugin(name) is not None:
             self.unregister(name=name)
         self.installed[name].error = error
+
+    def call_contained(
+        self,
+        hook_name: str,
+        call: Callable[[str, pluggy.HookCaller], object],
+        *,
+        on_fail: Callable[[str], None] | None = None,
+    ) -> None:
+        """Call hook ``hook_name`` one plugin at a time, containing installed plugins' errors.
+
+        ``call(plugin_name, hook)`` runs once per plugin implementing the hook, with ``hook``
+        pluggy's caller for that plugin's implementations alone (``subset_hook_caller``); it
+        calls ``hook(**kwargs)`` and may act on what the plugin gave (a registry adds the
+        components it staged). Built-ins and the application's own plugins go first, in
+        pluggy's call order, then installed ones, so an installed plugin that reuses one of
+        their names is the one refused.
+
+        An error in ``call`` becomes a :class:`PluginError` naming the plugin and the hook
+        (a ``PluginError`` is kept as it is). An installed plugin's is contained: ``on_fail``
+        undoes what it did, and the plugin is unregistered and recorded (:meth:`fail`), so
+        its later hooks do not run. Any other plugin's is raised.
+        """
+        impls = reversed(getattr(self.hook, hook_name).get_hookimpls())  # pluggy's call order
+        plugins: dict[str, object] = {}
+        for impl in impls:
+            plugins.setdefault(impl.plugin_name, impl.plugin)
+        for name in sorted(plugins, key=lambda name: name in self.installed):
+            others = [plugin for other, plugin in plugins.items() if other != name]
+            try:
+                try:
+                    call(name, self.subset_hook_caller(hook_name, remove_plugins=others))
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(f"plugin {name!r} raised in hook {hook_name}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+            except PluginError as exc:
+                if name not in self.installed:
+                    raise
+                if on_fail is not None:
+                    on_fail(name)
+                self.fail(name, f"registration failed: {exc}")
 
     def failures(self) -> dict[str, InstalledPlugin]:
         """The installed plugins that failed, by name."""
@@ -138,10 +186,10 @@ def _load_entrypoints(pm: PluginManager) -> None:
                 pm.fail(ep.name, f"{stage} failed: {type(exc).__name__}: {exc}")
 
 
-_PLUGIN_MANAGER: pluggy.PluginManager | None = None
+_PLUGIN_MANAGER: PluginManager | None = None
 
 
-def get_plugin_manager() -> pluggy.PluginManager:
+def get_plugin_manager() -> PluginManager:
     """The process-wide plugin manager, built (and entry points loaded) on first use only."""
     global _PLUGIN_MANAGER
     if _PLUGIN_MANAGER is None:
@@ -149,20 +197,18 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return _PLUGIN_MANAGER
 
 
-def set_plugin_manager(pm: pluggy.PluginManager | None) -> None:
+def set_plugin_manager(pm: PluginManager | None) -> None:
     """Replace the process-wide plugin manager (tests; embedding applications)."""
     global _PLUGIN_MANAGER
     _PLUGIN_MANAGER = pm
 
 
-def plugin_report(
-    pm: pluggy.PluginManager, *, include_builtins: bool = False
-) -> list[dict[str, Any]]:
+def plugin_report(pm: PluginManager, *, include_builtins: bool = False) -> list[dict[str, Any]]:
     """What ``guardrail plugins`` prints: name, version, hooks and components per plugin,
     then each installed plugin that failed, with its entry point, distribution and error."""
     builtin_names = {name for name, _ in DEFAULT_PLUGINS}
     registry = Registry.from_plugin_manager(pm, warn=False)
-    installed: dict[str, InstalledPlugin] = getattr(pm, "installed", {})
+    installed = pm.installed
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:

@@ -11,14 +11,20 @@ when it is imported.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pluggy
 from pydantic import BaseModel, ValidationError
 
 from guardrail.errors import PluginError
 from guardrail.plugin import components
+
+if TYPE_CHECKING:
+    from guardrail.plugin.manager import PluginManager
+    from guardrail.plugin.markers import Register
 
 # kind -> (registration hook name, name of the base class in guardrail.plugin.components); a new
 # kind is one more row and one hookspec.
@@ -155,52 +161,39 @@ class Registry:
         self.failed: dict[str, str] = {}
 
     @classmethod
-    def from_plugin_manager(cls, pm: Any, *, warn: bool = True) -> Registry:
-        """Call every registration hook, one implementation at a time, so errors name the plugin.
+    def from_plugin_manager(cls, pm: PluginManager, *, warn: bool = True) -> Registry:
+        """Call every registration hook through pluggy, one plugin at a time, so errors name it.
 
-        An installed plugin (``pm.installed``, see :class:`guardrail.plugin.manager.PluginManager`)
-        whose hook raises, or whose components are refused, is dropped with all its
-        components and recorded as failed; any other plugin's error is raised. With ``warn``,
-        each failed installed plugin is logged once per plugin manager.
+        A plugin's components are staged while its hook runs and added once it returns, so
+        one that raises adds none. An installed plugin whose hook raises, or whose components
+        are refused, is dropped with all its components and recorded as failed (see
+        :meth:`guardrail.plugin.manager.PluginManager.call_contained`); any other plugin's
+        error is raised. With ``warn``, each failed installed plugin is logged once per
+        plugin manager.
         """
         registry = cls()
-        installed = getattr(pm, "installed", {})
         for kind, (hook_name, _base) in KINDS.items():
-            # Built-ins and the application's own plugins first, so an installed plugin that
-            # reuses one of their names is the one refused.
-            impls = sorted(reversed(getattr(pm.hook, hook_name).get_hookimpls()),
-                           key=lambda impl: impl.plugin_name in installed)
-            for impl in impls:
-                staged: list[tuple[Any, str | None, Iterable[str], dict[str, Any]]] = []
-
-                def register(component: Any, name: str | None = None,
-                             aliases: Iterable[str] = (), **declared: Any) -> None:
-                    staged.append((component, name, aliases, declared))  # noqa: B023
-
-                try:
-                    try:
-                        impl.function(register=register)
-                    except PluginError:
-                        raise
-                    except Exception as exc:
-                        raise PluginError(
-                            f"plugin {impl.plugin_name!r} raised in hook {hook_name}: "
-                            f"{type(exc).__name__}: {exc}"
-                        ) from exc
-                    for component, name, aliases, declared in staged:
-                        registry.add(kind, component, plugin=impl.plugin_name, name=name,
-                                     aliases=aliases, **declared)
-                except PluginError as exc:
-                    if impl.plugin_name not in installed:
-                        raise
-                    registry.drop_plugin(impl.plugin_name)
-                    pm.fail(impl.plugin_name, f"registration failed: {exc}")
-        registry.failed = {
-            name: plugin.error for name, plugin in installed.items() if plugin.error is not None
-        }
+            pm.call_contained(hook_name, functools.partial(registry._register_from, kind),
+                              on_fail=registry.drop_plugin)
+        registry.failed = {name: plugin.error for name, plugin in pm.failures().items()
+                           if plugin.error is not None}
         if warn and registry.failed:
             pm.warn_failed()
         return registry
+
+    def _register_from(self, kind: str, plugin: str, hook: pluggy.HookCaller) -> None:
+        """Call ``plugin``'s registration hook for ``kind``, then add what it registered."""
+        staged: list[tuple[type[components.Component] | str, str | None, Iterable[str],
+                           dict[str, Any]]] = []
+
+        def register(component: type[components.Component] | str, name: str | None = None,
+                     aliases: Iterable[str] = (), **declared: Any) -> None:
+            staged.append((component, name, aliases, declared))
+
+        checked: Register = register  # the implementation matches what plugins are promised
+        hook(register=checked)
+        for component, name, aliases, declared in staged:
+            self.add(kind, component, plugin=plugin, name=name, aliases=aliases, **declared)
 
     def add(
         self,

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from guardrail.artifact.file import ArtifactFile, read_artifact
 from guardrail.artifact.header import MAX_LAYERS, Calibration
 from guardrail.errors import ArtifactError, GuardrailError, PluginError, PolicyError
+from guardrail.plugin.components import Steerer
 from guardrail.plugin.defaults import DEFAULT_COMPONENTS
 from guardrail.policy.files import resolved
 from guardrail.policy.model import (
@@ -31,8 +32,11 @@ from guardrail.policy.model import (
 )
 from guardrail.policy.shipped import resolve_policy
 
+if TYPE_CHECKING:
+    from guardrail.plugin.registry import Registry
 
-def check_plugins(policy: Policy, registry: Any) -> list[str]:
+
+def check_plugins(policy: Policy, registry: Registry) -> list[str]:
     """Check plugin names and their parameters against the registry; return problems."""
     problems: list[str] = []
 
@@ -116,7 +120,7 @@ def check_ranges(policy: Policy) -> list[str]:
 
 
 def _check_spec(
-    registry: Any, kind: str, plugin: str, params: dict[str, Any], where: str
+    registry: Registry, kind: str, plugin: str, params: dict[str, Any], where: str
 ) -> list[str]:
     """The problems of one ``{plugin, params}`` section: an unknown name, or bad params."""
     try:
@@ -136,7 +140,7 @@ _RAIL_SPECS = (
 )
 
 
-def check_plugin_sections(data: dict[str, Any], registry: Any) -> list[str]:
+def check_plugin_sections(data: dict[str, Any], registry: Registry) -> list[str]:
     """Plugin names and params of a policy mapping the schema may reject elsewhere.
 
     What :func:`check_plugins` checks per section, for each section whose shape allows it,
@@ -185,7 +189,7 @@ def check_references(policy: Policy) -> list[str]:
     return problems
 
 
-def check_artifacts(policy: Policy, registry: Any, *, load: bool = True) -> list[str]:
+def check_artifacts(policy: Policy, registry: Registry, *, load: bool = True) -> list[str]:
     """Every artifact the policy names that exists, checked as a run would use it, without
     loading the model: the header and tensor table; the policy's layers, gate members and
     ``auto`` thresholds against it; calibrated steerer values against the rail's steerer
@@ -215,7 +219,7 @@ def check_artifacts(policy: Policy, registry: Any, *, load: bool = True) -> list
     return problems
 
 
-def _rail_artifact_problems(rail: RailSpec, found: ArtifactFile, registry: Any, key: str,
+def _rail_artifact_problems(rail: RailSpec, found: ArtifactFile, registry: Registry, key: str,
                             artifact: str) -> list[str]:
     header = found.header
     problems = []
@@ -264,7 +268,7 @@ def _rail_artifact_problems(rail: RailSpec, found: ArtifactFile, registry: Any, 
     return problems
 
 
-def calibrated_for(calibrated: Calibration | None, steerer: str, registry: Any) -> bool:
+def calibrated_for(calibrated: Calibration | None, steerer: str, registry: Registry) -> bool:
     """Whether ``calibrated`` holds steerer values for the steerer plugin ``steerer`` (a name
     or alias); a calibration that does not say which steerer it tuned is taken as the rail's."""
     if calibrated is None:
@@ -273,7 +277,7 @@ def calibrated_for(calibrated: Calibration | None, steerer: str, registry: Any) 
 
 
 def calibrated_spec(spec: PluginSpec, calibrated: Calibration | None, side: str | None,
-                    registry: Any, artifact: str) -> PluginSpec:
+                    registry: Registry, artifact: str) -> PluginSpec:
     """``spec`` with the steerer values calibration stored (shared, or ``side``'s) filled in;
     the policy's own win; none when calibration chose them for another steerer plugin.
     Values the steerer's ``Params`` refuse are an :class:`ArtifactError` naming the artifact
@@ -306,7 +310,7 @@ def _field_line(line: str, prefix: str = "") -> str:
     return f"header field '{prefix}{path}': {rest}"
 
 
-def _spec_problems(registry: Any, kind: str, plugin: str, params: dict[str, Any],
+def _spec_problems(registry: Registry, kind: str, plugin: str, params: dict[str, Any],
                    prefix: str) -> list[str]:
     """``header field 'PREFIX.params.KEY': ...`` lines for params the ``Params`` refuse."""
     try:
@@ -319,7 +323,7 @@ def _spec_problems(registry: Any, kind: str, plugin: str, params: dict[str, Any]
     return []
 
 
-def _canonical(registry: Any, kind: str, name: str) -> str:
+def _canonical(registry: Registry, kind: str, name: str) -> str:
     try:
         return str(registry.get(kind, name).name)
     except PluginError:
@@ -333,7 +337,7 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def missing_artifacts(policy: Policy, registry: Any = None) -> list[str]:
+def missing_artifacts(policy: Policy, registry: Registry | None = None) -> list[str]:
     """Artifacts a policy names that do not exist yet, each with the command that writes it.
 
     The command is the energy model's ``artifact_command`` (looked up in ``registry``), else
@@ -379,7 +383,7 @@ def _ships_installed(policy: Policy) -> bool:
         return False
 
 
-def _artifact_command(registry: Any, plugin: str) -> str | None:
+def _artifact_command(registry: Registry | None, plugin: str) -> str | None:
     if registry is None:
         return None
     try:
@@ -389,15 +393,17 @@ def _artifact_command(registry: Any, plugin: str) -> str | None:
     return command
 
 
-def _steers_states(registry: Any, rail: RailSpec) -> bool:
+def _steers_states(registry: Registry, rail: RailSpec) -> bool:
     """Whether the rail moves hidden states (it has, or its steerer needs, an energy model)."""
     if rail.energy_model is not None:
         return True
-    return _is_registered(registry, rail) and bool(
-        registry.get("steerer", rail.steerer.plugin).cls.requires_energy_model)
+    if not _is_registered(registry, rail):
+        return False
+    steerer = registry.get("steerer", rail.steerer.plugin).cls
+    return issubclass(steerer, Steerer) and steerer.requires_energy_model
 
 
-def _is_registered(registry: Any, rail: RailSpec) -> bool:
+def _is_registered(registry: Registry, rail: RailSpec) -> bool:
     try:
         registry.get("steerer", rail.steerer.plugin)
     except PluginError:
@@ -405,7 +411,7 @@ def _is_registered(registry: Any, rail: RailSpec) -> bool:
     return True
 
 
-def validate_policy_file(path: str | Path, registry: Any) -> Policy:
+def validate_policy_file(path: str | Path, registry: Registry) -> Policy:
     """Schema, plugin and reference checks; raise one :class:`PolicyError` with every problem.
 
     A file the schema rejects still has its plugin sections checked, so one run reports

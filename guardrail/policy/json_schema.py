@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.plugin.defaults import DEFAULT_COMPONENTS
 from guardrail.policy.model import Policy
+
+if TYPE_CHECKING:
+    from guardrail.plugin.registry import Registry
 
 # Rail keys and the top-level classifier: their component kind.
 _SECTIONS = {"activation_source": "activation_source", "steerer": "steerer",
@@ -27,7 +30,7 @@ _NO_PLUGIN = {"not": {"required": ["plugin"]}}
 PARTIAL = "Partial"
 
 
-def policy_schema(registry: Any = None) -> dict[str, Any]:
+def policy_schema(registry: Registry | None = None) -> dict[str, Any]:
     """The schema as a mapping; with ``registry``, plugin sections are typed."""
     full = Policy.model_json_schema()
     defs: dict[str, Any] = full.pop("$defs", {})
@@ -57,7 +60,7 @@ def policy_schema(registry: Any = None) -> dict[str, Any]:
     }
 
 
-def policy_json_schema(registry: Any = None) -> str:
+def policy_json_schema(registry: Registry | None = None) -> str:
     """The schema as indented JSON."""
     return json.dumps(policy_schema(registry), indent=2)
 
@@ -98,7 +101,7 @@ def _rewrite_refs(node: Any, rename: Any) -> Any:
     return node
 
 
-def _type_plugin_sections(full: dict[str, Any], defs: dict[str, Any], registry: Any) -> None:
+def _type_plugin_sections(full: dict[str, Any], defs: dict[str, Any], registry: Registry) -> None:
     """One definition per plugin-section kind, with its names and per-component params."""
     rail = defs["RailSpec"]["properties"]
     for key, kind in _SECTIONS.items():
@@ -118,7 +121,7 @@ def _type_plugin_sections(full: dict[str, Any], defs: dict[str, Any], registry: 
         _replace_ref(outputs, ref, typed_name)
 
 
-def _typed_section(section: dict[str, Any], kind: str, registry: Any,
+def _typed_section(section: dict[str, Any], kind: str, registry: Registry,
                    defs: dict[str, Any]) -> dict[str, Any]:
     aliases: dict[str, str] = registry.aliases(kind)
     section["title"] = f"{_kind_def_name(kind)}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from fastapi import Request
@@ -35,6 +35,9 @@ from guardrail.serving.schemas import (
     VerdictBody,
 )
 from guardrail.serving.streaming import sse
+
+if TYPE_CHECKING:
+    from guardrail.telemetry import GenerationTelemetry
 
 log = structlog.get_logger("guardrail.serving")
 
@@ -199,7 +202,7 @@ def extension(served: ServedPolicy, result: JobResult, verdict: VerdictBody | No
     )
 
 
-def gate_decisions(telemetry: Any) -> list[GateDecision]:
+def gate_decisions(telemetry: GenerationTelemetry) -> list[GateDecision]:
     """The gated rails' decisions in a request's telemetry."""
     return [GateDecision(rail=g.rail, score=g.score, side=g.side, steered=g.steered,
                          below=g.below, above=g.above) for g in telemetry.gates]
@@ -343,8 +346,9 @@ def stream(request: Request, served: ServedPolicy, job: Job, req: ChatCompletion
 
 
 async def energies(request: Request, served: ServedPolicy, req: EnergiesRequest,
-                   config: ServeConfig, *, admit: Any = None,
-                   queued: Any = None) -> EnergiesResponse:
+                   config: ServeConfig, *,
+                   admit: Callable[[Awaitable[int]], Awaitable[int]] | None = None,
+                   queued: Callable[[], object] | None = None) -> EnergiesResponse:
     """Energies at the prompt's last token per rail and layer; nothing is generated.
 
     ``admit`` wraps the tokenisation (the server's admission, see :mod:`.admission`);

@@ -10,7 +10,7 @@ the model workers add batch sizes; queue depth and rows running are read when sc
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -20,6 +20,9 @@ from prometheus_client.registry import Collector
 from guardrail.serving.batcher import JobResult
 from guardrail.serving.pool import PolicyPool
 from guardrail.serving.schemas import GuardrailExtension
+
+if TYPE_CHECKING:
+    from guardrail.serving.admission import Admission
 
 #: Routes by template; anything else is counted as ``other`` (no label per unknown path).
 ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/guardrail/energies", "/healthz", "/readyz",
@@ -55,7 +58,7 @@ def status_of(status: int) -> str:
 class ServerMetrics:
     """The metrics of one app; ``render()`` is the ``/metrics`` body."""
 
-    def __init__(self, pool: PolicyPool, admission: Any = None) -> None:
+    def __init__(self, pool: PolicyPool, admission: Admission | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("guardrail_requests", "HTTP requests answered, by route, "
@@ -119,7 +122,7 @@ class ServerMetrics:
 class _PoolCollector(Collector):
     """Queue depth, rows running and queue capacity per model worker, read at scrape time."""
 
-    def __init__(self, pool: PolicyPool, admission: Any = None) -> None:
+    def __init__(self, pool: PolicyPool, admission: Admission | None = None) -> None:
         self.pool = pool
         self.admission = admission
 

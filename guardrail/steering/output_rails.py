@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from guardrail.errors import PluginError
-from guardrail.plugin.components import Answer
+from guardrail.plugin.components import Answer, OutputRail
 from guardrail.steering.gating import side_of
 from guardrail.steering.generation import Conversation, GenerationResult, last_user
 from guardrail.steering.rails import SHARED

@@ -31,6 +31,7 @@ from guardrail.policy.model import Policy
 from guardrail.policy.shipped import shipped_policies
 
 if TYPE_CHECKING:
+    from guardrail.plugin.registry import Registry
     from guardrail.steering.rails import Rail
 
 
@@ -106,7 +107,7 @@ def resource_installed(name: str) -> bool:
         return False
 
 
-def gate_prerequisites(policy: Policy, registry: Any) -> list[Prerequisite]:
+def gate_prerequisites(policy: Policy, registry: Registry) -> list[Prerequisite]:
     """The resources every enabled rail's gate members load.
 
     A member's params are read from the rail's artifact when it has one (the gate was fitted
@@ -130,7 +131,7 @@ def gate_prerequisites(policy: Policy, registry: Any) -> list[Prerequisite]:
     return out
 
 
-def prerequisites(policy: Policy, registry: Any, *, model: bool = True,
+def prerequisites(policy: Policy, registry: Registry, *, model: bool = True,
                   dtype: str | None = None) -> list[Prerequisite]:
     """Everything ``policy`` needs installed (``model=False``: leave the model out, for a
     model object the caller loaded)."""
@@ -138,7 +139,7 @@ def prerequisites(policy: Policy, registry: Any, *, model: bool = True,
     return [*([found] if found is not None else []), *gate_prerequisites(policy, registry)]
 
 
-def check_installed(policy: Policy, registry: Any, *, model: bool = True,
+def check_installed(policy: Policy, registry: Registry, *, model: bool = True,
                     dtype: str | None = None) -> None:
     """Raise :class:`MissingComponentError` naming every missing prerequisite of ``policy``
     and the one command that installs them."""
@@ -165,7 +166,7 @@ def _stored_members(rail: Any) -> list[dict[str, Any]]:
     return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
 
 
-def _resources(registry: Any, plugin: str, params: dict[str, Any]) -> list[str]:
+def _resources(registry: Registry, plugin: str, params: dict[str, Any]) -> list[str]:
     try:
         gate = registry.create("gate", plugin, params)
     except (PluginError, GuardrailError):

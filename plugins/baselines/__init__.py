@@ -24,9 +24,11 @@ from guardrail_plugins.baselines.components import (
     SystemPromptSteerer,
 )
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 
 if TYPE_CHECKING:
+    import argparse
+
     from guardrail_plugins.baselines.linear import LinearEnergyModel
 
 __all__ = [
@@ -41,7 +43,7 @@ __all__ = [
 
 
 @hookimpl
-def guardrail_register_energy_models(register: Any) -> None:
+def guardrail_register_energy_models(register: Register) -> None:
     # An nn.Module: named by path so registering it imports no torch (see .linear).
     register("guardrail_plugins.baselines.linear:LinearEnergyModel", name="linear",
              aliases=("difference-of-means",), params=LinearEnergyParams,
@@ -49,13 +51,15 @@ def guardrail_register_energy_models(register: Any) -> None:
 
 
 @hookimpl
-def guardrail_register_steerers(register: Any) -> None:
+def guardrail_register_steerers(register: Register) -> None:
     register(AblateSteerer, aliases=("directional-ablation", "refusal-ablation"))
     register(SystemPromptSteerer, aliases=("system_prompt", "prompt"))
 
 
 @hookimpl
-def guardrail_register_commands(subparsers: Any) -> None:
+def guardrail_register_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     add_parser(subparsers)
 
 

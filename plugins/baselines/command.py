@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 DATA_HELP = "data folder (default $GUARDRAIL_DATA, else ../shared/data from here or the checkout)"
 CACHE_HELP = "cache root (default $GUARDRAIL_CACHE_DIR or ~/.cache/guardrail)"
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``baseline`` with its ``directions`` subcommand."""
     base = subparsers.add_parser("baseline", help="build artifacts for the linear baselines")
     sub = base.add_subparsers(dest="baseline_command", metavar="SUBCOMMAND", required=True)

@@ -23,11 +23,11 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.errors import PluginError
 
 __all__ = ["FineTunedEncoderGateParams", "ProbeGateParams", "SentenceEmbeddingGateParams",
@@ -80,7 +80,7 @@ class FineTunedEncoderGateParams(BaseModel):
 
 
 @hookimpl
-def guardrail_register_gates(register: Any) -> None:
+def guardrail_register_gates(register: Register) -> None:
     register("guardrail_plugins.gates.model:ProbeGate", name="probe", aliases=("state-probe",),
              params=ProbeGateParams)
     register("guardrail_plugins.gates.model:SentenceEmbeddingGate", name="sentence-embedding",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 
 if TYPE_CHECKING:
     from guardrail_plugins.mlp_energy.model import MLPEnergyModel
@@ -34,7 +34,7 @@ class MLPEnergyParams(BaseModel):
 
 
 @hookimpl
-def guardrail_register_energy_models(register: Any) -> None:
+def guardrail_register_energy_models(register: Register) -> None:
     register("guardrail_plugins.mlp_energy.model:MLPEnergyModel", name="mlp",
              aliases=("mlp-energy",), params=MLPEnergyParams)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import hookimpl
+from guardrail import Register, hookimpl
 from guardrail.plugin.components import RefusalClassifier, Verdict
+
+if TYPE_CHECKING:
+    from guardrail.telemetry import GenerationTelemetry
 
 GENERATIONS_SEEN: list[str] = []
 
@@ -38,10 +41,10 @@ class PrefixRefusalClassifier(RefusalClassifier):
 
 
 @hookimpl
-def guardrail_register_refusal_classifiers(register: Any) -> None:
+def guardrail_register_refusal_classifiers(register: Register) -> None:
     register(PrefixRefusalClassifier)
 
 
 @hookimpl
-def guardrail_on_generation(telemetry: Any, extra: dict[str, Any]) -> None:
+def guardrail_on_generation(telemetry: GenerationTelemetry, extra: dict[str, Any]) -> None:
     GENERATIONS_SEEN.append(str(extra.get("policy")))
