@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pluggy
 import structlog
 import torch
 
@@ -20,7 +19,7 @@ from guardrail.console import ensure_logging
 from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugin.components import ActivationSource, OutputRail, RefusalClassifier, Verdict
-from guardrail.plugin.manager import Registry, get_plugin_manager
+from guardrail.plugin.manager import PluginManager, Registry, get_plugin_manager
 from guardrail.policy.checks import check_plugins
 from guardrail.policy.model import GenerationSection, Policy, load_policy
 from guardrail.steering.attach import attached
@@ -70,7 +69,7 @@ class Guardrail:
         rails: list[Rail],
         classifier: RefusalClassifier,
         registry: Registry,
-        plugin_manager: pluggy.PluginManager,
+        plugin_manager: PluginManager,
         fingerprint: dict[str, Any],
         output_rails: Sequence[OutputRail] = (),
     ) -> None:
@@ -97,7 +96,7 @@ class Guardrail:
         tokenizer: Any = None,
         loaded: Any = None,
         device: str | None = None,
-        plugin_manager: pluggy.PluginManager | None = None,
+        plugin_manager: PluginManager | None = None,
     ) -> Guardrail:
         """Load a policy (a file, a shipped policy's name, or a :class:`Policy`), its rails'
         artifacts and, unless given, its model.
@@ -118,7 +117,7 @@ class Guardrail:
             from guardrail.models.loading import adopt_model
 
             loaded = adopt_model(model, tokenizer)
-        pm: pluggy.PluginManager = plugin_manager or get_plugin_manager()
+        pm: PluginManager = plugin_manager or get_plugin_manager()
         registry = Registry.from_plugin_manager(pm)
         where = str(policy.path or policy.name)
         problems = check_plugins(policy, registry)
