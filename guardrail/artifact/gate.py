@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -24,6 +24,10 @@ from guardrail.errors import ArtifactError, PluginError
 from guardrail.plugin.components import Gate
 
 TENSOR_PREFIX = GATE_TENSOR_PREFIX
+
+if TYPE_CHECKING:
+    from guardrail.plugin.registry import Registry
+
 
 
 @dataclass
@@ -119,7 +123,7 @@ class GateSet:
 
     @classmethod
     def from_header(cls, header: GateHeader | dict[str, Any], tensors: dict[str, torch.Tensor],
-                    registry: Any, where: str, num_layers: int | None = None) -> GateSet:
+                    registry: Registry, where: str, num_layers: int | None = None) -> GateSet:
         """Rebuild a fitted gate set from an artifact's header and tensors.
 
         The header is checked first (:class:`~guardrail.artifact.header.GateHeader`), each
@@ -135,7 +139,7 @@ class GateSet:
                 problems = [p.replace("header field '", "header field 'gate.", 1)
                             for p in header_problems(exc)]
                 raise ArtifactError(f"{where}: " + "; ".join(problems)) from None
-        members = []
+        members: list[GateMember] = []
         for i, item in enumerate(header.members):
             key = f"{where}: header field 'gate.members[{i}]"
             try:
@@ -151,7 +155,9 @@ class GateSet:
             prefix = f"{TENSOR_PREFIX}{i}."
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             try:
-                gate = entry.cls.from_artifact(params, dict(item.config), own)
+                gate_cls = entry.cls
+                assert issubclass(gate_cls, Gate)  # the registry checked the kind
+                gate = gate_cls.from_artifact(params, dict(item.config), own)
                 layers = gate.state_layers(num_layers) if num_layers is not None else []
                 fitted = gate.fitted_mean()
             except (KeyError, TypeError, ValueError, IndexError, PluginError) as exc:

@@ -58,13 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shipped policies' training data and the evaluation suites)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # a command group not built yet
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(module_name).add_parser(subparsers)
     _plugin_commands(subparsers)
     return parser
 

@@ -47,7 +47,7 @@ from guardrail.steering.streams import GenerationStream
 from guardrail.telemetry import GenerationTelemetry, StepEvent
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from guardrail.models.loading import LoadedModel
 
@@ -92,9 +92,9 @@ class Guardrail:
         cls,
         policy: Policy | str | Path,
         *,
-        model: Any = None,
-        tokenizer: Any = None,
-        loaded: Any = None,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        loaded: LoadedModel | None = None,
         device: str | None = None,
         plugin_manager: PluginManager | None = None,
     ) -> Guardrail:

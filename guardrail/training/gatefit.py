@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -27,17 +27,26 @@ from guardrail.artifact.gate import GateMember, GateSet
 from guardrail.errors import ArtifactError, PluginError
 from guardrail.evaluation.cache import digest
 from guardrail.evaluation.metrics import auroc
+from guardrail.plugin.components import Gate
 from guardrail.training.sources import TrainingPrompt
 
 log = structlog.get_logger("guardrail.training")
 
 CACHE_FORMAT = "guardrail-gate-fit/2"
 
+if TYPE_CHECKING:
+    from guardrail.plugin.registry import Registry
 
-def blank_gate(members: Sequence[tuple[str, dict[str, Any], float]], registry: Any) -> GateSet:
+
+
+def blank_gate(members: Sequence[tuple[str, dict[str, Any], float]], registry: Registry) -> GateSet:
     """An unfitted gate set of ``(plugin, params, weight)`` members."""
-    return GateSet([GateMember(plugin, registry.create("gate", plugin, params), weight)
-                    for plugin, params, weight in members])
+    out = []
+    for plugin, params, weight in members:
+        gate = registry.create("gate", plugin, params)
+        assert isinstance(gate, Gate)  # the registry checked the kind
+        out.append(GateMember(plugin, gate, weight))
+    return GateSet(out)
 
 
 def members_of(gate: GateSet) -> list[tuple[str, dict[str, Any], float]]:
@@ -50,7 +59,7 @@ def text_only(gate: GateSet, num_layers: int) -> bool:
     return all(not m.gate.state_layers(num_layers) for m in gate.members)
 
 
-def fit_gate_set(members: Sequence[tuple[str, dict[str, Any], float]], registry: Any,
+def fit_gate_set(members: Sequence[tuple[str, dict[str, Any], float]], registry: Registry,
                  prompts: Sequence[TrainingPrompt],
                  states: dict[int, torch.Tensor] | None, num_layers: int,
                  cache_dir: Path | None) -> GateSet:
@@ -102,7 +111,7 @@ def family_folds(train: Sequence[TrainingPrompt], val: Sequence[TrainingPrompt],
     return [g for g in groups if g]
 
 
-def held_out_scores(gate: GateSet, registry: Any, train: Sequence[TrainingPrompt],
+def held_out_scores(gate: GateSet, registry: Registry, train: Sequence[TrainingPrompt],
                     train_states: dict[int, torch.Tensor] | None,
                     val: Sequence[TrainingPrompt], val_states: dict[int, torch.Tensor] | None,
                     num_layers: int, scores: torch.Tensor, *, folds: int | None = None,
@@ -186,7 +195,7 @@ def _save(path: Path, member: GateMember, raw: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-def _load(path: Path, registry: Any, member: GateMember) -> torch.Tensor | None:
+def _load(path: Path, registry: Registry, member: GateMember) -> torch.Tensor | None:
     """Fill ``member`` from a cached fit; returns its raw training scores (None: no usable
     cache entry)."""
     if not path.is_file():
@@ -202,7 +211,9 @@ def _load(path: Path, registry: Any, member: GateMember) -> torch.Tensor | None:
         entry = registry.get("gate", member.plugin)
         params = entry.cls.Params.model_validate(json.loads(meta["params"]))
         own = {k[len("member."):]: v for k, v in tensors.items() if k.startswith("member.")}
-        member.gate = entry.cls.from_artifact(params, json.loads(meta["config"]), own)
+        cls = entry.cls
+        assert issubclass(cls, Gate)  # the registry checked the kind
+        member.gate = cls.from_artifact(params, json.loads(meta["config"]), own)
         return tensors["train_scores"]
     except (ArtifactError, PluginError, OSError, ValueError, KeyError) as exc:
         log.warning("gate.cache_unreadable", path=str(path), error=str(exc)[:200],

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -31,6 +31,10 @@ log = structlog.get_logger("guardrail.training")
 
 CELLS = ("benign+comply", "benign+refuse", "harmful+refuse", "harmful+comply")
 """Cell index -> name; cells 0 and 2 are desirable."""
+
+if TYPE_CHECKING:
+    from guardrail.steering.guard import Guardrail
+
 
 
 def cell_of(context: str, refused: bool) -> int:
@@ -81,7 +85,7 @@ class CaptureStats:
 
 
 def generate_and_capture(
-    guard: Any,
+    guard: Guardrail,
     source: ActivationSource,
     prompts: Sequence[TrainingPrompt],
     cache: StateCache,
@@ -128,7 +132,8 @@ def generate_and_capture(
 
 
 def _label_batch(
-    guard: Any, source: ActivationSource, texts: list[str], settings: LabelSettings, positions: str,
+    guard: Guardrail, source: ActivationSource, texts: list[str], settings: LabelSettings,
+    positions: str,
     *, mean_too: bool = False,
 ) -> tuple[list[str], torch.Tensor, torch.Tensor | None, int]:
     enc = guard.encode(texts)
@@ -138,16 +143,16 @@ def _label_batch(
                              tokenizer.pad_token_id)
     with capture_prefill(guard.model, source, enc.get("attention_mask"), positions,
                          mean_too=mean_too) as captured, torch.no_grad():
-        output = guard.model.generate(**enc, **greedy)
+        output = guard.model.generate(**enc, **greedy)  # type: ignore[operator]  # (as in batches.py)
     eos = eos_ids(guard.model, tokenizer)
-    responses = [tokenizer.decode(cut_at_eos(row, eos)[0], skip_special_tokens=True)
+    responses = [str(tokenizer.decode(cut_at_eos(row, eos)[0], skip_special_tokens=True))
                  for row in output[:, prompt_len:].tolist()]
     means = captured.stacked_means() if mean_too else None
     return responses, captured.stacked(), means, captured.forward_passes
 
 
 def label(
-    guard: Any, prompts: Sequence[TrainingPrompt], cache: StateCache
+    guard: Guardrail, prompts: Sequence[TrainingPrompt], cache: StateCache
 ) -> LabelledSet:
     """Read states and responses from ``cache`` and classify them with the policy's classifier."""
     texts = guard.render(user_turns(p.text for p in prompts), steer=False)

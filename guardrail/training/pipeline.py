@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -36,6 +36,11 @@ from guardrail.training.sources import PromptSets, load_prompt_sets
 from guardrail.training.trainer import train_layers
 
 log = structlog.get_logger("guardrail.training")
+
+if TYPE_CHECKING:
+    from guardrail.models.loading import LoadedModel
+    from guardrail.plugin.registry import Registry
+
 
 
 @dataclass
@@ -130,7 +135,7 @@ def state_cache_root(section: TrainingSection, override: str | Path | None) -> P
 class Session:
     """A policy's model loaded for training, with its activation source and state cache."""
 
-    def __init__(self, policy: Policy, rail: RailSpec, *, loaded: Any = None,
+    def __init__(self, policy: Policy, rail: RailSpec, *, loaded: LoadedModel | None = None,
                  options: TrainOptions | None = None) -> None:
         from guardrail.steering.guard import Guardrail
 
@@ -184,7 +189,7 @@ def load_sets(section: TrainingSection, options: TrainOptions) -> PromptSets:
 
 
 def train_policy(
-    policy: Policy, *, rail: str | None = None, loaded: Any = None,
+    policy: Policy, *, rail: str | None = None, loaded: LoadedModel | None = None,
     options: TrainOptions | None = None,
 ) -> TrainReport:
     """Run every stage for ``policy`` and write the artifact; returns what happened."""
@@ -296,7 +301,7 @@ def _metadata(section: TrainingSection, report: TrainReport, top_k: int) -> dict
     }
 
 
-def fit_gate(policy: Policy, spec: RailSpec, registry: Any, sets: PromptSets,
+def fit_gate(policy: Policy, spec: RailSpec, registry: Registry, sets: PromptSets,
              train: LabelledSet, val: LabelledSet, num_layers: int,
              options: TrainOptions) -> tuple[GateSet, dict[str, Any]]:
     """Fit the rail's gate on the training prompts (harmful context = 1), gate-only sources
