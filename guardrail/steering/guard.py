@@ -37,11 +37,11 @@ from guardrail.steering.output_rails import review_answers
 from guardrail.steering.prerequisites import check_installed, missing_resources
 from guardrail.steering.rails import (
     Rail,
+    RailsByStrength,
     build_rail,
-    check_strength,
     create_classifier,
     create_output_rails,
-    with_steerer,
+    variant_rails,
 )
 from guardrail.steering.streams import GenerationStream
 from guardrail.telemetry import GenerationTelemetry, StepEvent
@@ -82,7 +82,7 @@ class Guardrail:
         self.registry = registry
         self.plugin_manager = plugin_manager
         self.fingerprint = fingerprint
-        self._strengths: dict[float, list[Rail]] = {}
+        self._strengths = RailsByStrength(rails)
         #: The policy's output rails, in order (:mod:`guardrail.steering.output_rails`).
         self.output_rails = list(output_rails)
 
@@ -163,17 +163,7 @@ class Guardrail:
         A sweep point, say: the loaded model, plugin manager, registry, classifier and every
         rail's source and energy models are shared; only the changed steerers are new.
         """
-        where = str(policy.path or policy.name)
-        if _but_steerer_params(policy) != _but_steerer_params(self.policy):
-            raise PolicyError(where, ["a variant of a loaded policy may change steerer params "
-                                      "only; load any other policy with Guardrail.from_policy"])
-        problems = check_plugins(policy, self.registry)
-        if problems:
-            raise PolicyError(where, problems)
-        pairs = zip([s for s in policy.rails if s.enabled],
-                    [s for s in self.policy.rails if s.enabled], self.rails, strict=True)
-        rails = [rail if new == old else with_steerer(rail, new.steerer, self.registry)
-                 for new, old, rail in pairs]
+        rails = variant_rails(self.policy, policy, self.rails, self.registry)
         return Guardrail(policy, self.loaded, rails, self.classifier, self.registry,
                          self.plugin_manager, self.fingerprint, self.output_rails)
 
@@ -236,20 +226,7 @@ class Guardrail:
         are). Raises :class:`GuardrailError` for a strength that is not a number in
         ``(0, limit]``, where each rail's limit is the largest strength its artifact's
         calibration found within the safety budget (1 without that evidence)."""
-        if strength is None:
-            return self.rails
-        if type(strength) is float and strength in self._strengths:
-            return self._strengths[strength]
-        check_strength(strength, self.rails)
-        if strength == 1:
-            return self.rails
-        strength = float(strength)
-        rails = [rail.with_strength(strength) if rail.moves_states else rail
-                 for rail in self.rails]
-        if len(self._strengths) >= 32:  # a few strengths in use; never an unbounded cache
-            self._strengths.pop(next(iter(self._strengths)))
-        self._strengths[strength] = rails
-        return rails
+        return self._strengths.at(strength)
 
     @property
     def strength_limit(self) -> float:
@@ -429,8 +406,3 @@ class Guardrail:
         """Steer ``model.generate(...)`` / forward calls on a model object of your own (default:
         this guardrail's), gates included: see :func:`guardrail.steering.attach.attached`."""
         return attached(self, model, strength=strength)
-
-
-def _but_steerer_params(policy: Policy) -> dict[str, Any]:
-    """The policy as data, less its name and its rails' steerer params."""
-    return policy.model_dump(exclude={"name": True, "rails": {"__all__": {"steerer": {"params"}}}})

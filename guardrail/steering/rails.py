@@ -23,7 +23,7 @@ from guardrail.errors import ArtifactError, GuardrailError, PolicyError
 from guardrail.plugin.components import ActivationSource, OutputRail, RefusalClassifier, Steerer
 from guardrail.plugin.energy_model import EnergyModel
 from guardrail.plugin.manager import Registry
-from guardrail.policy.checks import calibrated_for, calibrated_spec
+from guardrail.policy.checks import calibrated_for, calibrated_spec, check_plugins
 from guardrail.policy.model import GateSpec, PluginSpec, Policy, RailSpec
 
 #: The side of an ungated rail (every row, the shared energy models).
@@ -372,3 +372,52 @@ def create_classifier(policy: Policy, registry: Registry) -> RefusalClassifier:
     )
     assert isinstance(classifier, RefusalClassifier)
     return classifier
+
+
+class RailsByStrength:
+    """A guardrail's rails at each strength asked for (a few in use; never an unbounded cache)."""
+
+    def __init__(self, rails: list[Rail], size: int = 32) -> None:
+        self.rails = rails
+        self.size = size
+        self._found: dict[float, list[Rail]] = {}
+
+    def at(self, strength: float | None) -> list[Rail]:
+        """The rails steering ``strength`` times as hard as calibrated (None or 1: as they
+        are), after :func:`check_strength`."""
+        if strength is None:
+            return self.rails
+        if type(strength) is float and strength in self._found:
+            return self._found[strength]
+        check_strength(strength, self.rails)
+        if strength == 1:
+            return self.rails
+        strength = float(strength)
+        rails = [rail.with_strength(strength) if rail.moves_states else rail
+                 for rail in self.rails]
+        if len(self._found) >= self.size:
+            self._found.pop(next(iter(self._found)))
+        self._found[strength] = rails
+        return rails
+
+
+def variant_rails(policy: Policy, variant: Policy, rails: list[Rail], registry: Registry
+                  ) -> list[Rail]:
+    """``rails`` (built for ``policy``) under ``variant``, which may change steerer params only:
+    the rails whose steerer changed get a new one, everything else is shared."""
+    where = str(variant.path or variant.name)
+    if _but_steerer_params(variant) != _but_steerer_params(policy):
+        raise PolicyError(where, ["a variant of a loaded policy may change steerer params "
+                                  "only; load any other policy with Guardrail.from_policy"])
+    problems = check_plugins(variant, registry)
+    if problems:
+        raise PolicyError(where, problems)
+    pairs = zip([s for s in variant.rails if s.enabled],
+                [s for s in policy.rails if s.enabled], rails, strict=True)
+    return [rail if new == old else with_steerer(rail, new.steerer, registry)
+            for new, old, rail in pairs]
+
+
+def _but_steerer_params(policy: Policy) -> dict[str, Any]:
+    """The policy as data, less its name and its rails' steerer params."""
+    return policy.model_dump(exclude={"name": True, "rails": {"__all__": {"steerer": {"params"}}}})
