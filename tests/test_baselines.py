@@ -97,7 +97,7 @@ def test_ablation_removes_the_component_along_the_direction() -> None:
     def orth(x: torch.Tensor) -> torch.Tensor:
         return x - (x @ r)[:, None] * r
     assert torch.allclose(orth(out.states), orth(states), atol=1e-5)
-    half = AblateSteerer(AblateParams(strength=0.5)).steer(states, energy, CTX)
+    half = AblateSteerer(AblateParams(share=0.5)).steer(states, energy, CTX)
     assert torch.allclose(half.states @ r, 0.5 * (states @ r), atol=1e-5)
     centred = AblateSteerer(AblateParams(reference="mean")).steer(states, energy, CTX)
     assert torch.allclose(centred.energy_after, torch.zeros(8), atol=1e-4)

@@ -201,7 +201,7 @@ def _evidence(base: list[bool], steered: list[bool], scores: list[float],
                               "harmful-src" if c == "h" else "benign-src")
                for i, c in enumerate(contexts)]
     s = torch.tensor(scores)
-    return Evidence(prompts, torch.tensor(base), {("answer", (1.0, 3)): torch.tensor(steered)},
+    return Evidence(prompts, torch.tensor(base), {("answer", (("eta", 1.0), ("steps", 3))): torch.tensor(steered)},
                     s, torch.tensor(held) if held is not None else s)
 
 

@@ -194,7 +194,7 @@ def test_disable_env_blocks_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Registry.from_plugin_manager(pm).names("refusal_classifier") == ["openai-judge"]
 
 
-def test_sweep_params_must_be_fields_of_params(plugin_manager) -> None:  # type: ignore[no-untyped-def]
+def test_tunable_must_be_fields_of_params(plugin_manager) -> None:  # type: ignore[no-untyped-def]
     class StepParams(BaseModel):
         model_config = ConfigDict(extra="forbid")
         eta: float = 1.0
@@ -202,7 +202,7 @@ def test_sweep_params_must_be_fields_of_params(plugin_manager) -> None:  # type:
     class Sloppy(EchoSteerer):
         name = "sloppy"
         Params = StepParams
-        sweep_params = ("eta", "steps")
+        tunable = ("eta", "steps")
 
     class Plugin:
         @hookimpl
@@ -210,7 +210,7 @@ def test_sweep_params_must_be_fields_of_params(plugin_manager) -> None:  # type:
             register(Sloppy)
 
     plugin_manager.register(Plugin(), name="sloppy-plugin")
-    with pytest.raises(PluginError, match=r"Sloppy.sweep_params names \['steps'\], which are not"):
+    with pytest.raises(PluginError, match=r"Sloppy.tunable names \['steps'\], which are not"):
         Registry.from_plugin_manager(plugin_manager)
 
 
