@@ -142,10 +142,11 @@ def run_sweep(
 
 
 def gate_curve(guard: Guardrail, results: Sequence[SuiteResult], every_row: str,
-               steps: int = 12) -> list[SweepPoint]:
+               quantiles: int = 12) -> list[SweepPoint]:
     """A gated policy's trade-off over its gate's ``below`` threshold, read off two sets of
     answers: the base model's and every row steered. A row below the threshold gets the
-    steered answer, the others the base answer, as the gate would have it."""
+    steered answer, the others the base answer, as the gate would have it. The thresholds are
+    ``quantiles + 1`` evenly spaced quantiles of the suites' gate scores."""
     from guardrail.steering.gating import steered_rows
     from guardrail.steering.generation import user_turns
 
@@ -153,7 +154,7 @@ def gate_curve(guard: Guardrail, results: Sequence[SuiteResult], every_row: str,
     items = [item for r in results for item in r.suite.items]
     scores = guard.gate_scores(user_turns(i.prompt for i in items))[rail.name]
     candidates = sorted({round(float(v), 2) for v in torch.quantile(
-        scores.float(), torch.linspace(0, 1, steps + 1))})
+        scores.float(), torch.linspace(0, 1, quantiles + 1))})
     points = []
     for threshold in candidates:
         rows = steered_rows(scores, threshold, None).tolist()
