@@ -114,13 +114,13 @@ def test_a_third_party_knob_is_calibrated_and_swept(
                           grid={"push": [0.25, 1.0], "eta": [1.0]})
     swept = [p for p in points if p.params]
     assert [(p.label, p.params) for p in swept] == [
-        ("tiny[push=0.25]", {"push": 0.25}), ("tiny[push=1]", {"push": 1.0})]
+        ("tiny-eds[push=0.25]", {"push": 0.25}), ("tiny-eds[push=1]", {"push": 1.0})]
     assert sweep_table(points).startswith("| policy | push | benign compliance")
 
 
 def test_a_calibration_grid_is_checked_against_the_steerers_declaration(
-    tmp_path: Path, tiny_model_dir: Path, bomb_gate: None, push_steerer: None,  # noqa: F811
-    registry: Registry,
+    tmp_path: Path, tiny_model_dir: Path, keyword_classifier: None, bomb_gate: None,  # noqa: F811
+    push_steerer: None, registry: Registry,
 ) -> None:
     path = push_policy(tmp_path, tiny_model_dir, {"pussh": [1.0], "push": [-1, 2]})
     problems = check_plugins(load_policy(path), registry)
