@@ -48,8 +48,8 @@ generation and tokenisation rather than the network."""
 def model_fingerprint(model: PreTrainedModel, name: str, tokenizer: Any = None) -> dict[str, Any]:
     """Identify a model's architecture: what an artifact trained on it must match.
 
-    The compared fields (:data:`guardrail.artifact.energy.FINGERPRINT_KEYS`) are what decides whether
-    energy models fit the hidden states: the model type, the sizes (hidden, heads, MLP), the
+    The compared fields (:data:`guardrail.artifact.energy.FINGERPRINT_KEYS`) are what decides
+    whether energy models fit the hidden states: the model type, the sizes (hidden, heads, MLP), the
     layer count, the vocabulary size and, given ``tokenizer``, a digest of its vocabulary.
     They read the same under every transformers release that loads the model.
     ``config_sha256`` hashes the config minus keys that change between a GGUF load and its
