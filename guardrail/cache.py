@@ -6,6 +6,7 @@ written last. Writers that die leave a temp directory that the next writer remov
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,12 @@ CACHE_MANIFEST = "guardrail-cache.json"
 _TMP_PREFIX = ".tmp-"
 # mkdtemp names look like ".tmp-<entry>-<pid>-<random>"; the pid tells a dead writer's leftovers.
 _TMP_PID = re.compile(r"-(\d+)-[A-Za-z0-9_]+$")
+
+
+def digest(payload: Any) -> str:
+    """sha256 of a JSON-serialisable payload (keys sorted): the key of a cache entry."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:

@@ -39,7 +39,7 @@ class GradientSteerer(Steerer):
     name = "gradient-descent"
     Params = GradientSteererParams
     params: GradientSteererParams
-    sweep_params = ("eta", "steps")
+    tunable = ("eta", "steps")
     strength_param = "eta"
 
     def steer(

@@ -97,7 +97,7 @@ def test_ablation_removes_the_component_along_the_direction() -> None:
     def orth(x: torch.Tensor) -> torch.Tensor:
         return x - (x @ r)[:, None] * r
     assert torch.allclose(orth(out.states), orth(states), atol=1e-5)
-    half = AblateSteerer(AblateParams(strength=0.5)).steer(states, energy, CTX)
+    half = AblateSteerer(AblateParams(share=0.5)).steer(states, energy, CTX)
     assert torch.allclose(half.states @ r, 0.5 * (states @ r), atol=1e-5)
     centred = AblateSteerer(AblateParams(reference="mean")).steer(states, energy, CTX)
     assert torch.allclose(centred.energy_after, torch.zeros(8), atol=1e-4)
@@ -201,3 +201,9 @@ def test_shipped_baseline_policies_validate(capsys: pytest.CaptureFixture[str]) 
     assert main(["validate", *paths]) == 0
     out = capsys.readouterr().out
     assert all(f"policy '{n}-qwen2.5-coder-0.5b'" in out for n in names)
+
+
+def test_ablation_share_was_called_strength_and_still_loads_by_that_name() -> None:
+    # Not `strength`: that is the core's per-request multiplier, which ablate does not take.
+    assert AblateParams.model_validate({"strength": 0.5}).share == 0.5
+    assert AblateParams.model_validate({"share": 0.25}).model_dump()["share"] == 0.25

@@ -56,8 +56,9 @@ def test_unknown_suite_fails_before_loading_a_model(workspace: Path, capsys: pyt
     assert main(["eval", "--policy", str(workspace / "sp.yaml"), "--suite", str(bad)]) == 1
     assert "column 'harmful' is 'perhaps'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(["sweep", "--policy", "x.yaml", "--eta", "a,b"])
+        main(["sweep", "--policy", "x.yaml", "--grid", "eta"])
     assert exc.value.code == 2
+    assert "argument --grid: got 'eta'; expected NAME=V1,V2" in capsys.readouterr().err
 
 
 def test_eval_writes_reports_and_reuses_cached_answers(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,7 +87,7 @@ def test_eval_writes_reports_and_reuses_cached_answers(workspace: Path, capsys: 
 
 def test_sweep_and_results_page(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sweep", "--policy", str(workspace / "caa.yaml"), "--policy", str(workspace / "sp.yaml"),
-                 "--suite", str(workspace / "mini.jsonl"), "--eta", "0.1,1", "--steps", "1",
+                 "--suite", str(workspace / "mini.jsonl"), "--grid", "eta=0.1,1", "--grid", "steps=1",
                  "--max-new-tokens", "4", "--out", str(workspace / "sweep")]) == 0
     assert "| caa | 1 | 1 |" in capsys.readouterr().out
     assert (workspace / "sweep" / "sweep.png").stat().st_size > 1000
@@ -97,7 +98,7 @@ def test_sweep_and_results_page(workspace: Path, capsys: pytest.CaptureFixture[s
         "policies: [../caa.yaml, ../sp.yaml, ../missing.yaml]\n"
         "suites: [../mini.jsonl]\nmax_new_tokens: 4\ndata_dir: ../data\n"
         "kl: {prompts: 2, max_new_tokens: 3}\n"
-        "sweep: {suites: [../mini.jsonl], eta: [0.1, 1.0], steps: [1], policies: [caa]}\n"
+        "sweep: {suites: [../mini.jsonl], grid: {eta: [0.1, 1.0], steps: [1]}, policies: [caa]}\n"
         "prepare: ['guardrail baseline directions --policy caa.yaml']\n"
         "targets: [{suite: mini, metric: compliance, min: 0.0}, {suite: mini, metric: refusal, min_delta: 2},\n"
         "          {metric: kl, max: 100}, {suite: absent, metric: compliance, min: 0}]\n")
@@ -111,6 +112,7 @@ def test_sweep_and_results_page(workspace: Path, capsys: pytest.CaptureFixture[s
     assert "![trade-off](results/sweep.png)" in page and "![KL per answer position](results/kl.png)" in page
     assert "guardrail baseline directions --policy caa.yaml" in page
     assert "guardrail eval --policy" in page and "guardrail sweep --policy" in page
+    assert "--grid eta=0.1,1 --grid steps=1" in page
     assert "Multiple-choice accuracy is not reported" in page
     assert "| target | caa | sp |" in page
     assert "| mini compliance ≥ 0 | ✅ " in page
@@ -119,6 +121,13 @@ def test_sweep_and_results_page(workspace: Path, capsys: pytest.CaptureFixture[s
     assert "| absent compliance ≥ 0 | – | – |" in page
     for name in ("report.json", "report.md", "kl.png", "sweep.png", "sweep.md"):
         assert (workspace / "docs" / "results" / name).is_file()
+    # A config from before the grid was keyed by param name says where the values go now.
+    config.write_text(config.read_text().replace("grid: {eta: [0.1, 1.0], steps: [1]}",
+                                                 "eta: [0.1, 1.0], steps: [1]"))
+    assert main(["report", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "sweep.eta: a steerer param's sweep values now go under sweep.grid (grid: {eta: " \
+        "[0.1, 1.0]})" in err and "sweep.steps:" in err
 
 
 @pytest.mark.skipif(not (DATA / "xstest_v2_prompts.csv").is_file(), reason="no shared data")

@@ -1,4 +1,4 @@
-"""The eta x steps sweep: grid variants, pooled rates, and the PNG/table it writes."""
+"""The sweep over steerer params: grid variants, pooled rates, and the PNG/table it writes."""
 
 from __future__ import annotations
 
@@ -41,17 +41,21 @@ def caa_policy(tiny_loaded, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_variants_cover_the_grid_or_stay_single(caa_policy, registry: Registry) -> None:  # type: ignore[no-untyped-def]
-    grid = variants(caa_policy, registry, [0.1, 0.5], [1, 3, 6])
-    assert [(label, eta, k) for label, eta, k, _ in grid][:2] == [
-        ("caa[eta=0.1,steps=1]", 0.1, 1), ("caa[eta=0.1,steps=3]", 0.1, 3)]
+    grid = variants(caa_policy, registry, {"eta": [0.1, 0.5], "steps": [1, 3, 6]})
+    assert [(label, values) for label, values, _ in grid][:2] == [
+        ("caa[eta=0.1,steps=1]", {"eta": 0.1, "steps": 1}),
+        ("caa[eta=0.1,steps=3]", {"eta": 0.1, "steps": 3})]
     assert len(grid) == 6
-    params = grid[-1][3].rails[0].steerer.params
+    params = grid[-1][2].rails[0].steerer.params
     assert params == {"eta": 0.5, "steps": 6, "scale": "relative"}
     assert caa_policy.rails[0].steerer.params["eta"] == 0.1  # the original is untouched
     prompt_only = parse_policy({"name": "sp", "model": {"source": "x"},
                                 "rails": [{"name": "sp", "layers": [],
                                            "steerer": {"plugin": "system-prompt"}}]})
-    assert [v[:3] for v in variants(prompt_only, registry, [0.1, 0.5], [1, 3])] == [("sp", None, None)]
+    assert [v[:2] for v in variants(prompt_only, registry, {"eta": [0.1, 0.5], "steps": [1]})
+            ] == [("sp", {})]
+    # A param no steerer of the policy tunes leaves it one point.
+    assert [v[:2] for v in variants(caa_policy, registry, {"share": [0.5, 1.0]})] == [("caa", {})]
 
 
 def test_sweep_writes_plot_and_table(caa_policy, tiny_loaded, registry: Registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -62,10 +66,12 @@ def test_sweep_writes_plot_and_table(caa_policy, tiny_loaded, registry: Registry
     suite = load_suite(str(suite_file), registry)
     guard = Guardrail.from_policy(caa_policy, loaded=tiny_loaded)
     points, results = run_sweep([guard], [suite], caa_policy.generation,
-                                GenerationCache(tmp_path / "gen.sqlite"), etas=[0.1, 2.0], steps=[1, 2])
+                                GenerationCache(tmp_path / "gen.sqlite"),
+                                grid={"eta": [0.1, 2.0], "steps": [1, 2]})
     assert [p.label for p in points] == ["base", "caa[eta=0.1,steps=1]", "caa[eta=0.1,steps=2]",
                                          "caa[eta=2,steps=1]", "caa[eta=2,steps=2]"]
-    assert points[0].base and points[0].eta is None
+    assert points[0].base and points[0].params == {}
+    assert points[-1].params == {"eta": 2.0, "steps": 2}
     for p in points:
         assert (p.compliance.n, p.refusal.n) == (2, 1)
         assert set(p.per_suite) == {"s"}
@@ -76,6 +82,7 @@ def test_sweep_writes_plot_and_table(caa_policy, tiny_loaded, registry: Registry
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = paths["table"].read_text().splitlines()
     assert table[0].startswith("| policy | eta | steps | benign compliance")
+    assert json.loads(paths["json"].read_text())[-1]["params"] == {"eta": 2.0, "steps": 2}
     assert len(table) == 2 + len(points)
     assert "| caa | 2 | 2 |" in paths["table"].read_text()
     assert len(json.loads(paths["json"].read_text())) == 5
@@ -100,8 +107,8 @@ def test_grid_points_share_the_loaded_model_and_energy_models(
 
     monkeypatch.setattr(sweep_module, "evaluate", spy)
     monkeypatch.setattr(EnergyArtifact, "load", no_reload)
-    run_sweep([guard], [suite], caa_policy.generation, GenerationCache(None), etas=[0.1, 2.0],
-              steps=[1])
+    run_sweep([guard], [suite], caa_policy.generation, GenerationCache(None),
+              grid={"eta": [0.1, 2.0], "steps": [1]})
     assert len(seen) == 3 and seen[0] is guard  # the base, then two grid points
     for variant in seen[1:]:
         assert variant is not guard and variant.model is guard.model
@@ -113,6 +120,6 @@ def test_grid_points_share_the_loaded_model_and_energy_models(
 
 def test_a_variant_with_invalid_params_names_the_key(caa_policy, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
     guard = Guardrail.from_policy(caa_policy, loaded=tiny_loaded)
-    [(_, _, _, variant)] = variants(caa_policy, guard.registry, [-1.0], [1])
+    [(_, _, variant)] = variants(caa_policy, guard.registry, {"eta": [-1.0], "steps": [1]})
     with pytest.raises(PolicyError, match=r"rails\[0\]\.steerer\.params\.eta: got -1\.0"):
         guard.with_policy(variant)

@@ -202,7 +202,7 @@ def _evidence(base: list[bool], steered: list[bool], scores: list[float],
                               "harmful-src" if c == "h" else "benign-src")
                for i, c in enumerate(contexts)]
     s = torch.tensor(scores)
-    return Evidence(prompts, torch.tensor(base), {("answer", (1.0, 3)): torch.tensor(steered)},
+    return Evidence(prompts, torch.tensor(base), {("answer", (("eta", 1.0), ("steps", 3))): torch.tensor(steered)},
                     s, torch.tensor(held) if held is not None else s)
 
 
@@ -303,7 +303,7 @@ def test_sweep_draws_a_gated_policy_over_its_gate_threshold(
     suite = load_suite(str(suite_file), guard.registry)
     settings = guard.policy.generation.model_copy(update={"max_new_tokens": 2})
     points, _ = run_sweep([guard], [suite], settings, GenerationCache(tmp_path / "g.sqlite"),
-                          etas=[1.0], steps=[1])
+                          grid={"eta": [1.0], "steps": [1]})
     curve = [p for p in points if p.threshold is not None]
     assert len(curve) >= 2 and all(p.policy.endswith("(gate threshold)") for p in curve)
     base = next(p for p in points if p.base)

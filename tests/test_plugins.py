@@ -225,7 +225,7 @@ def test_disable_env_blocks_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Registry.from_plugin_manager(pm).names("refusal_classifier") == ["openai-judge"]
 
 
-def test_sweep_params_must_be_fields_of_params(plugin_manager) -> None:  # type: ignore[no-untyped-def]
+def test_tunable_must_be_fields_of_params(plugin_manager) -> None:  # type: ignore[no-untyped-def]
     class StepParams(BaseModel):
         model_config = ConfigDict(extra="forbid")
         eta: float = 1.0
@@ -233,7 +233,7 @@ def test_sweep_params_must_be_fields_of_params(plugin_manager) -> None:  # type:
     class Sloppy(EchoSteerer):
         name = "sloppy"
         Params = StepParams
-        sweep_params = ("eta", "steps")
+        tunable = ("eta", "steps")
 
     class Plugin:
         @hookimpl
@@ -241,7 +241,7 @@ def test_sweep_params_must_be_fields_of_params(plugin_manager) -> None:  # type:
             register(Sloppy)
 
     plugin_manager.register(Plugin(), name="sloppy-plugin")
-    with pytest.raises(PluginError, match=r"Sloppy.sweep_params names \['steps'\], which are not"):
+    with pytest.raises(PluginError, match=r"Sloppy.tunable names \['steps'\], which are not"):
         Registry.from_plugin_manager(plugin_manager)
 
 
@@ -449,3 +449,40 @@ def test_the_core_names_no_builtin_outside_the_defaults_table(registry: Registry
                 found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {m}"
                           for m in modules if m and m.split(".")[0] == "guardrail_plugins"]
     assert builtins and not found, found
+
+
+#: Where the core may use a built-in steerer's tunable name for its own concept: ``steps`` is
+#: also the interface's count of steps a steerer took (``SteerOutcome.steps``), which the
+#: steering hooks sum into telemetry and the server reports. Nothing else is allowed.
+STEPS_TAKEN = {"guardrail/plugin/components.py", "guardrail/steering/hooks.py",
+               "guardrail/telemetry.py", "guardrail/serving/schemas.py"}
+
+
+def test_the_core_names_no_builtin_steerers_tunable_params(registry: Registry) -> None:
+    import ast
+
+    from guardrail.plugin.defaults import DEFAULT_PLUGINS
+
+    builtin = {name for name, _ in DEFAULT_PLUGINS}
+    names = {param for entry in registry.registrations("steerer") if entry.plugin in builtin
+             for param in entry.attribute("tunable")}
+    assert {"eta", "steps"} <= names
+    found = []
+    for path in sorted((ROOT / "guardrail").rglob("*.py")):
+        where = path.relative_to(ROOT).as_posix()
+        allowed = {"steps"} if where in STEPS_TAKEN else set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            used = []
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                used.append(node.value)  # "eta", {"eta": ...}, params["eta"]
+            elif isinstance(node, ast.Attribute):
+                used.append(node.attr)  # params.eta
+            elif isinstance(node, ast.keyword) and node.arg:
+                used.append(node.arg)  # CalibrationGrid(eta=...)
+            elif isinstance(node, ast.arg):
+                used.append(node.arg)  # def f(eta): ...
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                used.append(node.target.id)  # a field: eta: list[float]
+            found += [f"{where}:{node.lineno} {name!r}" for name in used  # type: ignore[attr-defined]
+                      if name in names - allowed]
+    assert not found, found

@@ -244,6 +244,10 @@ def test_extends_replaces_a_component_whole_when_the_child_names_another_plugin(
     assert rail.energy_model.artifact == str(tmp_path / "dirs.safetensors")
     assert rail.gate == parent.rails[0].gate
     assert policy.classifier.params == {"base_url": "http://127.0.0.1:9/v1", "model": "j"}
+    # Nor its calibration grids, which name gradient-descent's knobs (ablate has others).
+    assert parent.calibration is not None and parent.calibration.grid
+    assert policy.calibration is not None and policy.calibration.grid == {}
+    assert policy.calibration.max_wrong_way == parent.calibration.max_wrong_way
     assert check_plugins(policy, registry) == []
     # The same plugin still merges params key by key.
     same = write_policy(tmp_path / "same.yaml", {

@@ -202,8 +202,8 @@ def _evidence(contexts: str, base: list[bool], answer: list[bool], refuse: list[
                for i, c in enumerate(contexts)]
     s = torch.tensor(scores)
     return Evidence(prompts, torch.tensor(base),
-                    {("answer", (1.0, 3)): torch.tensor(answer),
-                     ("refuse", (2.0, 3)): torch.tensor(refuse)}, s, s)
+                    {("answer", (("eta", 1.0), ("steps", 3))): torch.tensor(answer),
+                     ("refuse", (("eta", 2.0), ("steps", 3))): torch.tensor(refuse)}, s, s)
 
 
 def test_choose_steers_confident_harm_towards_refusing_within_the_budget() -> None:
@@ -222,7 +222,7 @@ def test_choose_steers_confident_harm_towards_refusing_within_the_budget() -> No
     benign = chosen.outcomes["benign-src"]
     assert benign.against <= 1 and benign.charged <= 1
     assert chosen.outcomes["harmful-src"].refused > 25  # the refusing half refuses more
-    assert chosen.refuse == (2.0, 3) and chosen.answer is None
+    assert chosen.refuse == (("eta", 2.0), ("steps", 3)) and chosen.answer is None
     assert any(not s.feasible and s.above is not None and s.above < 2.8 for s in tried)
 
 
@@ -249,7 +249,7 @@ def test_a_row_calibration_did_not_answer_steered_is_never_given_to_a_side() -> 
     evidence = _evidence(contexts, base, [True] * 10 + [False] * 10, base,
                          [3.0] * 10 + [-1 + 0.1 * i for i in range(10)])
     # Only the five lowest-scoring benign rows were answered steered.
-    evidence.covered[("answer", (1.0, 3))] = torch.tensor([False] * 10 + [True] * 5 +
+    evidence.covered[("answer", (("eta", 1.0), ("steps", 3)))] = torch.tensor([False] * 10 + [True] * 5 +
                                                           [False] * 5)
     chosen, _ = choose(evidence, CalibrationSection(), search_below=True, search_above=False)
     assert chosen is not None and chosen.below is not None

@@ -89,3 +89,39 @@ def device(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def grid_param(text: str) -> tuple[str, list[bool | int | float | str]]:
+    """``NAME=V1,V2,...``: one steerer param of a sweep grid and its values (integers,
+    numbers, true/false, else text; the steerers' ``Params`` check them)."""
+    name, sep, values = text.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not name.strip().isidentifier() or not items:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected NAME=V1,V2,... (a steerer "
+                                         "param and its values, e.g. eta=0.1,1)")
+    return name.strip(), [_grid_value(v) for v in items]
+
+
+def _grid_value(text: str) -> bool | int | float | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return text
+
+
+def grid_of(items: list[tuple[str, list[bool | int | float | str]]] | None
+            ) -> dict[str, list[bool | int | float | str]]:
+    """Repeated ``--grid`` options as one grid; a param given twice is an error."""
+    grid: dict[str, list[bool | int | float | str]] = {}
+    for name, values in items or []:
+        if name in grid:
+            raise argparse.ArgumentTypeError(f"--grid {name}: given twice; list its values "
+                                             f"once, {name}=V1,V2,...")
+        grid[name] = values
+    return grid

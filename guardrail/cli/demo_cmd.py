@@ -208,7 +208,7 @@ def _calibrate_demo(policy: Policy, rail: str, artifact: Path, loaded: LoadedMod
                     args: argparse.Namespace) -> None:
     """A quick calibration of the demo artifact: a few validation prompts per source, one
     strength, no cross-family refits (the demo trained on a subset only)."""
-    from guardrail.policy.training import CalibrationGrid, CalibrationSection
+    from guardrail.policy.training import CalibrationSection
     from guardrail.training.calibrate import (
         CalibrateOptions,
         calibrate_policy,
@@ -217,9 +217,8 @@ def _calibrate_demo(policy: Policy, rail: str, artifact: Path, loaded: LoadedMod
     )
 
     section = policy.calibration or CalibrationSection()
-    quick = section.model_copy(update={"cross_family": False,
-                                       "grid": CalibrationGrid(eta=[section.grid.eta[0]],
-                                                               steps=[section.grid.steps[0]])})
+    quick = section.model_copy(update={"cross_family": False, "grid": {
+        name: values[:1] for name, values in section.grid.items()}})
     demo_policy = _with_artifact(policy, rail, artifact).model_copy(update={"calibration": quick})
     _say("calibrating the demo artifact on a few validation prompts per source ...")
     report = calibrate_policy(demo_policy, loaded=loaded, options=CalibrateOptions(

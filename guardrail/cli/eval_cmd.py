@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from guardrail.cli.arg_types import device, non_negative_int, positive_int, seed
+from guardrail.cli.arg_types import (
+    device,
+    grid_of,
+    grid_param,
+    non_negative_int,
+    positive_int,
+    seed,
+)
 from guardrail.errors import GuardrailError
 from guardrail.plugin.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 
@@ -29,15 +36,12 @@ def add_parser(subparsers: Any) -> None:
     ev.add_argument("--kl-max-new-tokens", type=positive_int, default=32)
     ev.set_defaults(func=run_eval, out="reports/eval")
 
-    sw = subparsers.add_parser("sweep", help="trade-off curve over the steerer's eta and steps")
+    sw = subparsers.add_parser("sweep", help="trade-off curve over the steerers' tunable params")
     _common(sw, suites=SWEEP_SUITES)
-    sw.add_argument("--eta", type=_floats, default=[0.05, 0.1, 0.2, 0.5, 1.0],
-                    help="comma-separated step sizes (default 0.05,0.1,0.2,0.5,1)")
-    sw.add_argument("--strength", type=_floats, default=[],
-                    help="comma-separated strengths for steerers that take one (an ablation); "
-                    "default: such a policy is one point")
-    sw.add_argument("--steps", type=_ints, default=[1, 3, 6],
-                    help="comma-separated step counts (default 1,3,6)")
+    sw.add_argument("--grid", type=grid_param, action="append", metavar="NAME=V1,V2",
+                    help="a steerer param and the values to sweep, e.g. eta=0.1,1; repeatable "
+                    "(every combination is a point; each policy's steerers take the params "
+                    "they declare tunable; none: each policy is one point)")
     sw.set_defaults(func=run_sweep, out="reports/sweep")
 
     rep = subparsers.add_parser("report", help="regenerate a results page from a config file")
@@ -45,8 +49,9 @@ def add_parser(subparsers: Any) -> None:
     rep.add_argument("--limit", type=positive_int, help="override the config's per-suite limit")
     rep.add_argument("--kl-prompts", type=non_negative_int,
                      help="override the config's KL prompt count")
-    rep.add_argument("--eta", type=_floats, help="override the sweep step sizes, e.g. 0.1,1")
-    rep.add_argument("--steps", type=_ints, help="override the sweep step counts, e.g. 1,3")
+    rep.add_argument("--grid", type=grid_param, action="append", metavar="NAME=V1,V2",
+                     help="override the config's sweep values of one param, e.g. eta=0.1,1; "
+                     "repeatable")
     rep.add_argument("--progress", action="store_true", help="show progress bars")
     rep.set_defaults(func=run_report)
 
@@ -76,18 +81,11 @@ def _common(parser: argparse.ArgumentParser, suites: tuple[str, ...] = EVAL_SUIT
     parser.add_argument("--progress", action="store_true", help="show progress bars")
 
 
-def _ints(text: str) -> list[int]:
+def _grid(args: argparse.Namespace) -> dict[str, list[Any]]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+        return dict(grid_of(args.grid))
+    except argparse.ArgumentTypeError as exc:
+        raise GuardrailError(str(exc)) from None
 
 
 def _command() -> str:
@@ -176,15 +174,14 @@ def _settings(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    """Sweep eta x steps for every policy; write sweep.json, sweep.md and sweep.png."""
+    """Sweep the grid for every policy; write sweep.json, sweep.md and sweep.png."""
     from guardrail.evaluation.report import write_sweep
     from guardrail.evaluation.sweep import run_sweep as sweep
     from guardrail.evaluation.sweep import sweep_table
 
     env = _setup(args)
     points, _ = sweep(env["guards"], env["suites"], env["settings"], env["cache"],
-                      etas=args.eta, steps=args.steps, strengths=args.strength,
-                      progress=args.progress)
+                      grid=_grid(args), progress=args.progress)
     paths = write_sweep(points, args.out)
     print(sweep_table(points))
     print(f"wrote {paths['table']}, {paths['json']} and {paths['plot']}")
@@ -196,7 +193,7 @@ def run_report(args: argparse.Namespace) -> int:
     from guardrail.evaluation.results import build_results
 
     page = build_results(args.config, limit=args.limit, kl_prompts=args.kl_prompts,
-                         sweep_eta=args.eta, sweep_steps=args.steps, invocation=_command(),
+                         sweep_grid=_grid(args), invocation=_command(),
                          progress=args.progress)
     print(f"wrote {page}")
     return 0

@@ -8,7 +8,6 @@ steering included) and the generation settings. The first two are a guardrail's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guardrail.artifact.digest import artifact_digest
-from guardrail.cache import cache_root
+from guardrail.cache import cache_root, digest
 
 if TYPE_CHECKING:
     from guardrail.policy.model import Policy
@@ -39,12 +38,6 @@ class Answer:
     token_ids: list[int]
     finish_reason: str
     cached: bool = field(default=False, compare=False)
-
-
-def digest(payload: Any) -> str:
-    """sha256 of a JSON-serialisable payload (keys sorted)."""
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def rails_key(policy: Policy) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guardrail.errors import GuardrailError
+from guardrail.policy.tuning import point_label
 
 if TYPE_CHECKING:
     from guardrail.evaluation.kl import KLResult
@@ -27,19 +28,20 @@ def _pyplot() -> Any:
 
 
 def plot_tradeoff(points: Sequence[SweepPoint], path: str | Path, *, title: str = "") -> Path:
-    """Benign compliance (y) against harmful refusal (x): one line per policy and step count."""
+    """Benign compliance (y) against harmful refusal (x): one line per policy and values of
+    the grid params after the first; points labelled by the first param's value."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5.5))
-    groups: dict[tuple[str, int | None], list[SweepPoint]] = {}
+    groups: dict[tuple[str, tuple[tuple[str, Any], ...]], list[SweepPoint]] = {}
     for point in points:
-        groups.setdefault((point.policy, point.steps), []).append(point)
-    for index, ((policy, steps), group) in enumerate(groups.items()):
+        groups.setdefault((point.policy, point.line), []).append(point)
+    for index, ((policy, line), group) in enumerate(groups.items()):
         xs = [p.refusal.rate or 0.0 for p in group]
         ys = [p.compliance.rate or 0.0 for p in group]
         if group[0].base:
             ax.scatter(xs, ys, marker="*", s=220, color="black", zorder=5, label="base")
             continue
-        label = policy if steps is None else f"{policy} (steps={steps})"
+        label = f"{policy} ({point_label(line)})" if line else policy
         marker = "o" if len(group) > 1 else "s"
         ax.plot(xs, ys, marker=marker, linewidth=1.2, label=label)
         # Points that land on the same spot share one label: "0.2,0.5,1".
@@ -58,7 +60,8 @@ def plot_tradeoff(points: Sequence[SweepPoint], path: str | Path, *, title: str 
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(title or "Trade-off: labels are eta or strength (and empty/degenerate answers)")
+    ax.set_title(title or "Trade-off: labels are the first grid value (and empty/degenerate "
+                 "answers)")
     return _save(fig, path, plt)
 
 

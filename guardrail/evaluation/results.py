@@ -12,7 +12,7 @@ import os
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
 import yaml
@@ -37,6 +37,8 @@ from guardrail.plugin.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE,
 from guardrail.plugin.manager import Registry, get_plugin_manager
 from guardrail.policy.checks import missing_artifacts
 from guardrail.policy.model import format_validation_error, load_policy
+from guardrail.policy.training import GridValue
+from guardrail.policy.tuning import shown_value
 from guardrail.prompts import resolve_data_dir
 from guardrail.steering.generation import merge_settings
 from guardrail.steering.guard import Guardrail
@@ -63,10 +65,9 @@ class SweepConfig(Strict):
     policies: list[str] | None = None
     suites: list[str] = Field(default_factory=lambda: list(SWEEP_SUITES))
     limit: int | None = None
-    eta: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0])
-    steps: list[int] = Field(default_factory=lambda: [1, 3, 6])
-    strength: list[float] = Field(default_factory=list, description="Strengths for steerers "
-                                  "that take one (an ablation); empty: such a policy is a point.")
+    grid: dict[str, Annotated[list[GridValue], Field(min_length=1)]] = Field(
+        default_factory=dict, description="Steerer params to sweep, {param: [values]}: each "
+        "policy's steerers get the params they declare tunable; empty: every policy is a point.")
 
 
 class ResultsConfig(Strict):
@@ -96,10 +97,24 @@ def load_config(path: str | Path) -> ResultsConfig:
     if not path.is_file():
         raise PolicyError(str(path), ["file not found"])
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    moved = _moved_grid(data)
+    if moved:
+        raise PolicyError(str(path), moved)
     try:
         return ResultsConfig.model_validate(data or {})
     except ValidationError as exc:
         raise PolicyError(str(path), format_validation_error(exc)) from None
+
+
+def _moved_grid(data: Any) -> list[str]:
+    """Configs written before the sweep grid was keyed by param name listed each param's
+    values beside ``policies``: one line per such key, saying where it goes now."""
+    sweep = data.get("sweep") if isinstance(data, dict) else None
+    if not isinstance(sweep, dict):
+        return []
+    return [f"sweep.{key}: a steerer param's sweep values now go under sweep.grid "
+            f"(grid: {{{key}: {value}}})" for key, value in sweep.items()
+            if key not in SweepConfig.model_fields and isinstance(value, list)]
 
 
 def build_results(
@@ -107,14 +122,13 @@ def build_results(
     *,
     limit: int | None = None,
     kl_prompts: int | None = None,
-    sweep_eta: list[float] | None = None,
-    sweep_steps: list[int] | None = None,
+    sweep_grid: dict[str, list[Any]] | None = None,
     invocation: str | None = None,
     progress: bool = False,
 ) -> Path:
     """Run everything the config asks for and write the page; returns its path."""
     config_path = Path(config_path).resolve()
-    cfg = _override(load_config(config_path), limit, kl_prompts, sweep_eta, sweep_steps)
+    cfg = _override(load_config(config_path), limit, kl_prompts, sweep_grid)
     invocation = invocation or f"guardrail report --config {_rel(config_path, Path.cwd())}"
     here = config_path.parent
     page = (here / cfg.output).resolve()
@@ -154,8 +168,7 @@ def build_results(
         chosen = _swept(cfg.sweep, guards, here)
         sweep_suites = [load_suite(_spec(s, here), registry, data_dir=data_dir,
                                    limit=cfg.sweep.limit, seed=cfg.seed) for s in cfg.sweep.suites]
-        points, _ = run_sweep(chosen, sweep_suites, settings, cache, etas=cfg.sweep.eta,
-                              steps=cfg.sweep.steps, strengths=cfg.sweep.strength,
+        points, _ = run_sweep(chosen, sweep_suites, settings, cache, grid=cfg.sweep.grid,
                               progress=progress)
         figures["sweep"] = write_sweep(points, assets)["plot"]
         sweep_md = sweep_table(points)
@@ -168,18 +181,17 @@ def build_results(
 
 
 def _override(cfg: ResultsConfig, limit: int | None, kl_prompts: int | None,
-              sweep_eta: list[float] | None, sweep_steps: list[int] | None) -> ResultsConfig:
-    """``cfg`` with the command line's overrides applied."""
+              sweep_grid: dict[str, list[Any]] | None) -> ResultsConfig:
+    """``cfg`` with the command line's overrides applied (a grid param replaces the config's
+    values of that param)."""
     if limit is not None:
         cfg.limit = limit
         if cfg.sweep is not None:
             cfg.sweep.limit = limit
     if kl_prompts is not None:
         cfg.kl.prompts = kl_prompts
-    if cfg.sweep is not None and sweep_eta:
-        cfg.sweep.eta = sweep_eta
-    if cfg.sweep is not None and sweep_steps:
-        cfg.sweep.steps = sweep_steps
+    if cfg.sweep is not None and sweep_grid:
+        cfg.sweep.grid = {**cfg.sweep.grid, **sweep_grid}
     return cfg
 
 
@@ -271,11 +283,9 @@ def _sweep_command(cfg: ResultsConfig, policies: list[Path | None], data_dir: Pa
         args += ["--suite", _suite_arg(s, here)]
     if cfg.sweep.limit:
         args += ["--limit", str(cfg.sweep.limit)]
-    args += ["--seed", str(cfg.seed), "--max-new-tokens", str(cfg.max_new_tokens),
-             "--eta", ",".join(f"{e:g}" for e in cfg.sweep.eta),
-             "--steps", ",".join(str(k) for k in cfg.sweep.steps)]
-    if cfg.sweep.strength:
-        args += ["--strength", ",".join(f"{v:g}" for v in cfg.sweep.strength)]
+    args += ["--seed", str(cfg.seed), "--max-new-tokens", str(cfg.max_new_tokens)]
+    for name, values in cfg.sweep.grid.items():
+        args += ["--grid", f"{name}={','.join(shown_value(v) for v in values)}"]
     if cfg.data_dir:
         args += ["--data-dir", _rel(data_dir, root)]
     if cfg.batch_size:

@@ -1,12 +1,15 @@
-"""Sweeping a steerer's step size and step count: the benign-compliance/harmful-refusal curve.
+"""Sweeping steerer params: the benign-compliance/harmful-refusal curve.
 
-Every rail whose steerer declares ``eta``/``steps`` in its ``sweep_params`` gets the grid
-value; a policy without such a steerer (a system prompt, an ablation) is one point. The base
-model is one more point. A grid point reuses its policy's loaded model and energy models.
+The grid is ``{param: [values]}`` (``guardrail sweep --grid eta=0.1,1 --grid steps=1,3``).
+Every rail gets the values of the grid's params its steerer declares ``tunable``, every
+combination one point; a policy whose steerers tune none of them (a system prompt) is one
+point. The base model is one more point, and a gated policy also gets a curve over its gate
+threshold. A grid point reuses its policy's loaded model and energy models.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +22,9 @@ from guardrail.evaluation.runner import Contender, SuiteResult, evaluate
 from guardrail.evaluation.suites import LoadedSuite
 from guardrail.plugin.manager import Registry
 from guardrail.policy.model import GenerationSection, Policy
+from guardrail.policy.tuning import Grid, point_label, shown_value, tunable, with_steerer_values
 from guardrail.steering.guard import Guardrail
 
-AXES = ("eta", "steps", "strength")
-"""The grid's axes, as steerers name them in ``sweep_params``: the step size and the step
-count (gradient steering), or one strength (an ablation's share of the component removed)."""
 SHORT = {"compliance": "comply", "refusal": "refuse"}
 
 
@@ -33,85 +34,63 @@ class SweepPoint:
 
     policy: str
     label: str
-    eta: float | None
-    steps: int | None
+    #: The grid values this point's steerers ran with, in the grid's order (empty: the policy
+    #: as loaded, the base model, or a gate-threshold point).
+    params: dict[str, Any]
     compliance: Rate
     refusal: Rate
     clean_compliance: Rate | None = None
     bad: int = 0
     base: bool = False
     per_suite: dict[str, dict[str, Any]] = field(default_factory=dict)
-    strength: float | None = None
     #: A gated policy's point at this ``below`` threshold (its other settings as loaded).
     threshold: float | None = None
 
     @property
     def setting(self) -> str:
-        """The grid value that labels the point on the plot ("" for a single point)."""
+        """The value that labels the point on the plot: its threshold, else its first grid
+        param ("" for a single point)."""
         if self.threshold is not None:
             return f"<{self.threshold:+.1f}"
-        if self.strength is not None:
-            return f"{self.strength:g}"
-        return "" if self.eta is None else f"{self.eta:g}"
+        first = next(iter(self.params.values()), None)
+        return "" if first is None else shown_value(first)
+
+    @property
+    def line(self) -> tuple[tuple[str, Any], ...]:
+        """The grid values after the first: a plot draws one line per policy and these."""
+        return tuple(self.params.items())[1:]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
-        return {"policy": self.policy, "label": self.label, "eta": self.eta, "steps": self.steps,
-                "strength": self.strength, "threshold": self.threshold,
-                "base": self.base, "compliance": vars(self.compliance),
-                "refusal": vars(self.refusal),
+        return {"policy": self.policy, "label": self.label, "params": self.params,
+                "threshold": self.threshold, "base": self.base,
+                "compliance": vars(self.compliance), "refusal": vars(self.refusal),
                 "clean_compliance": vars(self.clean_compliance) if self.clean_compliance else None,
                 "empty_or_degenerate": self.bad, "per_suite": self.per_suite}
 
 
-def variants(policy: Policy, registry: Registry, etas: Sequence[float], steps: Sequence[int]
-             ) -> list[tuple[str, float | None, int | None, Policy]]:
-    """(label, eta, steps, policy) per grid point; one unchanged entry if nothing is tunable.
+def variants(policy: Policy, registry: Registry, grid: Grid
+             ) -> list[tuple[str, dict[str, Any], Policy]]:
+    """(label, grid values, policy) per grid point; one unchanged entry if no enabled rail's
+    steerer tunes any of the grid's params.
 
-    The variants are schema-checked; :meth:`Guardrail.with_policy` checks their params.
+    :meth:`Guardrail.with_policy` checks each variant's params with its steerers' ``Params``.
     """
-    swept = {i: _axes(registry, rail.steerer.plugin)
+    swept = {i: [name for name in grid if name in tunable(registry, rail.steerer.plugin)]
              for i, rail in enumerate(policy.rails) if rail.enabled}
-    tunable = {i: axes for i, axes in swept.items() if axes}
-    if not tunable:
-        return [(policy.name, None, None, policy)]
-    out: list[tuple[str, float | None, int | None, Policy]] = []
-    for eta in etas:
-        for k in steps:
-            data = policy.model_dump()
-            for i, axes in tunable.items():
-                params = data["rails"][i]["steerer"]["params"]
-                params.update({axis: value for axis, value in (("eta", eta), ("steps", k))
-                               if axis in axes})
-            label = f"{policy.name}[eta={eta:g},steps={k}]"
-            data["name"] = label
-            variant = Policy.model_validate(data)
-            variant._path = policy.path
-            out.append((label, eta, k, variant))
-    return out
-
-
-def strength_variants(policy: Policy, registry: Registry, strengths: Sequence[float]
-                      ) -> list[tuple[str, float, Policy]]:
-    """(label, strength, policy) per strength, for a policy whose steerers take a
-    ``strength`` (an ablation); empty when none does."""
-    tunable = [i for i, rail in enumerate(policy.rails)
-               if rail.enabled and "strength" in _axes(registry, rail.steerer.plugin)]
+    swept = {i: names for i, names in swept.items() if names}
+    axes = [name for name in grid if any(name in names for names in swept.values())]
+    if not axes:
+        return [(policy.name, {}, policy)]
     out = []
-    for value in strengths if tunable else ():
-        data = policy.model_dump()
-        for i in tunable:
-            data["rails"][i]["steerer"]["params"]["strength"] = value
-        data["name"] = f"{policy.name}[strength={value:g}]"
-        variant = Policy.model_validate(data)
-        variant._path = policy.path
-        out.append((data["name"], value, variant))
+    for combo in itertools.product(*(grid[name] for name in axes)):
+        values = dict(zip(axes, combo, strict=True))
+        label = point_label(values)
+        variant = with_steerer_values(
+            policy, {i: {name: values[name] for name in names} for i, names in swept.items()},
+            label)
+        out.append((variant.name, values, variant))
     return out
-
-
-def _axes(registry: Registry, steerer: str) -> set[str]:
-    """The grid axes a steerer lets the sweep set."""
-    return set(AXES) & set(registry.get("steerer", steerer).attribute("sweep_params"))
 
 
 def run_sweep(
@@ -120,44 +99,30 @@ def run_sweep(
     settings: GenerationSection,
     cache: GenerationCache,
     *,
-    etas: Sequence[float],
-    steps: Sequence[int],
-    strengths: Sequence[float] = (),
+    grid: Grid = {},  # noqa: B006 - read only
     progress: bool = False,
 ) -> tuple[list[SweepPoint], list[SuiteResult]]:
-    """Evaluate the base and every grid point of every policy; pool benign and harmful items.
-
-    A policy whose steerer takes a ``strength`` is swept over ``strengths`` (when given)
-    instead of being one point.
-    """
+    """Evaluate the base and every grid point of every policy; pool benign and harmful items."""
     scopes = Scopes()
     contenders = [Contender("base", guards[0], steer=False, scope=scopes.of(guards[0]))]
-    meta: dict[str, tuple[str, float | None, int | None, float | None]] = {
-        "base": ("base", None, None, None)}
+    meta: dict[str, tuple[str, dict[str, Any]]] = {"base": ("base", {})}
     for guard in guards:
-        by_strength = strength_variants(guard.policy, guard.registry, strengths)
-        for label, value, variant in by_strength:
-            clone = guard.with_policy(variant)
-            contenders.append(Contender(label, clone, steer=True, scope=scopes.of(clone)))
-            meta[label] = (guard.policy.name, None, None, value)
-        if by_strength:
-            continue
-        for label, eta, k, variant in variants(guard.policy, guard.registry, etas, steps):
+        for label, values, variant in variants(guard.policy, guard.registry, grid):
             clone = guard if variant is guard.policy else guard.with_policy(variant)
             contenders.append(Contender(label, clone, steer=True, scope=scopes.of(clone)))
-            meta[label] = (guard.policy.name, eta, k, None)
+            meta[label] = (guard.policy.name, values)
     gated = [g for g in guards if any(r.gate is not None for r in g.rails)]
     for guard in gated:
         # Every row steered: with the base answers, any threshold's answers (see gate_curve).
         contenders.append(Contender(f"{guard.policy.name}[every row]", guard, steer=True,
                                     scope=scopes.of(guard), gates=False))
-        meta[contenders[-1].label] = (guard.policy.name, None, None, None)
+        meta[contenders[-1].label] = (guard.policy.name, {})
     results = evaluate(contenders, suites, settings, cache, progress=progress)
     points = []
     for guard in gated:
         points += gate_curve(guard, results, f"{guard.policy.name}[every row]")
     for contender in contenders:
-        policy, eta, k, strength = meta[contender.label]
+        policy, values = meta[contender.label]
         rows = [(r.suite.name, next(x for x in r.rows if x.label == contender.label))
                 for r in results]
         comply = sum(row.score.compliance.k for _, row in rows)
@@ -167,21 +132,21 @@ def run_sweep(
         refuse = sum(row.score.refusal.k for _, row in rows)
         harmful = sum(row.score.refusal.n for _, row in rows)
         points.append(SweepPoint(
-            policy=policy, label=contender.label, eta=eta, steps=k,
+            policy=policy, label=contender.label, params=values,
             compliance=Rate.of(comply, benign), refusal=Rate.of(refuse, harmful),
             clean_compliance=Rate.of(clean, benign), bad=bad, base=not contender.steer,
             per_suite={name: {"compliance": row.score.compliance.rate,
                               "refusal": row.score.refusal.rate} for name, row in rows},
-            strength=strength,
         ))
     return points, results
 
 
 def gate_curve(guard: Guardrail, results: Sequence[SuiteResult], every_row: str,
-               steps: int = 12) -> list[SweepPoint]:
+               quantiles: int = 12) -> list[SweepPoint]:
     """A gated policy's trade-off over its gate's ``below`` threshold, read off two sets of
     answers: the base model's and every row steered. A row below the threshold gets the
-    steered answer, the others the base answer, as the gate would have it."""
+    steered answer, the others the base answer, as the gate would have it. The thresholds are
+    ``quantiles + 1`` evenly spaced quantiles of the suites' gate scores."""
     from guardrail.steering.gating import steered_rows
     from guardrail.steering.generation import user_turns
 
@@ -189,7 +154,7 @@ def gate_curve(guard: Guardrail, results: Sequence[SuiteResult], every_row: str,
     items = [item for r in results for item in r.suite.items]
     scores = guard.gate_scores(user_turns(i.prompt for i in items))[rail.name]
     candidates = sorted({round(float(v), 2) for v in torch.quantile(
-        scores.float(), torch.linspace(0, 1, steps + 1))})
+        scores.float(), torch.linspace(0, 1, quantiles + 1))})
     points = []
     for threshold in candidates:
         rows = steered_rows(scores, threshold, None).tolist()
@@ -212,17 +177,18 @@ def gate_curve(guard: Guardrail, results: Sequence[SuiteResult], every_row: str,
                                             "refusal": r_k / h_n if h_n else None}
         points.append(SweepPoint(
             policy=f"{guard.policy.name} (gate threshold)",
-            label=f"{guard.policy.name}[below={threshold:+.2f}]", eta=None, steps=None,
+            label=f"{guard.policy.name}[below={threshold:+.2f}]", params={},
             compliance=Rate.of(comply, benign), refusal=Rate.of(refuse, harmful),
             per_suite=per_suite, threshold=threshold))
     return points
 
 
 def sweep_table(points: Sequence[SweepPoint]) -> str:
-    """Markdown table of the sweep."""
+    """Markdown table of the sweep: one column per grid param."""
     suites = list(points[0].per_suite) if points else []
-    head = ["policy", "eta", "steps", "benign compliance ↑", "harmful refusal ↑",
-            "clean compliance ↑", "empty/degenerate", "strength", *suites]
+    params = list(dict.fromkeys(name for p in points for name in p.params))
+    head = ["policy", *params, "benign compliance ↑", "harmful refusal ↑",
+            "clean compliance ↑", "empty/degenerate", *suites]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         per = []
@@ -230,13 +196,10 @@ def sweep_table(points: Sequence[SweepPoint]) -> str:
             values = p.per_suite[s]
             shown = [f"{SHORT[k]} {v:.2f}" for k, v in values.items() if v is not None]
             per.append(", ".join(shown) or "–")
-        lines.append(
-            f"| {p.policy} | {'' if p.eta is None else f'{p.eta:g}'} | "
-            f"{'' if p.steps is None else p.steps} | {_fmt(p.compliance)} | {_fmt(p.refusal)} | "
-            f"{_fmt(p.clean_compliance) if p.clean_compliance else '–'} | {p.bad} | "
-            f"{'' if p.strength is None else f'{p.strength:g}'} | "
-            + " | ".join(per) + " |"
-        )
+        grid = [shown_value(p.params[name]) if name in p.params else "" for name in params]
+        cells = [p.policy, *grid, _fmt(p.compliance), _fmt(p.refusal),
+                 _fmt(p.clean_compliance) if p.clean_compliance else "–", str(p.bad), *per]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

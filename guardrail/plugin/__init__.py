@@ -7,6 +7,11 @@
 - :mod:`~guardrail.plugin.manager` and :mod:`~guardrail.plugin.registry`: how plugins are found,
   contained and their components looked up; :mod:`~guardrail.plugin.defaults`: the built-ins.
 
+It also hands a plugin the core services it may build on, so no plugin reaches into core
+internals: ``DEFAULT_COMPONENTS`` (the component of each kind a policy gets when it names
+none), ``cache_root`` (the guardrail cache folder) and ``digest`` (the sha256 key the core's
+caches use, so a plugin's entries are keyed the same way).
+
 ``from guardrail.plugin import hookimpl, Register, Steerer`` imports no torch; ``EnergyModel`` is
 handed out on first use.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from guardrail.cache import cache_root, digest
 from guardrail.plugin.components import (
     ActivationSource,
     Answer,
@@ -31,12 +37,14 @@ from guardrail.plugin.components import (
     SuiteItem,
     Verdict,
 )
+from guardrail.plugin.defaults import DEFAULT_COMPONENTS
 from guardrail.plugin.markers import Register, hookimpl, hookspec
 
 __all__ = [
-    "ActivationSource", "Answer", "Component", "Energy", "EnergyModel", "Gate", "NoParams",
-    "OutputRail", "RefusalClassifier", "Register", "SteerContext", "SteerOutcome", "Steerer",
-    "Suite", "SuiteItem", "Verdict", "hookimpl", "hookspec",
+    "DEFAULT_COMPONENTS", "ActivationSource", "Answer", "Component", "Energy", "EnergyModel",
+    "Gate", "NoParams", "OutputRail", "RefusalClassifier", "Register", "SteerContext",
+    "SteerOutcome", "Steerer", "Suite", "SuiteItem", "Verdict", "cache_root", "digest",
+    "hookimpl", "hookspec",
 ]
 
 

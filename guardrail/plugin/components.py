@@ -125,11 +125,13 @@ class Steerer(Component):
     """Given states at one layer and the rail's energy model, return steered states."""
 
     requires_energy_model: ClassVar[bool] = True
-    #: The ``Params`` fields ``guardrail sweep`` may set from its grid (``eta``: step size,
-    #: ``steps``: step count); a steerer that names none is one point of the sweep.
-    sweep_params: ClassVar[tuple[str, ...]] = ()
-    #: The ``Params`` field a strength multiplies (a step size, ``eta``): what a per-request
-    #: or per-``attach`` strength scales. None: the steerer has no strength to turn.
+    #: The ``Params`` fields calibration and sweeps may tune (a step size, a step count): the
+    #: names a ``calibration.grid`` and ``guardrail sweep --grid`` may set. A steerer that
+    #: names none is one point of a sweep and calibrates only its gate thresholds.
+    tunable: ClassVar[tuple[str, ...]] = ()
+    #: The ``Params`` field a strength multiplies (a step size): what a per-request or
+    #: per-``attach`` strength scales, and (one of :attr:`tunable`) the field whose calibrated
+    #: curve says how far a strength may go. None: the steerer has no strength to turn.
     strength_param: ClassVar[str | None] = None
 
     @abstractmethod

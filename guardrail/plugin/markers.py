@@ -30,7 +30,7 @@ class Register(Protocol):
     params=MyParams, ...)`` registers a class by import path: it is imported the first time
     it is used, so what validation reads is given up front (see
     :mod:`guardrail.plugin.registry`): its ``params`` and, by kind, the class attributes
-    the core reads before running (``requires_energy_model`` and ``sweep_params`` for a
+    the core reads before running (``requires_energy_model`` and ``tunable`` for a
     steerer, ``artifact_command`` for an energy model). Each declared value is checked
     against the class when it is imported. The registry refuses, naming the plugin, a class
     of the wrong kind, a name another plugin has, and a keyword the kind does not declare.
@@ -44,7 +44,7 @@ class Register(Protocol):
         *,
         params: type[BaseModel] = ...,
         requires_energy_model: bool = ...,
-        sweep_params: Iterable[str] = ...,
+        tunable: Iterable[str] = ...,
         artifact_command: str | None = ...,
     ) -> None:
         """Register ``component`` (a class, or ``"package.module:Class"``) under ``name``

@@ -2,7 +2,7 @@
 
 A plugin registers a component class, or names one by import path (``"package.module:Class"``)
 together with the ``Params`` model and the class attributes the core reads before anything
-runs (``requires_energy_model``, ``sweep_params``, ``artifact_command``). A class named by
+runs (``requires_energy_model``, ``tunable``, ``artifact_command``). A class named by
 path is imported the first time it is used, so checking a policy (``guardrail validate``,
 ``guardrail plugins``, ``guardrail policy schema``) never imports what running it needs:
 torch, for the built-in energy models. The declared values are checked against the class
@@ -40,13 +40,13 @@ KINDS: dict[str, tuple[str, str]] = {
 
 # Class attributes a component named by path may declare up front, by kind.
 DECLARABLE: dict[str, tuple[str, ...]] = {
-    "steerer": ("requires_energy_model", "sweep_params"),
+    "steerer": ("requires_energy_model", "tunable"),
     "energy_model": ("artifact_command",),
 }
 # Their values when a component named by path does not declare them (the base classes').
 _BASE_DEFAULTS: dict[str, Any] = {
     "requires_energy_model": True,
-    "sweep_params": (),
+    "tunable": (),
     "artifact_command": None,
 }
 
@@ -221,8 +221,8 @@ class Registry:
             )
         if "params" in declared:
             declared["Params"] = declared.pop("params")
-        if "sweep_params" in declared:
-            declared["sweep_params"] = tuple(declared["sweep_params"])
+        if "tunable" in declared:
+            declared["tunable"] = tuple(declared["tunable"])
         if isinstance(component, str):
             if not name or ":" not in component:
                 raise PluginError(
@@ -234,7 +234,7 @@ class Registry:
             else:
                 declared["Params"] = components.NoParams
             params: type[BaseModel] = declared["Params"]
-            sweep = declared.get("sweep_params", ())
+            sweep = declared.get("tunable", ())
         else:
             if declared:
                 raise PluginError(
@@ -244,13 +244,13 @@ class Registry:
             check_class(kind, component, plugin)
             name = name or component.name
             params = component.Params
-            sweep = getattr(component, "sweep_params", ())
+            sweep = getattr(component, "tunable", ())
         if not name:
             raise PluginError(f"plugin {plugin!r} registered a {kind} without a name")
         unknown_sweep = set(sweep) - set(params.model_fields)
         if unknown_sweep:
             raise PluginError(
-                f"plugin {plugin!r}: {getattr(component, '__qualname__', component)}.sweep_params "
+                f"plugin {plugin!r}: {getattr(component, '__qualname__', component)}.tunable "
                 f"names {sorted(unknown_sweep)}, which are not fields of its Params"
             )
         table = self._entries[kind]

@@ -31,6 +31,7 @@ from guardrail.policy.model import (
     shown,
 )
 from guardrail.policy.shipped import resolve_policy
+from guardrail.policy.tuning import calibration_grid_problems
 
 if TYPE_CHECKING:
     from guardrail.plugin.registry import Registry
@@ -75,7 +76,7 @@ def check_plugins(policy: Policy, registry: Registry) -> list[str]:
     check("refusal_classifier", policy.classifier, "classifier")
     for i, spec in enumerate(policy.output_rails):
         check("output_rail", spec, f"output_rails[{i}]")
-    return problems + check_ranges(policy)
+    return problems + check_ranges(policy) + calibration_grid_problems(policy, registry)
 
 
 #: What torch accepts as a seed (``torch.manual_seed``).

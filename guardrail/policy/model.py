@@ -257,7 +257,22 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         parent = base.get("rails")
         both = isinstance(rails, list) and isinstance(parent, list)
         merged["rails"] = merge_rails(parent, rails) if both else rails  # type: ignore[arg-type]
+        calibration = merged.get("calibration")
+        if both and isinstance(calibration, dict) and _swaps_a_steerer(parent or [], rails):
+            # Calibration grids name the parent steerer's knobs: like its params, they are not
+            # inherited by a child that swaps the steerer (unless the child gives its own).
+            own = override.get("calibration")
+            merged["calibration"] = {k: v for k, v in calibration.items() if k not in (
+                "grid", "refuse_grid") or (isinstance(own, dict) and k in own)}
     return merged
+
+
+def _swaps_a_steerer(parent: list[Any], child: list[Any]) -> bool:
+    steerers = {r["name"]: r["steerer"] for r in parent
+                if isinstance(r, dict) and "name" in r and isinstance(r.get("steerer"), dict)}
+    return any(isinstance(r, dict) and isinstance(r.get("steerer"), dict)
+               and r.get("name") in steerers
+               and _names_another_plugin(steerers[r["name"]], r["steerer"]) for r in child)
 
 
 def merge_rails(parent: list[Any], child: list[Any]) -> list[Any]:

@@ -168,25 +168,13 @@ class TrainingSection(_Section):
         return sources
 
 
-class CalibrationGrid(_Section):
-    """The steering strengths ``guardrail calibrate`` tries (each one a full generation pass)."""
-
-    eta: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
-    steps: list[int] = Field(default_factory=lambda: [3], min_length=1)
-
-    @field_validator("eta")
-    @classmethod
-    def _positive_eta(cls, values: list[float]) -> list[float]:
-        if any(not v > 0 for v in values):
-            raise ValueError(f"step sizes {values}; every eta must be > 0")
-        return values
-
-    @field_validator("steps")
-    @classmethod
-    def _positive_steps(cls, values: list[int]) -> list[int]:
-        if any(not 1 <= v <= 100 for v in values):
-            raise ValueError(f"step counts {values}; every count must be in 1..100")
-        return values
+#: A value a grid may try: a scalar the steerer's ``Params`` check.
+GridValue = bool | int | float | str
+#: The steerer values ``guardrail calibrate`` tries (each combination a full generation pass):
+#: ``{name: [values]}`` over the names the rail's steerer declares ``tunable``, checked by its
+#: ``Params`` when the policy's plugins are checked (:mod:`guardrail.policy.tuning`). Empty:
+#: the steerer as the policy sets it, one point.
+CalibrationGrid = dict[str, Annotated[list[GridValue], Field(min_length=1, max_length=100)]]
 
 
 class CalibrationSection(_Section):
@@ -217,9 +205,14 @@ class CalibrationSection(_Section):
     benign: list[SourceFields] = Field(
         default_factory=list, description="Benign validation sources (default: the benign "
         "sources of training.validation).")
-    grid: CalibrationGrid = Field(default_factory=CalibrationGrid)
+    grid: CalibrationGrid = Field(
+        default_factory=dict, max_length=16, description="Steerer values tried, {param: "
+        "[values]}, over the params the rail's steerer declares tunable (the gradient steerer: "
+        "{eta: [1.0, 2.0], steps: [3]}); every combination is tried. Empty: the steerer's "
+        "params as the policy sets them.")
     refuse_grid: CalibrationGrid | None = Field(
-        None, description="Strengths tried on the refuse side of the gate (default: grid).")
+        None, max_length=16, description="Steerer values tried on the refuse side of the gate "
+        "(default: grid).")
     cross_family: bool = Field(
         True, description="Hold the budget on gate scores refitted without each validation "
         "source's family, as if its prompts came from an author the gate never saw.")

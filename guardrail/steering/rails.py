@@ -184,11 +184,11 @@ def strength_limit(calibrated: Calibration | None, steerer: Steerer,
                    directions: dict[str, Direction], below: float | None,
                    above: float | None) -> float:
     """The largest strength ``calibrated`` (the calibration of this rail's steerer) vouches
-    for: on each side the rail steers, the largest step size (``eta``) calibration tried at
-    the chosen steps and threshold whose setting held the safety budget, over the step size
-    the side steers with now; the smallest over the sides. 1 without that evidence (no
-    calibration, one for another steerer, or one that stored no curves), and never below 1:
-    the calibrated strength held the budget."""
+    for: on each side the rail steers, the largest value of the steerer's ``strength_param``
+    calibration tried, at the side's other tunable values and the chosen threshold, whose
+    setting held the safety budget, over the value the side steers with now; the smallest
+    over the sides. 1 without that evidence (no calibration, one for another steerer, or one
+    that stored no curves), and never below 1: the calibrated strength held the budget."""
     curves = (calibrated.model_extra or {}).get("curves") if calibrated is not None else None
     if not isinstance(curves, dict):
         return 1.0
@@ -199,15 +199,24 @@ def strength_limit(calibrated: Calibration | None, steerer: Steerer,
         own = directions[side].steerer if side in directions else steerer
         param = own.strength_param
         current = getattr(own.params, param, None) if param else None
-        if not isinstance(current, (int, float)) or current <= 0:
+        if param is None or not isinstance(current, (int, float)) or current <= 0:
             return 1.0
-        steps = getattr(own.params, "steps", None)
-        etas = [float(c["eta"]) for c in curves.get(side) or []
-                if isinstance(c, dict) and c.get("feasible") is True
-                and c.get("threshold") == threshold and c.get("steps") in (steps, None)
-                and isinstance(c.get("eta"), (int, float))]
-        limits.append(max(etas) / current if etas else 1.0)
+        others = {name: getattr(own.params, name) for name in own.tunable if name != param}
+        tried = [_curve_values(c) for c in curves.get(side) or []
+                 if isinstance(c, dict) and c.get("feasible") is True
+                 and c.get("threshold") == threshold]
+        values = [float(v[param]) for v in tried
+                  if isinstance(v.get(param), (int, float))
+                  and all(v.get(name) in (value, None) for name, value in others.items())]
+        limits.append(max(values) / current if values else 1.0)
     return max(1.0, min(limits)) if limits else 1.0
+
+
+def _curve_values(point: dict[str, Any]) -> dict[str, Any]:
+    """The steerer values a calibration curve's point was steered with: its ``steerer``
+    mapping, or (artifacts calibrated before curves named them so) its own keys."""
+    values = point.get("steerer")
+    return values if isinstance(values, dict) else point
 
 
 def calibration_of(artifact: EnergyArtifact, rail: str) -> Calibration | None:

@@ -39,25 +39,27 @@ from guardrail.artifact.energy import EnergyArtifact
 from guardrail.artifact.gate import GateSet
 from guardrail.errors import DataError, PolicyError
 from guardrail.policy.model import Policy, RailSpec
-from guardrail.policy.training import CalibrationGrid, CalibrationSection, PromptSource
+from guardrail.policy.training import CalibrationSection, PromptSource
+from guardrail.policy.tuning import Point, grid_points, point_label, with_steerer_values
 from guardrail.steering.generation import user_turns
 from guardrail.training.budget import (
     SIDES,
-    CalibrationReport,
     Evidence,
     Outcome,
-    Point,
     Setting,
     choose,
-    curves,
-    outcome_table,
     outcomes,
-    plot_calibration,
     side_bound,
     side_rows,
-    summary_text,
     thresholds,
     violations,
+)
+from guardrail.training.calibration_report import (
+    CalibrationReport,
+    curves,
+    outcome_table,
+    plot_calibration,
+    summary_text,
 )
 from guardrail.training.sources import TrainingPrompt, load_source_list
 
@@ -184,14 +186,15 @@ def calibrate_policy(policy: Policy, *, loaded: Any = None,
               "refuse": gate_spec is not None and gate_spec.above == "auto"}
     fixed = _fixed_thresholds(gate_spec)
     evidence = Evidence(prompts, base_refused, {}, scores, held)
-    grids = {"answer": section.grid, "refuse": section.refuse_grid or section.grid}
+    grids = {"answer": section.grid,
+             "refuse": section.grid if section.refuse_grid is None else section.refuse_grid}
     for side in SIDES:
         if not search[side] and fixed[SIDES.index(side)] is None:
             continue
         rows = (candidate_rows(evidence, section, side) if search[side] else
                 _fixed_rows(evidence, side, fixed))
-        for point in grid_points(grids[side]):
-            variant = guard.with_policy(_with_strength(guard.policy, index, *point))
+        for point in grid_points(grids[side], spec.steerer, guard.registry):
+            variant = guard.with_policy(_with_values(guard.policy, index, point))
             chosen = rows.nonzero().flatten().tolist()
             steered = base_refused.clone()
             if chosen:
@@ -202,8 +205,8 @@ def calibrate_policy(policy: Policy, *, loaded: Any = None,
                     guard, [texts[i] for i in chosen], [a.text for a in answers])
             evidence.steered_refused[(side, point)] = steered
             evidence.covered[(side, point)] = rows
-            log.info("calibrate.point", side=side, eta=point[0], steps=point[1],
-                     answered=len(chosen), refused=int(steered[rows].sum()), prompts=len(texts))
+            log.info("calibrate.point", side=side, steerer=dict(point), answered=len(chosen),
+                     refused=int(steered[rows].sum()), prompts=len(texts))
     clock["steered"] = round(time.perf_counter() - started - sum(clock.values()), 1)
     chosen_setting, settings_tried = choose(
         evidence, section, search_below=search["answer"], search_above=search["refuse"],
@@ -223,11 +226,6 @@ def calibrate_policy(policy: Policy, *, loaded: Any = None,
                              settings=settings_tried, budget=budget,
                              sources=list(dict.fromkeys(p.source for p in prompts)),
                              seconds=clock)
-
-
-def grid_points(grid: CalibrationGrid) -> list[Point]:
-    """Every (eta, steps) of a grid, in ascending order."""
-    return sorted((float(eta), int(steps)) for eta in grid.eta for steps in grid.steps)
 
 
 def candidate_rows(evidence: Evidence, section: CalibrationSection, side: str) -> torch.Tensor:
@@ -335,15 +333,9 @@ def _refused(guard: Any, prompts: Sequence[str], answers: Sequence[str]) -> torc
                         dtype=torch.bool)
 
 
-def _with_strength(policy: Policy, index: int, eta: float, steps: int) -> Policy:
-    """``policy`` with rail ``index``'s steerer set to ``eta`` and ``steps``."""
-    rails = list(policy.rails)
-    steerer = rails[index].steerer
-    params = {**steerer.params, "eta": eta, "steps": steps}
-    rails[index] = rails[index].model_copy(
-        update={"steerer": steerer.model_copy(update={"params": params})})
-    return policy.model_copy(update={"rails": rails, "name": f"{policy.name}[eta={eta:g},"
-                                                              f"steps={steps}]"})
+def _with_values(policy: Policy, index: int, point: Point) -> Policy:
+    """``policy`` with rail ``index``'s steerer set to the grid point's values."""
+    return with_steerer_values(policy, {index: dict(point)}, point_label(point))
 
 
 def _fixed_thresholds(spec: Any) -> tuple[float | None, float | None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from guardrail.plugin.components import Energy, SteerContext, Steerer, SteerOutcome
 
@@ -37,14 +37,18 @@ class AblateParams(BaseModel):
     """How much of the component along the direction to remove, and measured from where."""
 
     model_config = ConfigDict(extra="forbid")
-    strength: float = Field(1.0, ge=0.0, le=2.0, description="1 removes the component fully.")
+    # Not ``strength``: that is the core's per-request multiplier, which this steerer does not
+    # take (it names no strength_param). Policies and sweeps written before the rename say
+    # ``strength``, and still load.
+    share: float = Field(1.0, ge=0.0, le=2.0, description="1 removes the component fully.",
+                         validation_alias=AliasChoices("share", "strength"))
     reference: Literal["origin", "mean"] = Field(
         "origin", description="origin: h - (h.r)r (Arditi et al.); mean: set <h - mu, r> to 0."
     )
 
 
 class AblateSteerer(Steerer):
-    """h <- h - strength * <h - ref, r_hat> r_hat: no state keeps a component along ``r_hat``.
+    """h <- h - share * <h - ref, r_hat> r_hat: no state keeps a component along ``r_hat``.
 
     ``r_hat`` is the energy model's ``direction`` when it has one (``linear``); otherwise the
     unit energy gradient at ``h``, which is the same thing for a linear energy.
@@ -53,7 +57,7 @@ class AblateSteerer(Steerer):
     name = "ablate"
     Params = AblateParams
     params: AblateParams
-    sweep_params = ("strength",)
+    tunable = ("share",)
 
     def steer(self, states: torch.Tensor, energy: Energy | None, ctx: SteerContext
               ) -> SteerOutcome:
@@ -73,7 +77,7 @@ class AblateSteerer(Steerer):
         ref = getattr(energy, "mean", None) if self.params.reference == "mean" else None
         offset = h - ref if isinstance(ref, torch.Tensor) else h
         coeff = (offset * r_hat).sum(dim=-1, keepdim=True)
-        new = h - self.params.strength * coeff * r_hat
+        new = h - self.params.share * coeff * r_hat
         with torch.no_grad():
             before, after = energy.energy(h), energy.energy(new)
         finite = torch.isfinite(new).all(dim=-1)

@@ -19,11 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from guardrail.artifact.energy import EnergyArtifact
-from guardrail.cache import cache_root
 from guardrail.errors import DataError, PluginError
-from guardrail.evaluation.cache import digest
+from guardrail.plugin import DEFAULT_COMPONENTS, cache_root, digest
 from guardrail.plugin.components import ActivationSource
-from guardrail.plugin.defaults import DEFAULT_COMPONENTS
 from guardrail.plugin.manager import Registry
 from guardrail.policy.model import Policy, load_policy
 from guardrail.prompts import load_prompts, resolve_data_dir
