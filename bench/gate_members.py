@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from guardrail.evaluation.metrics import auroc
-from guardrail.plugin.manager import Registry, get_plugin_manager
+from guardrail.plugin.manager import get_plugin_manager
+from guardrail.plugin.registry import Registry
 from guardrail.policy.model import load_policy
 from guardrail.prompts import load_prompts, resolve_data_dir
 from guardrail.training.gatefit import fit_gate_set, held_out_scores

@@ -92,7 +92,7 @@ def prompts(count: int) -> list[str]:
 
 def stand_in_policy(policy: Path, directory: Path) -> tuple[Path, str]:
     """The policy as is when its artifacts exist; else a copy using random-weight artifacts."""
-    from guardrail.policy.checks import missing_artifacts
+    from guardrail.policy.artifacts import missing_artifacts
     from guardrail.policy.model import load_raw, parse_policy
 
     raw = load_raw(policy)
@@ -102,7 +102,8 @@ def stand_in_policy(policy: Path, directory: Path) -> tuple[Path, str]:
 
     from guardrail.artifact.energy import EnergyArtifact
     from guardrail.models import load_model, model_fingerprint
-    from guardrail.plugin.manager import Registry, get_plugin_manager
+    from guardrail.plugin.manager import get_plugin_manager
+    from guardrail.plugin.registry import Registry
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     loaded = load_model(raw["model"]["source"], device="cpu")

@@ -32,10 +32,11 @@ import torch
 
 from guardrail.plugin.energy_model import EnergyModel
 from guardrail.policy.model import PluginSpec
+from guardrail.steering.build import create_steerer
 from guardrail.steering.generation import user_turns
 from guardrail.steering.guard import Guardrail
 from guardrail.steering.hooks import SteeringSession
-from guardrail.steering.rails import Rail, create_steerer
+from guardrail.steering.rails import Rail
 
 HERE = Path(__file__).resolve().parent
 

@@ -50,7 +50,8 @@ def main() -> None:
     del session  # the model is not needed any more
     spec = rail.energy_model
     assert spec is not None
-    from guardrail.plugin.manager import Registry, get_plugin_manager
+    from guardrail.plugin.manager import get_plugin_manager
+    from guardrail.plugin.registry import Registry
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     model_cls = registry.get("energy_model", spec.plugin).cls

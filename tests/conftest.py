@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardrail.plugin.manager import Registry, build_plugin_manager, set_plugin_manager
+from guardrail.plugin.manager import build_plugin_manager, set_plugin_manager
+from guardrail.plugin.registry import Registry
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

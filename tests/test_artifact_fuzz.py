@@ -37,10 +37,10 @@ from guardrail.artifact.file import ArtifactFile, check_header, check_tensor_tab
 from guardrail.artifact.header import HEADER_KEY, ArtifactHeader
 from guardrail.artifact.safetensors import TensorEntry
 from guardrail.errors import ArtifactError, GuardrailError
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 from guardrail.policy.model import RailSpec, load_policy
+from guardrail.steering.build import build_rail
 from guardrail.steering.gating import side_of
-from guardrail.steering.rails import build_rail
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "artifacts" / "eds-smollm2-135m.safetensors"

@@ -94,7 +94,7 @@ def test_readme_first_screen_gives_the_two_commands_then_installing() -> None:
 def test_the_extends_examples_of_the_policy_docs_validate(tmp_path: Path, registry) -> None:  # type: ignore[no-untyped-def]
     import yaml
 
-    from guardrail.policy.checks import validate_policy_file
+    from guardrail.policy.artifacts import validate_policy_file
     from guardrail.policy.model import load_policy
 
     section = (ROOT / "docs" / "policies.md").read_text().split("## Composing policies", 1)[1]

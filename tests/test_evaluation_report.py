@@ -20,7 +20,7 @@ from guardrail.evaluation.report import (
 from guardrail.evaluation.runner import Answerer, contenders_for, evaluate
 from guardrail.evaluation.suites import load_suite
 from guardrail.plugin.components import RefusalClassifier, Verdict
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 from guardrail.policy.model import parse_policy
 from guardrail.steering.guard import Guardrail
 

@@ -10,7 +10,7 @@ from guardrail import Register, hookimpl
 from guardrail.errors import DataError, PluginError
 from guardrail.evaluation.suites import SuiteSpec, load_suite, stratified_sample
 from guardrail.plugin.components import Suite, SuiteItem
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 from guardrail.prompts import DATA_ENV, resolve_data_dir
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

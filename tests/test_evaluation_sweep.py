@@ -17,7 +17,7 @@ from guardrail.evaluation.report import write_sweep
 from guardrail.evaluation.suites import load_suite
 from guardrail.evaluation.sweep import run_sweep, variants
 from guardrail.models import model_fingerprint
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 from guardrail.policy.model import parse_policy
 from guardrail.steering.guard import Guardrail
 

@@ -14,7 +14,7 @@ import pytest
 from guardrail_plugins.judge_classifier import JudgeError, JudgeParams, JudgeRefusalClassifier
 
 from guardrail.errors import GuardrailError, PolicyError
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 from guardrail.policy.checks import check_plugins
 from guardrail.policy.model import parse_policy
 

@@ -16,14 +16,11 @@ from structlog.testing import capture_logs
 
 from guardrail import Register, hookimpl
 from guardrail.cli import main
+from guardrail.cli.plugins_cmd import plugin_report
 from guardrail.errors import PolicyError
-from guardrail.plugin.manager import (
-    Registry,
-    build_plugin_manager,
-    plugin_report,
-    set_plugin_manager,
-)
-from guardrail.policy.checks import validate_policy_file
+from guardrail.plugin.manager import build_plugin_manager, set_plugin_manager
+from guardrail.plugin.registry import Registry
+from guardrail.policy.artifacts import validate_policy_file
 
 from .conftest import write_policy
 from .test_plugins import EXAMPLE, EchoSteerer, FakeDistribution

@@ -16,14 +16,11 @@ from pydantic import BaseModel, ConfigDict
 
 from guardrail import Register, hookimpl
 from guardrail.cli import main
+from guardrail.cli.plugins_cmd import plugin_report
 from guardrail.errors import PluginError
 from guardrail.plugin.components import RefusalClassifier, Steerer, SteerOutcome, Verdict
-from guardrail.plugin.manager import (
-    Registry,
-    build_plugin_manager,
-    plugin_report,
-    set_plugin_manager,
-)
+from guardrail.plugin.manager import build_plugin_manager, set_plugin_manager
+from guardrail.plugin.registry import Registry
 
 from .conftest import CONVERSATIONS, random_artifact
 
@@ -430,7 +427,7 @@ def test_the_core_names_no_builtin_outside_the_defaults_table(registry: Registry
     import ast
 
     from guardrail.plugin.defaults import DEFAULT_PLUGINS
-    from guardrail.plugin.manager import KINDS
+    from guardrail.plugin.registry import KINDS
 
     builtins = {module for _, module in DEFAULT_PLUGINS}
     names = {entry.name for kind in KINDS for entry in registry.registrations(kind)

@@ -10,7 +10,8 @@ import yaml
 
 from guardrail.cli import main
 from guardrail.errors import PolicyError
-from guardrail.policy.checks import check_plugins, missing_artifacts, validate_policy_file
+from guardrail.policy.artifacts import missing_artifacts, validate_policy_file
+from guardrail.policy.checks import check_plugins
 from guardrail.policy.model import load_policy
 
 from .conftest import write_policy

@@ -12,7 +12,7 @@ import pytest
 
 from guardrail.cli import main
 from guardrail.errors import PolicyError
-from guardrail.policy.checks import validate_policy_file
+from guardrail.policy.artifacts import validate_policy_file
 from guardrail.policy.files import MAX_BYTES, MAX_DEPTH, MAX_NODES, read_policy_file
 from guardrail.policy.model import load_policy
 

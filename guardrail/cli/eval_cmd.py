@@ -97,7 +97,8 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
     from guardrail.evaluation.cache import GenerationCache, default_cache_path
     from guardrail.evaluation.runner import load_guards
     from guardrail.evaluation.suites import load_suite
-    from guardrail.plugin.manager import Registry, get_plugin_manager
+    from guardrail.plugin.manager import get_plugin_manager
+    from guardrail.plugin.registry import Registry
     from guardrail.prompts import resolve_data_dir
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
@@ -202,7 +203,8 @@ def run_report(args: argparse.Namespace) -> int:
 def run_suites(args: argparse.Namespace) -> int:
     """Print each registered suite with its item counts (or the error loading it)."""
     from guardrail.evaluation.suites import load_suite
-    from guardrail.plugin.manager import Registry, get_plugin_manager
+    from guardrail.plugin.manager import get_plugin_manager
+    from guardrail.plugin.registry import Registry
 
     registry = Registry.from_plugin_manager(get_plugin_manager())
     rows = []

@@ -113,7 +113,8 @@ def _policy_needs(references: list[str]) -> list[str]:
     """The packaged names the policies need and lack; anything else missing is an error
     naming it (no command here can install a directory or an unknown package)."""
     from guardrail.errors import MissingComponentError
-    from guardrail.plugin.manager import Registry, get_plugin_manager
+    from guardrail.plugin.manager import get_plugin_manager
+    from guardrail.plugin.registry import Registry
     from guardrail.policy.model import load_policy
     from guardrail.steering.prerequisites import prerequisites
 

@@ -13,8 +13,9 @@ import yaml
 from guardrail.console import printable
 from guardrail.errors import GuardrailError
 from guardrail.plugin.defaults import DEFAULT_POLICY
-from guardrail.plugin.manager import Registry, get_plugin_manager
-from guardrail.policy.checks import missing_artifacts, validate_policy_file
+from guardrail.plugin.manager import get_plugin_manager
+from guardrail.plugin.registry import Registry
+from guardrail.policy.artifacts import missing_artifacts, validate_policy_file
 from guardrail.policy.files import read_policy_text, resolved
 from guardrail.policy.model import load_policy, load_raw
 from guardrail.policy.shipped import resolve_policy, shipped_policies

@@ -34,8 +34,9 @@ from guardrail.evaluation.sweep import run_sweep, sweep_table
 from guardrail.evaluation.targets import Target, target_table
 from guardrail.plugin.components import RefusalClassifier
 from guardrail.plugin.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
-from guardrail.plugin.manager import Registry, get_plugin_manager
-from guardrail.policy.checks import missing_artifacts
+from guardrail.plugin.manager import get_plugin_manager
+from guardrail.plugin.registry import Registry
+from guardrail.policy.artifacts import missing_artifacts
 from guardrail.policy.model import format_validation_error, load_policy
 from guardrail.policy.training import GridValue
 from guardrail.policy.tuning import shown_value

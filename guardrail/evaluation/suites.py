@@ -13,7 +13,7 @@ import structlog
 from guardrail.errors import DataError, PluginError
 from guardrail.plugin.components import Suite, SuiteItem
 from guardrail.plugin.defaults import FILE_SUITE
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 
 log = structlog.get_logger("guardrail.evaluation")
 

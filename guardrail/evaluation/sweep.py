@@ -20,7 +20,7 @@ from guardrail.evaluation.cache import GenerationCache, Scopes
 from guardrail.evaluation.metrics import Rate
 from guardrail.evaluation.runner import Contender, SuiteResult, evaluate
 from guardrail.evaluation.suites import LoadedSuite
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 from guardrail.policy.model import GenerationSection, Policy
 from guardrail.policy.tuning import Grid, point_label, shown_value, tunable, with_steerer_values
 from guardrail.steering.guard import Guardrail

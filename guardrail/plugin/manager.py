@@ -1,4 +1,4 @@
-"""The plugin manager: built-ins, installed entry points (contained), and the plugin report.
+"""The plugin manager: built-ins, then installed entry points (contained), and calling hooks.
 
 An installed plugin that fails to import or to register is not fatal: it is left out,
 recorded with its entry point, distribution and error, listed by ``guardrail plugins`` and
@@ -17,31 +17,24 @@ import importlib
 import importlib.metadata
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import pluggy
 import structlog
 
-from guardrail import __version__
 from guardrail.errors import PluginError
 from guardrail.plugin import hookspecs
 from guardrail.plugin.defaults import DEFAULT_PLUGINS
 from guardrail.plugin.markers import PROJECT_NAME
-from guardrail.plugin.registry import KINDS, Registration, Registry
 
 __all__ = [
     "DISABLE_ENV",
     "ENTRYPOINT_GROUP",
-    "KINDS",
     "InstalledPlugin",
     "PluginManager",
-    "Registration",
-    "Registry",
     "build_plugin_manager",
     "disabled_plugins",
     "get_plugin_manager",
-    "plugin_report",
     "set_plugin_manager",
 ]
 
@@ -203,32 +196,3 @@ def set_plugin_manager(pm: PluginManager | None) -> None:
     _PLUGIN_MANAGER = pm
 
 
-def plugin_report(pm: PluginManager, *, include_builtins: bool = False) -> list[dict[str, Any]]:
-    """What ``guardrail plugins`` prints: name, version, hooks and components per plugin,
-    then each installed plugin that failed, with its entry point, distribution and error."""
-    builtin_names = {name for name, _ in DEFAULT_PLUGINS}
-    registry = Registry.from_plugin_manager(pm, warn=False)
-    installed = pm.installed
-    rows = []
-    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
-        if plugin is None:
-            continue
-        builtin = name in builtin_names
-        if builtin and not include_builtins:
-            continue
-        origin = installed.get(name)
-        version = __version__ if builtin else (origin.version if origin is not None else None)
-        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
-        components = {
-            kind: [e.name for e in registry.registrations(kind) if e.plugin == name]
-            for kind in KINDS
-        }
-        row: dict[str, Any] = {"name": name, "version": version, "builtin": builtin}
-        if origin is not None:
-            row.update(distribution=origin.distribution, entry_point=origin.entry_point)
-        row.update(hooks=hooks, components={k: v for k, v in components.items() if v})
-        rows.append(row)
-    for failed in sorted(installed.values(), key=lambda p: p.name):
-        if failed.error is not None:
-            rows.append({**asdict(failed), "builtin": False, "hooks": [], "components": {}})
-    return rows

@@ -2,7 +2,10 @@
 
 - :mod:`~guardrail.steering.guard`: :class:`Guardrail`, the entry point (generate, stream,
   attach, energies, gate scores, classify);
-- :mod:`~guardrail.steering.rails`: a policy's rails built from the registry and their artifacts;
+- :mod:`~guardrail.steering.rails`: a rail as the hooks run it; :mod:`~guardrail.steering.build`:
+  a policy's rails built from the registry and their artifacts;
+- :mod:`~guardrail.steering.batches`: the one path every call takes: render, batch, gate,
+  generate; :mod:`~guardrail.steering.attach`: the same on a model object's own ``generate``;
 - :mod:`~guardrail.steering.gating`: which rows a rail steers, towards which side;
 - :mod:`~guardrail.steering.hooks`: the forward hooks where the hidden state is changed;
 - :mod:`~guardrail.steering.capture`: hidden states read without steering (training, gates);

@@ -19,12 +19,19 @@ from guardrail.console import ensure_logging
 from guardrail.errors import GuardrailError, PluginError, PolicyError
 from guardrail.models.fingerprint import model_fingerprint
 from guardrail.plugin.components import ActivationSource, OutputRail, RefusalClassifier, Verdict
-from guardrail.plugin.manager import PluginManager, Registry, get_plugin_manager
+from guardrail.plugin.manager import PluginManager, get_plugin_manager
+from guardrail.plugin.registry import Registry
 from guardrail.policy.checks import check_plugins
 from guardrail.policy.model import GenerationSection, Policy, load_policy
 from guardrail.steering.attach import attached
 from guardrail.steering.batches import answer as answer_in_batches
 from guardrail.steering.batches import batches, energies, prompt_states
+from guardrail.steering.build import (
+    build_rail,
+    create_classifier,
+    create_output_rails,
+    variant_rails,
+)
 from guardrail.steering.gating import Decisions, decide
 from guardrail.steering.generation import (
     Conversation,
@@ -35,14 +42,7 @@ from guardrail.steering.generation import (
 from guardrail.steering.hooks import SteeringSession
 from guardrail.steering.output_rails import review_answers
 from guardrail.steering.prerequisites import check_installed, missing_resources
-from guardrail.steering.rails import (
-    Rail,
-    RailsByStrength,
-    build_rail,
-    create_classifier,
-    create_output_rails,
-    variant_rails,
-)
+from guardrail.steering.rails import Rail, RailsByStrength
 from guardrail.steering.streams import GenerationStream
 from guardrail.telemetry import GenerationTelemetry, StepEvent
 

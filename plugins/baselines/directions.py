@@ -22,7 +22,7 @@ from guardrail.artifact.energy import EnergyArtifact
 from guardrail.errors import DataError, PluginError
 from guardrail.plugin import DEFAULT_COMPONENTS, cache_root, digest
 from guardrail.plugin.components import ActivationSource
-from guardrail.plugin.manager import Registry
+from guardrail.plugin.registry import Registry
 from guardrail.policy.model import Policy, load_policy
 from guardrail.prompts import load_prompts, resolve_data_dir
 from guardrail.steering.generation import user_turns
