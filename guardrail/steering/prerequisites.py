@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from guardrail.cache import CACHE_DTYPES, is_cached
 from guardrail.errors import ArtifactError, GuardrailError, MissingComponentError, PluginError
 from guardrail.models.catalogue import (
-    PACKAGED_ENCODERS,
     PACKAGED_MODELS,
     encoder_installed,
     is_installed,
     packaged_cache_path,
+    packaged_encoders,
 )
 from guardrail.plugin.components import Gate
 from guardrail.policy.model import Policy
@@ -96,7 +96,7 @@ def resource_installed(name: str) -> bool:
             return True
     except OSError:
         return False
-    if name in PACKAGED_ENCODERS:
+    if name in packaged_encoders():
         return encoder_installed(name)
     module = name.replace("-", "_")
     if not module.isidentifier():
@@ -127,7 +127,7 @@ def gate_prerequisites(policy: Policy, registry: Registry) -> list[Prerequisite]
             for name in _resources(registry, member.plugin, params):
                 out.append(Prerequisite("gate resource", name, f"{key} ({member.plugin})",
                                         resource_installed(name),
-                                        packaged=name in PACKAGED_ENCODERS))
+                                        packaged=name in packaged_encoders()))
     return out
 
 

