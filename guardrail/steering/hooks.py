@@ -1,4 +1,6 @@
-"""The steering runtime: forward hooks on the rails' layers that steer during ``generate``.
+"""Where the hidden state is changed: forward hooks on the rails' layers that steer during
+``generate`` (:meth:`SteeringSession._steer`, which hands each layer's states to the rail's
+steerer plugin, ``Steerer.steer``, and writes what it returns back into the layer's output).
 
 Prefill (a forward over more than one position) steers the positions the activation source
 names for prompts (default: the last prompt token); decoding steers each new token. Rails
