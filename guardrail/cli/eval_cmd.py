@@ -11,6 +11,7 @@ from typing import Any
 
 from guardrail.cli.arg_types import device, non_negative_int, positive_int, seed
 from guardrail.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
+from guardrail.distributed.cli import add_executor_arguments, executor_from
 from guardrail.errors import GuardrailError
 
 DATA_HELP = "data folder (default $GUARDRAIL_DATA, else ../shared/data from here or the checkout)"
@@ -27,6 +28,7 @@ def add_parser(subparsers: Any) -> None:
     ev.add_argument("--kl-prompts", type=non_negative_int, default=0, metavar="N",
                     help=f"capability guard: KL on N {CAPABILITY_SUITE} prompts (0: off)")
     ev.add_argument("--kl-max-new-tokens", type=positive_int, default=32)
+    add_executor_arguments(ev)
     ev.set_defaults(func=run_eval, out="reports/eval")
 
     sw = subparsers.add_parser("sweep", help="trade-off curve over the steerer's eta and steps")
@@ -133,8 +135,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     env = _setup(args)
     contenders = contenders_for(env["guards"], base=not args.no_base)
-    results = evaluate(contenders, env["suites"], env["settings"], env["cache"],
-                       classifier=env["classifier"], progress=args.progress)
+    with executor_from(args, env["guards"][0].policy):
+        results = evaluate(contenders, env["suites"], env["settings"], env["cache"],
+                           classifier=env["classifier"], progress=args.progress)
     kl = None
     if args.kl_prompts:
         harmless = load_suite(CAPABILITY_SUITE, env["registry"], data_dir=env["data_dir"],
