@@ -5,7 +5,8 @@ Every variant labels the same prompts (the policy's training sources, seeded sam
 fresh state cache with the policy's label settings, after a warm-up batch on a disjoint set
 of prompts (models loaded, actors started), so the timed part is generation and capture:
 
-- ``local``: the single-process path, torch with every core;
+- ``local``: the single-process path, torch with every core (and with 1 thread: on a
+  machine another process keeps busy, one thread per process is often faster);
 - ``ray x1`` and ``ray x2``: the ``ray`` executor with one and two actors of one CPU each
   (the ratio a user can expect from N workers where the work is CPU bound is this one).
 
@@ -111,11 +112,12 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     variants: list[tuple[str, Any]] = [
         ("local", LocalExecutor()),
+        ("local, 1 thread", LocalExecutor()),
         ("ray x1", open_executor(ExecutorSettings(kind="ray", workers=1))),
         ("ray x2", open_executor(ExecutorSettings(kind="ray", workers=2))),
     ]
     for name, executor in variants:
-        torch.set_num_threads(cores)
+        torch.set_num_threads(1 if name == "local, 1 thread" else cores)
         with tempfile.TemporaryDirectory() as tmp, using(executor):
             def cache(sub: str) -> StateCache:
                 return StateCache(Path(tmp) / sub, session.fingerprint,
