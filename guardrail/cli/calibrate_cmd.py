@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 from guardrail.cli.arg_types import device
+from guardrail.distributed.cli import add_executor_arguments, executor_from
 from guardrail.policy.model import load_policy
 
 
@@ -34,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                      "artifact, .calibration.png)")
     cal.add_argument("--json", action="store_true", help="print the chosen setting as JSON")
     cal.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_executor_arguments(cal)
     cal.set_defaults(func=run)
 
 
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     options = CalibrateOptions(cache_dir=args.cache_dir, device=args.device,
                                progress=not args.no_progress, limit=args.limit)
-    report = calibrate_policy(policy, options=options)
+    with executor_from(args, policy):
+        report = calibrate_policy(policy, options=options)
     command = "guardrail calibrate --policy " + shlex.quote(str(args.policy))
     plot = plot_calibration(report, Path(args.plot) if args.plot else
                             report.artifact.with_suffix(".calibration.png"))

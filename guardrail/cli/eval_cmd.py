@@ -17,6 +17,7 @@ from guardrail.cli.arg_types import (
     positive_int,
     seed,
 )
+from guardrail.distributed.cli import add_executor_arguments, executor_from
 from guardrail.errors import GuardrailError
 from guardrail.plugin.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 
@@ -34,6 +35,7 @@ def add_parser(subparsers: Any) -> None:
     ev.add_argument("--kl-prompts", type=non_negative_int, default=0, metavar="N",
                     help=f"capability guard: KL on N {CAPABILITY_SUITE} prompts (0: off)")
     ev.add_argument("--kl-max-new-tokens", type=positive_int, default=32)
+    add_executor_arguments(ev)
     ev.set_defaults(func=run_eval, out="reports/eval")
 
     sw = subparsers.add_parser("sweep", help="trade-off curve over the steerers' tunable params")
@@ -132,8 +134,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     env = _setup(args)
     contenders = contenders_for(env["guards"], base=not args.no_base)
-    results = evaluate(contenders, env["suites"], env["settings"], env["cache"],
-                       classifier=env["classifier"], progress=args.progress)
+    with executor_from(args, env["guards"][0].policy):
+        results = evaluate(contenders, env["suites"], env["settings"], env["cache"],
+                           classifier=env["classifier"], progress=args.progress)
     kl = None
     if args.kl_prompts:
         harmless = load_suite(CAPABILITY_SUITE, env["registry"], data_dir=env["data_dir"],

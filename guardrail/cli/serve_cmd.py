@@ -60,6 +60,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help=f"require `Authorization: Bearer KEY` on every path but /healthz "
                              f"and /readyz (default: ${ENV_VAR}; prefer the variable, a "
                              "command line is visible to other users)")
+    replicated = serve.add_argument_group("replicas on Ray Serve (docs/scaling.md)")
+    replicated.add_argument("--replicas", type=positive_int, metavar="N",
+                            help="serve the same app as N Ray Serve replicas, each with its own "
+                            "model copy (default: one process, no Ray)")
+    replicated.add_argument("--ray-address", metavar="ADDR",
+                            help="Ray cluster to deploy on (default: start Ray on this machine)")
+    replicated.add_argument("--ray-cpus-per-replica", type=positive_float, default=1.0,
+                            metavar="C", help="CPUs each replica reserves (default 1)")
+    replicated.add_argument("--ray-gpus-per-replica", type=non_negative_float, default=0.0,
+                            metavar="G", help="GPUs each replica reserves (default 0)")
     serve.set_defaults(func=run)
 
 
@@ -102,6 +112,15 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
         allowed_hosts=allowed,
     )
+    if args.replicas:
+        from guardrail.serving.ray_serve import build_application, run_replicated
+
+        application = build_application(
+            args.policy, config, replicas=args.replicas, device=args.device, api_key=api_key,
+            cpus_per_replica=args.ray_cpus_per_replica, gpus_per_replica=args.ray_gpus_per_replica,
+            threads=args.threads)
+        run_replicated(application, host=args.host, port=args.port, address=args.ray_address)
+        return 0
     pool = PolicyPool.load(args.policy, config, device=args.device)
     app = create_app(pool, config, api_key=api_key)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):

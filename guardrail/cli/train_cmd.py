@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from guardrail.cli.arg_types import device, non_negative_int, positive_int
+from guardrail.distributed.cli import add_executor_arguments, executor_from
 from guardrail.errors import GuardrailError
 from guardrail.policy.model import Policy, load_policy
 
@@ -42,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="per-layer AUROC plot (default: next to the artifact, .layers.png)")
     train.add_argument("--json", action="store_true", help="print the report as JSON")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_executor_arguments(train)
     train.set_defaults(func=run)
 
 
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     options = TrainOptions(output=args.output, cache_dir=args.cache_dir, device=args.device,
                            progress=not args.no_progress, top_k=args.top_k,
                            threads=args.threads or None)
-    report = train_policy(policy, rail=args.rail, options=options)
+    with executor_from(args, policy):
+        report = train_policy(policy, rail=args.rail, options=options)
     assert report.artifact is not None
     plot = plot_layers(report, args.plot or report.artifact.with_suffix(".layers.png"))
     assert policy.training is not None

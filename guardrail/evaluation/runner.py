@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from guardrail.distributed.work import answer_on_executor
 from guardrail.evaluation.cache import Answer, GenerationCache, Scope, Scopes, digest
 from guardrail.evaluation.metrics import Score, score
 from guardrail.evaluation.quality import assess
@@ -122,13 +123,16 @@ class Answerer:
         if unique:
             started = time.perf_counter()
             todo = list(unique.values())
-            results = self.guard.generate([conversations[i] for i in todo], steer=steer,
-                                          progress=progress, gates=gates,
-                                          **self.settings.model_dump())
-            fresh = {keys[i]: Answer(r.text, r.token_ids, r.finish_reason)
-                     for i, r in zip(todo, results, strict=True)}
-            self.cache.put_many(fresh)
-            found.update(fresh)
+
+            def store(rows: list[int], answers: list[tuple[str, list[int], str]]) -> None:
+                # Per shard, as it finishes: an interrupted run keeps what was answered.
+                fresh = {keys[todo[r]]: Answer(*a) for r, a in zip(rows, answers, strict=True)}
+                self.cache.put_many(fresh)
+                found.update(fresh)
+
+            answer_on_executor(self.guard, [conversations[i] for i in todo], steer=steer,
+                               gates=gates, settings=self.settings, progress=progress,
+                               on_answers=store)
             log.info("eval.generated", policy=self.guard.policy.name, steer=steer,
                      prompts=len(todo), seconds=round(time.perf_counter() - started, 1))
         return [found[k] for k in keys]

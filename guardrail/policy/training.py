@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from guardrail.distributed.settings import ExecutorSettings
+
 Context = Literal["benign", "harmful"]
 # More prompts than any prompt file holds: a larger count is a typo (``sample: 1e30``).
 MAX_PROMPTS = 1_000_000
@@ -154,6 +156,9 @@ class TrainingSection(_Section):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
+    executor: ExecutorSettings = Field(
+        default_factory=ExecutorSettings, description="Where train, calibrate and eval run "
+        "their per-prompt work: local (this process) or ray (docs/scaling.md).")
 
     @field_validator("sources")
     @classmethod

@@ -89,6 +89,9 @@ def run_server(app: Any, *, host: str, port: int) -> None:
             drain.begin()
             await super().shutdown(sockets=sockets)
 
+    # h11 and asyncio whatever else is installed (Ray Serve brings httptools and uvloop):
+    # httptools answers an unknown method 400 itself, before the request log and metrics.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=int(drain.timeout_s + GRACE_S))
+                            lifespan="on", timeout_graceful_shutdown=int(drain.timeout_s + GRACE_S),
+                            http="h11", loop="asyncio")
     DrainingServer(config).run()

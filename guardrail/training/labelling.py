@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
+from guardrail.distributed.executor import current, shards_of
+from guardrail.distributed.work import LabelResult, LabelWork
 from guardrail.errors import DataError
 from guardrail.plugin.components import ActivationSource
 from guardrail.policy.model import GenerationSection
@@ -113,17 +115,22 @@ def generate_and_capture(
                for k in todo}
     todo.sort(key=lambda k: (-lengths[k], k))
     started = time.perf_counter()
-    for start in range(0, len(todo), settings.batch_size):
-        batch = todo[start : start + settings.batch_size]
-        responses, states, means, passes = _label_batch(
-            guard, source, [by_key[k][0] for k in batch], settings, positions,
-            mean_too=cache.mean_states)
+    batches = shards_of(todo, settings.batch_size)
+
+    def done(index: int, result: LabelResult) -> None:
+        # In this process, whichever executor ran the batch: one cache entry per prompt key.
+        batch = batches[index]
+        responses, states, means, passes = result
         cache.write(batch, [by_key[k][1] for k in batch], responses, states, means)
         stats.generated += len(batch)
         stats.batches += 1
         stats.forward_passes += passes
         if progress is not None:
             progress.update(len(batch))
+
+    work = LabelWork(guard.policy, source, settings, positions, cache.mean_states)
+    current().map(work, [[by_key[k][0] for k in batch] for batch in batches], done,
+                  replica=(guard, source))
     stats.seconds = time.perf_counter() - started
     log.info("train.capture_done", generated=stats.generated, cached=stats.cached,
              batches=stats.batches, seconds=round(stats.seconds, 1),

@@ -1,0 +1,122 @@
+"""The per-shard jobs of labelling (``train``) and of answering (``calibrate``, ``eval``).
+
+Both keep the batches the single-process loops make: labelling shards are its batches
+(prompts sorted longest first), and answering shards are runs of whole generation batches
+in :meth:`Guardrail.answer`'s longest-first order, so a sharded run pads every batch as
+the single-process run does and gives the same results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from guardrail.distributed.executor import ShardWork, current, shards_of
+from guardrail.distributed.replicas import guardrail_for, policy_digest
+from guardrail.policy.model import GenerationSection, Policy
+
+#: What labelling one batch returns: responses, states ``[n, L, H]``, prompt-mean states
+#: (or None), forward passes.
+LabelResult = tuple[list[str], Any, Any, int]
+#: One answer: text, token ids, finish reason.
+AnswerTuple = tuple[str, list[int], str]
+
+
+@dataclass(frozen=True)
+class LabelWork(ShardWork[list[str], LabelResult]):
+    """Greedy labelling generation of rendered prompts, states captured in its prefill."""
+
+    policy: Policy  # without rails: the model and classifier only
+    source: Any  # the rail's ActivationSource (a plugin object, picklable)
+    settings: Any  # LabelSettings
+    positions: str
+    mean_too: bool
+
+    def replica_key(self) -> str:
+        """The bare policy's digest (device decided by the worker)."""
+        return "label:" + policy_digest(self.policy, None)
+
+    def load(self, device: str | None) -> Any:
+        """``(guardrail, activation source)``."""
+        return guardrail_for(self.policy, device), self.source
+
+    def run(self, replica: Any, shard: list[str]) -> LabelResult:
+        """Label one batch of rendered prompts."""
+        from guardrail.training.labelling import _label_batch
+
+        guard, source = replica
+        return _label_batch(guard, source, shard, self.settings, self.positions,
+                            mean_too=self.mean_too)
+
+
+@dataclass(frozen=True)
+class AnswerWork(ShardWork[list[Any], list[AnswerTuple]]):
+    """:meth:`Guardrail.generate` on a shard of conversations, steered or not."""
+
+    policy: Policy
+    steer: bool
+    gates: bool | str
+    settings: dict[str, Any]
+    progress: bool = False
+
+    def replica_key(self) -> str:
+        """The policy's digest (a calibration grid point is a policy of its own)."""
+        return "answer:" + policy_digest(self.policy, None)
+
+    def load(self, device: str | None) -> Any:
+        """The policy's guardrail."""
+        return guardrail_for(self.policy, device)
+
+    def run(self, replica: Any, shard: list[Any]) -> list[AnswerTuple]:
+        """Answer one shard of conversations."""
+        results = replica.generate(shard, steer=self.steer, gates=self.gates,
+                                   progress=self.progress, **self.settings)
+        return [(r.text, list(r.token_ids), r.finish_reason) for r in results]
+
+
+def answer_on_executor(
+    guard: Any,
+    conversations: Sequence[Any],
+    *,
+    steer: bool,
+    gates: bool | str,
+    settings: GenerationSection,
+    progress: bool,
+    on_answers: Callable[[list[int], list[AnswerTuple]], None],
+) -> None:
+    """Answer ``conversations`` with ``guard`` on the current executor.
+
+    ``on_answers(rows, answers)`` gets each shard's answers as it finishes (rows index
+    ``conversations``). Locally the whole list is one shard, answered by ``guard`` itself,
+    exactly as before executors existed; on Ray each shard is ``settings.batch_size`` rows
+    of the longest-first order, answered by a replica built from ``guard.policy``.
+    """
+    from guardrail.console import progress_bar
+
+    executor = current()
+    rows = list(range(len(conversations)))
+    if executor.kind == "local":
+        shards = [rows]
+        work = AnswerWork(guard.policy, steer, gates, settings.model_dump(), progress)
+        bar = None
+    else:
+        texts = guard.render(conversations, steer=steer)
+        lengths = [len(guard.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        rows.sort(key=lambda i: -lengths[i])  # stable, as Guardrail.answer sorts
+        shards = shards_of(rows, settings.batch_size)
+        work = AnswerWork(guard.policy, steer, gates, settings.model_dump())
+        bar = progress_bar(len(rows), progress,
+                           "generate (steered)" if steer else "generate (base)")
+
+    def done(index: int, answers: list[AnswerTuple]) -> None:
+        on_answers(shards[index], answers)
+        if bar is not None:
+            bar.update(len(answers))
+
+    try:
+        executor.map(work, [[conversations[i] for i in shard] for shard in shards], done,
+                     replica=guard)
+    finally:
+        if bar is not None:
+            bar.close()
