@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,18 +38,10 @@ from guardrail.steering.generation import last_user, user_turns
 from guardrail.steering.guard import Guardrail
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 # The prompts of bench/steering_cost.py (ordinary, none from the evaluation sets).
-PROMPTS = [
-    "Write a haiku about autumn leaves.",
-    "How do I reverse a list in Python?",
-    "Give me three tips for a job interview.",
-    "What is the capital of Australia?",
-    "Explain what a hash map is in two sentences.",
-    "Suggest a name for a grey cat.",
-    "How long should I boil an egg?",
-    "Translate 'good morning' into Spanish.",
-]
+from steering_cost import PROMPTS  # noqa: E402
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ from typing import Any
 
 import httpx
 
+from guardrail.serving.process import ServerStartError, free_port, serve_command, start_serving
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_POLICY = ROOT / "policies" / "eds-smollm2-135m.yaml"
@@ -130,25 +132,14 @@ def stand_in_policy(policy: Path, directory: Path) -> tuple[Path, str]:
 def start(policy: Path, port: int, max_batch: int, threads: int, log: Path
           ) -> subprocess.Popen[bytes]:
     """`guardrail serve` on the loopback address; returns once /healthz answers."""
-    command = [sys.executable, "-m", "guardrail", "--log-level", "WARNING", "serve",
-               "--policy", str(policy), "--host", HOST, "--port", str(port),
-               "--max-batch-size", str(max_batch), "--threads", str(threads),
-               "--max-queue", "64"]
+    command = serve_command("--log-level", "WARNING", "serve", "--policy", str(policy),
+                            "--host", HOST, "--port", str(port), "--max-batch-size",
+                            str(max_batch), "--threads", str(threads), "--max-queue", "64")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    with log.open("wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://{HOST}:{port}/healthz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("server did not start within 300 s")
+    try:
+        return start_serving(command, port, log, env=env, timeout=300, host=HOST)
+    except ServerStartError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 async def run_level(url: str, model: str, level: Level, texts: list[str], max_tokens: int,
@@ -218,11 +209,7 @@ def run_all(policy: Path, model: str, args: argparse.Namespace, logs: Path) -> l
 
 
 def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    return free_port(HOST)
 
 
 def report(levels: list[Level], args: argparse.Namespace, policy_note: str, model: str,

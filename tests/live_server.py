@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from guardrail.serving.process import ServerStartError, free_port, serve_command, start_serving
+
 SMOL = "smollm2-135m-instruct"
 STEERED_LAYERS = (10, 20)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -80,34 +72,19 @@ def start_server(policies: list[Path], log_path: Path, *extra: str, port: int | 
     ``env`` adds environment variables (``GUARDRAIL_API_KEY``, say) to the server's.
     """
     port = port or free_port()
-    script = Path(sys.executable).with_name("guardrail")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "guardrail"]
-    command += ["--log-json", "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--threads", "1"]
+    command = serve_command("--log-json", "serve", "--host", "127.0.0.1", "--port", str(port),
+                            "--threads", "1")
     for policy in policies:
         command += ["--policy", str(policy)]
     command += list(extra)
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("GUARDRAIL_DISABLE_PLUGINS", "GUARDRAIL_API_KEY")}
     environment.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env=environment)
-    server = LiveServer(process, port, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n"
-                               f"{log_path.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(f"{server.root}/healthz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(f"server did not answer /healthz within {timeout:g} s:\n"
-                       f"{log_path.read_text(errors='replace')[-3000:]}")
+    try:
+        process = start_serving(command, port, log_path, env=environment, timeout=timeout)
+    except ServerStartError as exc:
+        raise RuntimeError(str(exc)) from None
+    return LiveServer(process, port, log_path)
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
