@@ -83,8 +83,9 @@ def main() -> None:
     args = parser.parse_args()
     started_all = time.perf_counter()
 
-    from guardrail.distributed.executor import LocalExecutor, open_executor, using
-    from guardrail.distributed.settings import ExecutorSettings
+    from guardrail.distributed import open_executor
+    from guardrail.distributed.executor import LocalExecutor, using
+    from guardrail.policy.executor import ExecutorSettings
     from guardrail.policy.model import load_policy
     from guardrail.training.cache import StateCache, weights_digest
     from guardrail.training.labelling import generate_and_capture

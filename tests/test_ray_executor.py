@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from guardrail.cli import main
-from guardrail.distributed.executor import LocalExecutor, ShardWork, current, open_executor, using
-from guardrail.distributed.settings import ExecutorSettings
+from guardrail.distributed import open_executor
+from guardrail.distributed.executor import LocalExecutor, ShardWork, current, using
 from guardrail.errors import GuardrailError, PolicyError
+from guardrail.policy.executor import ExecutorSettings
 from guardrail.policy.model import load_policy
 
 from .conftest import write_policy

@@ -101,7 +101,7 @@ def test_killed_actor_still_labels_every_prompt_once(tmp_path: Path, cluster: No
 
     from guardrail.distributed.executor import using
     from guardrail.distributed.ray_actors import RayExecutor
-    from guardrail.distributed.settings import ExecutorSettings
+    from guardrail.policy.executor import ExecutorSettings
     from guardrail.training.pipeline import TrainOptions, train_policy
 
     cache = tmp_path / "cache"

@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 from guardrail.cli.arg_types import device
-from guardrail.distributed.cli import add_executor_arguments, executor_from
+from guardrail.cli.executor_options import add_executor_arguments, executor_from
 from guardrail.policy.model import load_policy
 
 

@@ -17,7 +17,7 @@ from guardrail.cli.arg_types import (
     positive_int,
     seed,
 )
-from guardrail.distributed.cli import add_executor_arguments, executor_from
+from guardrail.cli.executor_options import add_executor_arguments, executor_from
 from guardrail.errors import GuardrailError
 from guardrail.plugin.defaults import CAPABILITY_SUITE, EVAL_SUITES, FILE_SUITE, SWEEP_SUITES
 

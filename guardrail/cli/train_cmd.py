@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from guardrail.cli.arg_types import device, non_negative_int, positive_int
-from guardrail.distributed.cli import add_executor_arguments, executor_from
+from guardrail.cli.executor_options import add_executor_arguments, executor_from
 from guardrail.errors import GuardrailError
 from guardrail.policy.model import Policy, load_policy
 

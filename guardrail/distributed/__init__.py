@@ -9,3 +9,21 @@ time, so an interrupted or mixed run resumes from what is cached.
 
 Nothing here imports Ray until a ``ray`` executor is opened (:mod:`.ray_actors`).
 """
+
+from __future__ import annotations
+
+from guardrail.distributed.executor import Executor, LocalExecutor
+from guardrail.policy.executor import ExecutorSettings
+
+__all__ = ["open_executor"]
+
+
+def open_executor(settings: ExecutorSettings | None = None) -> Executor:
+    """The executor ``settings`` describe; a ``ray`` one imports Ray here, and says how to
+    install it when it is missing."""
+    settings = settings or ExecutorSettings()
+    if settings.kind == "local":
+        return LocalExecutor()
+    from guardrail.distributed.ray_actors import RayExecutor
+
+    return RayExecutor(settings)

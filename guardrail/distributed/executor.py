@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
-from guardrail.distributed.settings import ExecutorSettings
-
 ShardT = TypeVar("ShardT")
 ResultT = TypeVar("ResultT")
 
@@ -88,15 +86,6 @@ class LocalExecutor(Executor):
             on_result(index, work.run(replica, shard))
 
 
-def open_executor(settings: ExecutorSettings | None = None) -> Executor:
-    """The executor ``settings`` describe; a ``ray`` one imports Ray here, and says how to
-    install it when it is missing."""
-    settings = settings or ExecutorSettings()
-    if settings.kind == "local":
-        return LocalExecutor()
-    from guardrail.distributed.ray_actors import RayExecutor
-
-    return RayExecutor(settings)
 
 
 _active = threading.local()

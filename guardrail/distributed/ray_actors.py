@@ -20,8 +20,8 @@ from typing import Any
 import structlog
 
 from guardrail.distributed.executor import Executor, ResultT, ShardT, ShardWork
-from guardrail.distributed.settings import ExecutorSettings
 from guardrail.errors import GuardrailError
+from guardrail.policy.executor import ExecutorSettings
 
 log = structlog.get_logger("guardrail.distributed")
 

@@ -1,4 +1,5 @@
-"""The per-shard jobs of labelling (``train``) and of answering (``calibrate``, ``eval``).
+"""The per-shard job of answering (``calibrate``, ``eval``); labelling's is
+:class:`guardrail.training.labelling.LabelWork`.
 
 Both keep the batches the single-process loops make: labelling shards are its batches
 (prompts sorted longest first), and answering shards are runs of whole generation batches
@@ -16,38 +17,8 @@ from guardrail.distributed.executor import ShardWork, current, shards_of
 from guardrail.distributed.replicas import guardrail_for, policy_digest
 from guardrail.policy.model import GenerationSection, Policy
 
-#: What labelling one batch returns: responses, states ``[n, L, H]``, prompt-mean states
-#: (or None), forward passes.
-LabelResult = tuple[list[str], Any, Any, int]
 #: One answer: text, token ids, finish reason.
 AnswerTuple = tuple[str, list[int], str]
-
-
-@dataclass(frozen=True)
-class LabelWork(ShardWork[list[str], LabelResult]):
-    """Greedy labelling generation of rendered prompts, states captured in its prefill."""
-
-    policy: Policy  # without rails: the model and classifier only
-    source: Any  # the rail's ActivationSource (a plugin object, picklable)
-    settings: Any  # LabelSettings
-    positions: str
-    mean_too: bool
-
-    def replica_key(self) -> str:
-        """The bare policy's digest (device decided by the worker)."""
-        return "label:" + policy_digest(self.policy, None)
-
-    def load(self, device: str | None) -> Any:
-        """``(guardrail, activation source)``."""
-        return guardrail_for(self.policy, device), self.source
-
-    def run(self, replica: Any, shard: list[str]) -> LabelResult:
-        """Label one batch of rendered prompts."""
-        from guardrail.training.labelling import _label_batch
-
-        guard, source = replica
-        return _label_batch(guard, source, shard, self.settings, self.positions,
-                            mean_too=self.mean_too)
 
 
 @dataclass(frozen=True)

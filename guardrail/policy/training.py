@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from guardrail.distributed.settings import ExecutorSettings
+from guardrail.policy.executor import ExecutorSettings
 
 Context = Literal["benign", "harmful"]
 # More prompts than any prompt file holds: a larger count is a typo (``sample: 1e30``).

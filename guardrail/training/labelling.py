@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from guardrail.distributed.executor import current, shards_of
-from guardrail.distributed.work import LabelResult, LabelWork
+from guardrail.distributed.executor import ShardWork, current, shards_of
+from guardrail.distributed.replicas import guardrail_for, policy_digest
 from guardrail.errors import DataError
 from guardrail.plugin.components import ActivationSource
-from guardrail.policy.model import GenerationSection
+from guardrail.policy.model import GenerationSection, Policy
 from guardrail.policy.training import LabelSettings
 from guardrail.steering.capture import capture_prefill
 from guardrail.steering.generation import cut_at_eos, eos_ids, generate_kwargs, user_turns
@@ -84,6 +84,36 @@ class CaptureStats:
     batches: int = 0
     forward_passes: int = 0
     seconds: float = 0.0
+
+
+#: What labelling one batch returns: responses, states ``[n, L, H]``, prompt-mean states
+#: (or None), forward passes.
+LabelResult = tuple[list[str], Any, Any, int]
+
+
+@dataclass(frozen=True)
+class LabelWork(ShardWork[list[str], LabelResult]):
+    """Greedy labelling generation of rendered prompts, states captured in its prefill."""
+
+    policy: Policy  # without rails: the model and classifier only
+    source: Any  # the rail's ActivationSource (a plugin object, picklable)
+    settings: Any  # LabelSettings
+    positions: str
+    mean_too: bool
+
+    def replica_key(self) -> str:
+        """The bare policy's digest (device decided by the worker)."""
+        return "label:" + policy_digest(self.policy, None)
+
+    def load(self, device: str | None) -> Any:
+        """``(guardrail, activation source)``."""
+        return guardrail_for(self.policy, device), self.source
+
+    def run(self, replica: Any, shard: list[str]) -> LabelResult:
+        """Label one batch of rendered prompts."""
+        guard, source = replica
+        return _label_batch(guard, source, shard, self.settings, self.positions,
+                            mean_too=self.mean_too)
 
 
 def generate_and_capture(

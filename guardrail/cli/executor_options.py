@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from guardrail.distributed.settings import EXECUTORS, ExecutorSettings
+from guardrail.distributed import open_executor
+from guardrail.policy.executor import EXECUTORS, ExecutorSettings
 
 #: Command-line option -> ExecutorSettings field.
 OPTIONS = {"executor": "kind", "ray_address": "address", "ray_workers": "workers",
@@ -71,7 +72,9 @@ def executor_settings(args: argparse.Namespace, policy: Any = None) -> ExecutorS
 @contextmanager
 def executor_from(args: argparse.Namespace, policy: Any = None) -> Iterator[Any]:
     """The executor the options and policy ask for, current for the block, closed after."""
-    from guardrail.distributed.executor import open_executor, using
+    from guardrail.distributed.executor import using
 
     with using(open_executor(executor_settings(args, policy))) as executor:
         yield executor
+
+
