@@ -1,5 +1,5 @@
 """One batching path: conversations rendered, split into batches, encoded with left padding,
-and (:func:`answer`) gated and generated.
+and (:func:`answer_in_batches`) gated and generated.
 
 ``Guardrail.generate``, ``generate_batch``, ``energies``, ``gate_scores`` and ``prompt_states``
 all walk their conversations through :func:`batches`, so every entry point renders, gates and
@@ -97,7 +97,7 @@ def batches(guard: Runtime, conversations: Sequence[Conversation], *, steer: boo
         yield Batch(rows, [prompts[i] for i in rows], guard.encode([texts[i] for i in rows]))
 
 
-def answer(guard: Runtime, conversations: Sequence[Conversation], *, steer: bool,
+def answer_in_batches(guard: Runtime, conversations: Sequence[Conversation], *, steer: bool,
            settings: GenerationSection, streamer: Any = None, gates: bool | str = True,
            strength: float | None = None, progress: bool = False,
            stopping_criteria: Any = None, one_batch: bool = False) -> list[GenerationResult]:

@@ -24,8 +24,7 @@ from guardrail.plugin.registry import Registry
 from guardrail.policy.checks import check_plugins
 from guardrail.policy.model import GenerationSection, Policy, load_policy
 from guardrail.steering.attach import attached
-from guardrail.steering.batches import answer as answer_in_batches
-from guardrail.steering.batches import batches, energies, prompt_states
+from guardrail.steering.batches import answer_in_batches, batches, energies, prompt_states
 from guardrail.steering.build import (
     build_rail,
     create_classifier,
@@ -325,7 +324,7 @@ class Guardrail:
                ) -> list[GenerationResult]:
         """One answer per conversation, batched longest first (what :meth:`generate` runs
         before its output rails, classifier and hooks), or as one batch in the order given:
-        :func:`guardrail.steering.batches.answer`."""
+        :func:`guardrail.steering.batches.answer_in_batches`."""
         return answer_in_batches(
             self, conversations, steer=steer, settings=settings, streamer=streamer,
             gates=gates, strength=strength, progress=progress,
