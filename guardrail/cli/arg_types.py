@@ -98,7 +98,7 @@ def grid_param(text: str) -> tuple[str, list[bool | int | float | str]]:
     items = [v.strip() for v in values.split(",") if v.strip()]
     if not sep or not name.strip().isidentifier() or not items:
         raise argparse.ArgumentTypeError(f"got {text!r}; expected NAME=V1,V2,... (a steerer "
-                                         "param and its values, e.g. eta=0.1,1)")
+                                         "param and its values, e.g. NAME=0.1,1)")
     return name.strip(), [_grid_value(v) for v in items]
 
 

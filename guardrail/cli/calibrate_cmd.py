@@ -16,7 +16,8 @@ from guardrail.policy.model import load_policy
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``calibrate``."""
     cal = subparsers.add_parser(
-        "calibrate", help="choose eta, steps and gate thresholds under the safety budget",
+        "calibrate", help="choose the steerer's tunable params and the gate thresholds under "
+        "the safety budget",
         description="Answer the policy's validation prompts with the base model and with every "
         "row steered at each grid strength, then pick the strength and gate thresholds that "
         "answer the most benign prompts while every harmful source keeps its refusal within "

@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
     sw = subparsers.add_parser("sweep", help="trade-off curve over the steerers' tunable params")
     _common(sw, suites=SWEEP_SUITES)
     sw.add_argument("--grid", type=grid_param, action="append", metavar="NAME=V1,V2",
-                    help="a steerer param and the values to sweep, e.g. eta=0.1,1; repeatable "
+                    help="a steerer param and the values to sweep, e.g. NAME=0.1,1; repeatable "
                     "(every combination is a point; each policy's steerers take the params "
                     "they declare tunable; none: each policy is one point)")
     sw.set_defaults(func=run_sweep, out="reports/sweep")
@@ -52,7 +52,7 @@ def add_parser(subparsers: Any) -> None:
     rep.add_argument("--kl-prompts", type=non_negative_int,
                      help="override the config's KL prompt count")
     rep.add_argument("--grid", type=grid_param, action="append", metavar="NAME=V1,V2",
-                     help="override the config's sweep values of one param, e.g. eta=0.1,1; "
+                     help="override the config's sweep values of one param, e.g. NAME=0.1,1; "
                      "repeatable")
     rep.add_argument("--progress", action="store_true", help="show progress bars")
     rep.set_defaults(func=run_report)

@@ -1,6 +1,6 @@
 """Sweeping steerer params: the benign-compliance/harmful-refusal curve.
 
-The grid is ``{param: [values]}`` (``guardrail sweep --grid eta=0.1,1 --grid steps=1,3``).
+The grid is ``{param: [values]}`` (``guardrail sweep --grid NAME=V1,V2 --grid OTHER=V1,V2``).
 Every rail gets the values of the grid's params its steerer declares ``tunable``, every
 combination one point; a policy whose steerers tune none of them (a system prompt) is one
 point. The base model is one more point, and a gated policy also gets a curve over its gate

@@ -78,7 +78,7 @@ def _default(kind: str) -> Any:
 
 def _default_plugins(data: Any, sections: dict[str, str]) -> Any:
     """Fill ``plugin`` of each ``{key: kind}`` section given without one with the default
-    component of its kind (``steerer: {params: {eta: 0.5}}`` is the default steerer)."""
+    component of its kind (``steerer: {params: {...}}``: the default steerer, those params)."""
     if not isinstance(data, dict):
         return data
     filled = dict(data)

@@ -212,8 +212,8 @@ class CalibrationSection(_Section):
         "sources of training.validation).")
     grid: CalibrationGrid = Field(
         default_factory=dict, max_length=16, description="Steerer values tried, {param: "
-        "[values]}, over the params the rail's steerer declares tunable (the gradient steerer: "
-        "{eta: [1.0, 2.0], steps: [3]}); every combination is tried. Empty: the steerer's "
+        "[values]}, over the params the rail's steerer declares tunable (its class's `tunable`); "
+        "every combination is tried. Empty: the steerer's "
         "params as the policy sets them.")
     refuse_grid: CalibrationGrid | None = Field(
         None, max_length=16, description="Steerer values tried on the refuse side of the gate "

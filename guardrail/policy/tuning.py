@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from guardrail.errors import PluginError
 from guardrail.policy.model import PluginSpec, Policy, RailSpec, shown
+
+if TYPE_CHECKING:
+    from guardrail.plugin.registry import Registry
 
 #: A grid: parameter name -> the values to try.
 Grid = Mapping[str, Sequence[Any]]
@@ -27,12 +30,12 @@ Grid = Mapping[str, Sequence[Any]]
 Point = tuple[tuple[str, Any], ...]
 
 
-def tunable(registry: Any, steerer: str) -> tuple[str, ...]:
+def tunable(registry: Registry, steerer: str) -> tuple[str, ...]:
     """The ``Params`` fields steerer plugin ``steerer`` (a name or alias) lets a grid set."""
     return tuple(registry.get("steerer", steerer).attribute("tunable"))
 
 
-def grid_problems(grid: Grid, steerer: PluginSpec, registry: Any, where: str) -> list[str]:
+def grid_problems(grid: Grid, steerer: PluginSpec, registry: Registry, where: str) -> list[str]:
     """What is wrong with ``grid`` for the rail steerer ``steerer``: names it does not declare
     tunable, and values its ``Params`` refuse (each line starts with ``where.NAME``)."""
     try:
@@ -66,7 +69,7 @@ def calibrated_rail(policy: Policy) -> RailSpec | None:
                  and (name is None or rail.name == name)), None)
 
 
-def calibration_grid_problems(policy: Policy, registry: Any) -> list[str]:
+def calibration_grid_problems(policy: Policy, registry: Registry) -> list[str]:
     """``calibration.grid`` and ``calibration.refuse_grid`` checked against the steerer of the
     rail calibration tunes."""
     section = policy.calibration
@@ -80,10 +83,10 @@ def calibration_grid_problems(policy: Policy, registry: Any) -> list[str]:
     return problems
 
 
-def grid_points(grid: Grid, steerer: PluginSpec, registry: Any) -> list[Point]:
+def grid_points(grid: Grid, steerer: PluginSpec, registry: Registry) -> list[Point]:
     """Every combination of ``grid``'s values, each validated by the steerer's ``Params``
-    (values as they coerce them: ``eta: 1`` is ``1.0``), sorted. An empty grid is one point
-    with no values: the steerer as the policy sets it."""
+    (values as they coerce them: ``1`` for a float field is ``1.0``), sorted. An empty grid
+    is one point with no values: the steerer as the policy sets it."""
     entry = registry.get("steerer", steerer.plugin)
     order = tuple(entry.attribute("tunable"))
     names = [n for n in order if n in grid] + [n for n in grid if n not in order]
@@ -96,7 +99,7 @@ def grid_points(grid: Grid, steerer: PluginSpec, registry: Any) -> list[Point]:
 
 
 def point_label(point: Point | Mapping[str, Any]) -> str:
-    """``eta=0.5,steps=3``: how a point names a policy variant and labels reports."""
+    """``NAME=0.5,OTHER=3``: how a point names a policy variant and labels reports."""
     pairs = point.items() if isinstance(point, Mapping) else point
     return ",".join(f"{name}={shown_value(value)}" for name, value in pairs)
 

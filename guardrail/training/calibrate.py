@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
@@ -38,7 +38,7 @@ import torch
 from guardrail.artifact.energy import EnergyArtifact
 from guardrail.artifact.gate import GateSet
 from guardrail.errors import DataError, PolicyError
-from guardrail.policy.model import Policy, RailSpec
+from guardrail.policy.model import GateSpec, Policy, RailSpec
 from guardrail.policy.training import CalibrationSection, PromptSource
 from guardrail.policy.tuning import Point, grid_points, point_label, with_steerer_values
 from guardrail.steering.generation import user_turns
@@ -70,6 +70,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger("guardrail.training")
+
+if TYPE_CHECKING:
+    from guardrail.models.loading import LoadedModel
+    from guardrail.steering.guard import Guardrail
+
 
 
 def calibration_sources(policy: Policy, section: CalibrationSection) -> list[PromptSource]:
@@ -144,7 +149,7 @@ class CalibrateOptions:
     limit: int | None = None
 
 
-def calibrate_policy(policy: Policy, *, loaded: Any = None,
+def calibrate_policy(policy: Policy, *, loaded: LoadedModel | None = None,
                      options: CalibrateOptions | None = None) -> CalibrationReport:
     """Score the gate, answer the validation prompts base and steered per side, choose."""
     from guardrail.evaluation.cache import GenerationCache, default_cache_path
@@ -245,7 +250,7 @@ def _fixed_rows(evidence: Evidence, side: str, fixed: tuple[float | None, float 
     return (evidence.scores > value) | (evidence.held_out_scores > value)
 
 
-def labelled_answers(guard: Any, policy: Policy, texts: Sequence[str],
+def labelled_answers(guard: Guardrail, policy: Policy, texts: Sequence[str],
                      section: CalibrationSection, options: CalibrateOptions
                      ) -> list[str] | None:
     """The base model's answers to ``texts`` from ``guardrail train``'s label cache, when it
@@ -275,7 +280,7 @@ def labelled_answers(guard: Any, policy: Policy, texts: Sequence[str],
     return None
 
 
-def gate_evidence(guard: Any, gate: GateSet, policy: Policy, spec: RailSpec,
+def gate_evidence(guard: Guardrail, gate: GateSet, policy: Policy, spec: RailSpec,
                   prompts: Sequence[TrainingPrompt], section: CalibrationSection,
                   options: CalibrateOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """The shipped gate's scores of the validation prompts, and the cross-family scores."""
@@ -299,7 +304,7 @@ def gate_evidence(guard: Any, gate: GateSet, policy: Policy, spec: RailSpec,
     return scores, held
 
 
-def training_states(guard: Any, policy: Policy, spec: RailSpec, layers: Sequence[int],
+def training_states(guard: Guardrail, policy: Policy, spec: RailSpec, layers: Sequence[int],
                     options: CalibrateOptions
                     ) -> tuple[list[TrainingPrompt], dict[int, torch.Tensor] | None]:
     """The training prompts and their prompt-mean states, from ``guardrail train``'s cache."""
@@ -328,7 +333,7 @@ def training_states(guard: Any, policy: Policy, spec: RailSpec, layers: Sequence
     return train, {layer: rows.mean_states[:, layer].float() for layer in layers}
 
 
-def _refused(guard: Any, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+def _refused(guard: Guardrail, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
     return torch.tensor([v.refused for v in guard.classify(prompts, list(answers))],
                         dtype=torch.bool)
 
@@ -338,7 +343,7 @@ def _with_values(policy: Policy, index: int, point: Point) -> Policy:
     return with_steerer_values(policy, {index: dict(point)}, point_label(point))
 
 
-def _fixed_thresholds(spec: Any) -> tuple[float | None, float | None]:
+def _fixed_thresholds(spec: GateSpec | None) -> tuple[float | None, float | None]:
     if spec is None:
         return (math.inf, None)  # no gate: every row is steered (on the shared energies)
     fixed = [None if v in (None, "auto") else float(v) for v in (spec.below, spec.above)]

@@ -96,8 +96,8 @@ class LabelWork(ShardWork[list[str], LabelResult]):
     """Greedy labelling generation of rendered prompts, states captured in its prefill."""
 
     policy: Policy  # without rails: the model and classifier only
-    source: Any  # the rail's ActivationSource (a plugin object, picklable)
-    settings: Any  # LabelSettings
+    source: ActivationSource  # a plugin object, picklable
+    settings: LabelSettings
     positions: str
     mean_too: bool
 
