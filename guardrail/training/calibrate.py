@@ -296,7 +296,7 @@ def gate_evidence(guard: Guardrail, gate: GateSet, policy: Policy, spec: RailSpe
     scores = gate.score(texts, val_states, num_layers)
     if not section.cross_family:
         return scores, scores
-    train, train_states = training_states(guard, policy, spec, layers, options)
+    train, train_states = training_states(guard, policy, layers, options)
     held = held_out_scores(gate, guard.registry, train, train_states, prompts, val_states,
                            num_layers, scores, folds=section.cross_family_folds,
                            cache_dir=gate_cache_root(training_section(policy),
@@ -304,7 +304,7 @@ def gate_evidence(guard: Guardrail, gate: GateSet, policy: Policy, spec: RailSpe
     return scores, held
 
 
-def training_states(guard: Guardrail, policy: Policy, spec: RailSpec, layers: Sequence[int],
+def training_states(guard: Guardrail, policy: Policy, layers: Sequence[int],
                     options: CalibrateOptions
                     ) -> tuple[list[TrainingPrompt], dict[int, torch.Tensor] | None]:
     """The training prompts and their prompt-mean states, from ``guardrail train``'s cache."""
