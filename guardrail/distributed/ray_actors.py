@@ -52,6 +52,10 @@ class _Replica:
         self.device = device
         self.replicas: dict[str, Any] = {}
 
+    def pid(self) -> int:
+        """The actor's process id (a restarted actor has a new one)."""
+        return os.getpid()
+
     def run(self, work: ShardWork[Any, Any], index: int, shard: Any) -> tuple[int, Any, int]:
         """``(index, result, pid)``: the pid lets a caller see that a restarted actor took over."""
         key = work.replica_key()
