@@ -11,6 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from guardrail.cli.arg_types import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from guardrail.distributed import open_executor
 from guardrail.policy.executor import EXECUTORS, ExecutorSettings
 
@@ -20,26 +26,8 @@ OPTIONS = {"executor": "kind", "ray_address": "address", "ray_workers": "workers
            "ray_max_retries": "max_retries"}
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return _positive_float(text)
-
-
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--executor`` and the ``--ray-*`` options (all default to the policy's values)."""
-    from guardrail.cli.arg_types import non_negative_int, positive_int
-
     group = parser.add_argument_group(
         "executor", "where the per-prompt work runs (default: the policy's training.executor, "
         "else local; docs/scaling.md)")
@@ -50,9 +38,9 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
                        "default: start Ray on this machine for the run")
     group.add_argument("--ray-workers", type=positive_int, metavar="N",
                        help="actors, each with one model replica (default 2)")
-    group.add_argument("--ray-cpus-per-worker", type=_positive_float, metavar="C",
+    group.add_argument("--ray-cpus-per-worker", type=positive_float, metavar="C",
                        help="CPUs (and torch threads) per actor (default 1)")
-    group.add_argument("--ray-gpus-per-worker", type=_non_negative_float, metavar="G",
+    group.add_argument("--ray-gpus-per-worker", type=non_negative_float, metavar="G",
                        help="GPUs per actor (default 0; fractions share a GPU)")
     group.add_argument("--ray-max-retries", type=non_negative_int, metavar="R",
                        help="restarts of a lost actor and retries of its shard (default 3)")
