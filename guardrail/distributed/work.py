@@ -64,17 +64,16 @@ def answer_on_executor(
     of the longest-first order, answered by a replica built from ``guard.policy``.
     """
     from guardrail.console import progress_bar
+    from guardrail.steering.batches import longest_first_order
 
     executor = current()
-    rows = list(range(len(conversations)))
     if executor.kind == "local":
+        rows = list(range(len(conversations)))
         shards = [rows]
         work = AnswerWork(guard.policy, steer, gates, settings.model_dump(), progress)
         bar = None
     else:
-        texts = guard.render(conversations, steer=steer)
-        lengths = [len(guard.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        rows.sort(key=lambda i: -lengths[i])  # stable, as Guardrail.answer sorts
+        rows = longest_first_order(guard.tokenizer, guard.render(conversations, steer=steer))
         shards = shards_of(rows, settings.batch_size)
         work = AnswerWork(guard.policy, steer, gates, settings.model_dump())
         bar = progress_bar(len(rows), progress,

@@ -80,6 +80,13 @@ class Batch:
         return len(self.rows)
 
 
+def longest_first_order(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
+    """Indices of ``texts``, the most tokens first (a stable sort: ties keep their order), so
+    consecutive batches pad little. Sharded runs cut their shards from this same order."""
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return sorted(range(len(texts)), key=lambda i: -lengths[i])
+
+
 def batches(guard: Runtime, conversations: Sequence[Conversation], *, steer: bool = True,
             size: int | None = None, longest_first: bool = False) -> Iterator[Batch]:
     """``conversations`` rendered as ``guard``'s policy has them (with prompt-level steerers
@@ -87,10 +94,8 @@ def batches(guard: Runtime, conversations: Sequence[Conversation], *, steer: boo
     with ``longest_first``, longest prompt first so each batch pads little."""
     texts = guard.render(conversations, steer=steer)
     prompts = [last_user(c) for c in conversations]
-    order = list(range(len(texts)))
-    if longest_first:
-        lengths = [len(guard.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order.sort(key=lambda i: -lengths[i])
+    order = longest_first_order(guard.tokenizer, texts) if longest_first else list(
+        range(len(texts)))
     size = size or max(len(order), 1)
     for start in range(0, len(order), size):
         rows = order[start : start + size]
