@@ -284,7 +284,9 @@ class Guardrail:
                     "score": verdict.score,
                     "reason": verdict.reason,
                 }
-        return self._announce(final)
+        for result in self._announce(final):
+            log.debug("generation", policy=self.policy.name, **result.telemetry.summary())
+        return final
 
     def generate_batch(
         self,
@@ -309,12 +311,11 @@ class Guardrail:
             strength=strength, stopping_criteria=stopping_criteria, one_batch=True))
 
     def _announce(self, results: list[GenerationResult]) -> list[GenerationResult]:
-        """Hand each finished answer to the ``guardrail_on_generation`` hook, and log it."""
+        """Hand each finished answer to the ``guardrail_on_generation`` hook."""
         for result in results:
             self.plugin_manager.hook.guardrail_on_generation(
                 telemetry=result.telemetry, extra={"policy": self.policy.name}
             )
-            log.debug("generation", policy=self.policy.name, **result.telemetry.summary())
         return results
 
     def answer(self, conversations: Sequence[Conversation], *, steer: bool,
